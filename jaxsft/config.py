@@ -1,0 +1,328 @@
+"""The config tree: one typed, frozen description of a whole run.
+
+A run is `Config` and nothing else. YAML files state only what differs from the
+defaults here; `--set a.b=c` overrides are parsed with the type of the field they set.
+Every error is a `ConfigError` whose message is one line naming the key, the value and
+what was expected, raised before any data is read or anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "layers")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line, fit to print as it is."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    family: str = "llama"
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary size
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    d_ff: int = 384
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"  # none | full | dots_saveable
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Placeholder for parameter-efficient tuning; full fine-tuning while disabled."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # JSONL files in the `messages` format; empty means the built-in synthetic tasks.
+    train_files: tuple[str, ...] = ()
+    eval_files: tuple[str, ...] = ()
+    synthetic_train_examples: int = 20000
+    synthetic_eval_examples: int = 512
+    template: str = "chatml"
+    # A SentencePiece .model file; empty means train one on the training texts (cached).
+    tokenizer: str = ""
+    tokenizer_vocab_size: int = 512
+    max_length: int = 256  # tokens per packed row
+    overlong: str = "truncate"  # truncate | drop
+    packing: str = "first_fit"  # first_fit | best_fit | none
+    shuffle: bool = True
+    max_dropped_fraction: float = 0.05
+    worker_count: int = 0  # Grain worker processes; 0 = in the main process
+
+
+@dataclasses.dataclass(frozen=True)
+class LogicalRules:
+    """Which mesh axes each logical axis is split over (empty: replicated)."""
+
+    batch: tuple[str, ...] = ("data", "fsdp")
+    length: tuple[str, ...] = ()
+    embed: tuple[str, ...] = ("fsdp",)
+    mlp: tuple[str, ...] = ("tensor",)
+    heads: tuple[str, ...] = ("tensor",)
+    kv_heads: tuple[str, ...] = ("tensor",)
+    head_dim: tuple[str, ...] = ()
+    vocab: tuple[str, ...] = ("tensor",)
+    layers: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+    rules: LogicalRules = LogicalRules()
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    end_learning_rate_ratio: float = 0.1  # cosine decays to this share of the peak
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/demo"
+    steps: int = 300
+    global_batch_size: int = 16  # packed rows per optimizer step, over all devices
+    micro_batches: int = 1  # gradient accumulation: rows are split into this many
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    enabled: bool = True
+    every: int = 100
+    keep: int = 2
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    progress: bool = True  # rich progress bar; off gives one line per log_every
+    log_every: int = 10
+    metrics_file: str = "metrics.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+CHOICES = {
+    "model.family": ("llama",),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots_saveable"),
+    "data.template": ("chatml",),
+    "data.overlong": ("truncate", "drop"),
+    "data.packing": ("first_fit", "best_fit", "none"),
+}
+
+# ---------------------------------------------------------------------------- building
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Checks `value` against the annotation `tp` and returns it in that type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [value] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "3e-4" (no dot) as a string; take it as the number it plainly is.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    choices = CHOICES.get(key)
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _unknown_key(prefix: str, key: str, valid) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key {prefix}{key}{hint} (valid under {prefix or 'top level'}: "
+                       f"{', '.join(valid)})")
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    hints = _hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise _unknown_key(prefix, str(key), valid)
+        kwargs[key] = _coerce(prefix + key, value, hints[key])
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict | None) -> Config:
+    cfg = _build(Config, raw or {})
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    """Plain YAML-able tree (tuples become lists)."""
+    def plain(x):
+        if dataclasses.is_dataclass(x):
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, tuple):
+            return [plain(v) for v in x]
+        return x
+    return plain(cfg)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.steps=50")
+    key, raw_value = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Sets dotted keys in a raw tree; the types are checked when the tree is built."""
+    raw = dict(raw)
+    for text in overrides:
+        path, value = _parse_override(text)
+        node, cls, prefix = raw, Config, ""
+        for part in path[:-1]:
+            hints = _hints(cls)
+            if part not in hints or not dataclasses.is_dataclass(hints[part]):
+                raise _unknown_key(prefix, part, [f.name for f in dataclasses.fields(cls)])
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node, cls, prefix = node[part], hints[part], prefix + part + "."
+        if path[-1] not in _hints(cls):
+            raise _unknown_key(prefix, path[-1], [f.name for f in dataclasses.fields(cls)])
+        node[path[-1]] = value
+    return raw
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return from_dict(apply_overrides(raw, list(overrides)))
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(dump(cfg))
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; every message names the keys involved."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    _require(m.d_model > 0 and m.n_layers > 0 and m.d_ff > 0, "model: d_model, n_layers, d_ff must be positive")
+    _require(m.n_heads > 0 and m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0,
+             f"model.n_heads={m.n_heads} must be a positive multiple of model.n_kv_heads={m.n_kv_heads}")
+    _require(m.head_dim > 0 and m.head_dim % 2 == 0, f"model.head_dim={m.head_dim}: expected a positive even number")
+    _require(d.max_length >= 8, f"data.max_length={d.max_length}: expected at least 8")
+    _require(0.0 <= d.max_dropped_fraction <= 1.0,
+             f"data.max_dropped_fraction={d.max_dropped_fraction}: expected a value in [0, 1]")
+    _require(t.steps > 0, f"train.steps={t.steps}: expected a positive number")
+    _require(t.micro_batches > 0 and t.global_batch_size % t.micro_batches == 0,
+             f"train.global_batch_size={t.global_batch_size} must divide into train.micro_batches={t.micro_batches}")
+    _require(cfg.checkpoint.every > 0 and cfg.checkpoint.keep > 0, "checkpoint.every and checkpoint.keep must be positive")
+    _require(cfg.logging.log_every > 0, "logging.log_every must be positive")
+    sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+    _require(all(s == -1 or s > 0 for s in sizes.values()) and list(sizes.values()).count(-1) <= 1,
+             f"mesh: axis sizes {sizes}: expected positive sizes and at most one -1")
+    for name in LOGICAL_AXES:
+        axes = getattr(cfg.mesh.rules, name)
+        for axis in axes:
+            _require(axis in MESH_AXES, f"mesh.rules.{name}: unknown mesh axis {axis!r} (expected one of {', '.join(MESH_AXES)})")
+        _require(len(set(axes)) == len(axes), f"mesh.rules.{name}: mesh axis listed twice in {list(axes)}")
+    _require(not cfg.lora.enabled, "lora.enabled: LoRA is not available yet (full fine-tuning only)")

@@ -1,0 +1,80 @@
+"""Run metrics: a JSONL file, a console progress bar, and throughput.
+
+Device values are fetched only at log steps (one host sync per `log_every` steps), so
+logging never serialises the training loop.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True, highlight=False)
+
+
+class MetricsWriter:
+    """Appends one JSON object per line; a resumed run continues the same file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class Throughput:
+    """Tokens per second between two log points (compilation excluded by the caller)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.tokens = 0.0
+
+    def add(self, tokens: float) -> None:
+        self.tokens += tokens
+
+    def reset(self) -> None:
+        self.start, self.tokens = time.perf_counter(), 0.0
+
+    def rate(self) -> float:
+        """Tokens per second since the last call (or reset)."""
+        elapsed = time.perf_counter() - self.start
+        rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        self.reset()
+        return rate
+
+
+class ProgressLine:
+    """A rich progress bar (loss, tokens/s, ETA), or plain lines when disabled or not a terminal."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.bar = None
+        if enabled and console.is_terminal:
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
+                                TimeRemainingColumn(), console=console)
+            self.task = self.bar.add_task("train", total=total, completed=start, status="")
+            self.bar.start()
+
+    def update(self, step: int, status: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, status=status)
+        else:
+            console.print(f"step {step}: {status}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def format_status(record: dict) -> str:
+    return (f"loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
+            f"gnorm {record['grad_norm']:.3f}  {record['tokens_per_second']:,.0f} tok/s")

@@ -1,0 +1,69 @@
+"""Building the train state directly on the mesh.
+
+Nothing is ever materialised on one device and then moved: the model is traced with
+`nnx.eval_shape` to learn its shapes and logical axis names, those names become
+`NamedSharding`s through the config's rules, and the initialiser runs under `jax.jit`
+with those shardings as outputs, so each device computes only its own shard. The same
+abstract tree (shapes + shardings) is the target when a checkpoint is restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxsft.config import LogicalRules, ModelConfig
+from jaxsft.model.transformer import Transformer
+from jaxsft.train import sharding
+from jaxsft.train.step import init_state
+
+
+@dataclasses.dataclass
+class StatePlan:
+    graphdef: Any
+    shardings: Any  # NamedSharding tree matching the train state
+    abstract: Any  # ShapeDtypeStruct tree with shardings (restore target)
+
+
+def _abstract_model(cfg: ModelConfig, vocab_size: int, seed: int):
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: Transformer(cfg, vocab_size, rngs=nnx.Rngs(seed)))
+    graphdef, state = nnx.split(model)
+    specs = nnx.get_partition_spec(state).to_pure_dict()
+    return graphdef, state.to_pure_dict(), specs
+
+
+def _with_sharding(abstract, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def plan(cfg: ModelConfig, vocab_size: int, optimizer: optax.GradientTransformation,
+         rules: LogicalRules, mesh: Mesh, seed: int) -> StatePlan:
+    graphdef, abstract_params, specs = _abstract_model(cfg, vocab_size, seed)
+    specs = jax.tree.map(lambda s: s if isinstance(s, P) else P(), specs,
+                         is_leaf=lambda s: isinstance(s, P) or s is None)
+    param_shardings = sharding.tree_shardings(abstract_params, specs, rules, mesh)
+    abstract_state = jax.eval_shape(lambda p: init_state(p, optimizer), abstract_params)
+    # Optimizer moments mirror the params they belong to; counters are replicated.
+    state_shardings = {
+        "step": NamedSharding(mesh, P()),
+        "params": param_shardings,
+        "opt_state": optax.tree_map_params(optimizer, lambda _, s: s, abstract_state["opt_state"],
+                                           param_shardings, transform_non_params=lambda _: NamedSharding(mesh, P())),
+    }
+    return StatePlan(graphdef, state_shardings, _with_sharding(abstract_state, state_shardings))
+
+
+def create(cfg: ModelConfig, vocab_size: int, optimizer: optax.GradientTransformation,
+           state_plan: StatePlan, seed: int):
+    """Initialises params and optimizer state, each device computing only its shard."""
+    def init():
+        with nnx.use_eager_sharding(False):
+            model = Transformer(cfg, vocab_size, rngs=nnx.Rngs(seed))
+        return init_state(nnx.state(model).to_pure_dict(), optimizer)
+    return jax.jit(init, out_shardings=state_plan.shardings)()

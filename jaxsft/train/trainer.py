@@ -1,0 +1,183 @@
+"""The training loop: build or restore, train, evaluate, log, save. Nothing else.
+
+`train(cfg)` is the whole run. Re-running it on the same `train.run_dir` resumes from
+the latest checkpoint (state and data position), so a stopped job is restarted by
+running the same command again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsft import config as config_lib
+from jaxsft.config import Config, ConfigError
+from jaxsft.data.pipeline import SFTData, build_data
+from jaxsft.train import sharding, state as state_lib
+from jaxsft.train.checkpoint import Checkpointer
+from jaxsft.train.metrics import MetricsWriter, ProgressLine, Throughput, console, format_status
+from jaxsft.train.optim import make_optimizer, schedule
+from jaxsft.train.step import make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class RunSummary:
+    run_dir: str
+    start_step: int
+    final_step: int
+    train_loss: float | None
+    initial_eval_loss: float | None
+    final_eval_loss: float | None
+    tokens_per_second: float
+    compile_seconds: float
+    wall_seconds: float
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("JAXSFT_CACHE", Path.home() / ".cache" / "jaxsft"))
+
+
+def _check_batch(cfg: Config, mesh) -> int:
+    """Rows each process feeds per step; fails with a config message when they cannot split."""
+    t = cfg.train
+    shards = sharding.batch_axes_size(cfg.mesh.rules, mesh)
+    if t.global_batch_size % (shards * t.micro_batches):
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} must divide by the batch shards ({shards}) "
+                          f"x train.micro_batches ({t.micro_batches})")
+    return t.global_batch_size // jax.process_count()
+
+
+def _evaluate(eval_step, params, batches) -> float:
+    loss_sum, weight = 0.0, 0.0
+    for batch in batches:
+        s, w = eval_step(params, batch)
+        loss_sum, weight = loss_sum + float(s), weight + float(w)
+    return loss_sum / max(weight, 1.0)
+
+
+def _eval_batches(data: SFTData, cfg: Config, rows: int, batch_sharding) -> list:
+    start = jax.process_index() * rows
+    batches = data.eval_batches(cfg.train.global_batch_size, cfg.train.eval_batches)
+    local = [{k: v[start:start + rows] for k, v in b.items()} for b in batches]
+    return [sharding.global_batch(b, batch_sharding) for b in local]
+
+
+def _first_eval_loss(metrics_path: Path) -> float | None:
+    if not metrics_path.exists():
+        return None
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        if "eval_loss" in record:
+            return record["eval_loss"]
+    return None
+
+
+def _prepare_run_dir(cfg: Config, data: SFTData) -> Path:
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.save(cfg, run_dir / "config.yaml")
+    shutil.copyfile(data.tokenizer.path, run_dir / "tokenizer.model")
+    return run_dir
+
+
+def train(cfg: Config) -> RunSummary:
+    wall_start = time.perf_counter()
+    mesh = sharding.make_mesh(cfg.mesh)
+    rows = _check_batch(cfg, mesh)
+    data = build_data(cfg.data, seed=cfg.train.seed, cache_dir=cache_dir())
+    for line in data.report.summary_lines():
+        console.print(line)
+    vocab_size = cfg.model.vocab_size or data.tokenizer.vocab_size
+    if vocab_size < data.tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {data.tokenizer.vocab_size}")
+    run_dir = _prepare_run_dir(cfg, data)
+
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    plan = state_lib.plan(cfg.model, vocab_size, optimizer, cfg.mesh.rules, mesh, cfg.train.seed)
+    batch_sharding = sharding.batch_sharding(cfg.mesh.rules, mesh)
+    data_iterator = iter(data.train_dataset(rows, seed=cfg.train.seed, process_index=jax.process_index(),
+                                            process_count=jax.process_count()))
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint)
+    start = checkpointer.latest_step() or 0
+    if start:
+        console.print(f"resuming from step {start} in {run_dir}")
+        train_state = checkpointer.restore(start, plan.abstract, data_iterator)
+    else:
+        train_state = state_lib.create(cfg.model, vocab_size, optimizer, plan, cfg.train.seed)
+
+    micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
+    step_fn = make_train_step(plan.graphdef, optimizer, schedule(cfg.optim, cfg.train.steps),
+                              cfg.train.micro_batches,
+                              lambda x: jax.lax.with_sharding_constraint(x, micro_sharding))
+    rules = sharding.flax_rules(cfg.mesh.rules)
+    compile_start = time.perf_counter()
+    train_step, eval_step = _compile(step_fn, make_eval_step(plan.graphdef), plan, batch_sharding, rows, cfg,
+                                     mesh, rules)
+    compile_seconds = time.perf_counter() - compile_start
+    console.print(f"compiled the train step in {compile_seconds:.1f}s on {mesh.devices.size} device(s), "
+                  f"mesh {dict(mesh.shape)}")
+
+    eval_batches = _eval_batches(data, cfg, rows, batch_sharding)
+    metrics_path = run_dir / cfg.logging.metrics_file
+    writer = MetricsWriter(metrics_path)
+    final_eval = None
+    if start == 0:
+        final_eval = _evaluate(eval_step, train_state["params"], eval_batches)
+        writer.write({"step": 0, "eval_loss": final_eval})
+    total = cfg.train.steps
+    progress = ProgressLine(total, start, cfg.logging.progress)
+    throughput, rates, last = Throughput(), [], None
+    try:
+        for step in range(start + 1, total + 1):
+            local_batch = next(data_iterator)
+            throughput.add(float(np.count_nonzero(local_batch["segment_ids"])) * jax.process_count())
+            train_state, metrics = train_step(train_state, sharding.global_batch(local_batch, batch_sharding))
+            if step % cfg.logging.log_every == 0 or step == total:
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                last["tokens_per_second"] = throughput.rate()
+                rates.append(last["tokens_per_second"])
+                writer.write({"step": step, **last})
+                progress.update(step, format_status(last))
+            if step % cfg.train.eval_every == 0 or step == total:
+                final_eval = _evaluate(eval_step, train_state["params"], eval_batches)
+                writer.write({"step": step, "eval_loss": final_eval})
+                throughput.reset()  # evaluation time is not training throughput
+            checkpointer.save(step, train_state, data_iterator, force=step == total)
+    finally:
+        progress.close()
+        writer.close()
+        checkpointer.close()
+    return RunSummary(
+        run_dir=str(run_dir), start_step=start, final_step=total,
+        train_loss=last["loss"] if last else None,
+        initial_eval_loss=_first_eval_loss(metrics_path), final_eval_loss=final_eval,
+        tokens_per_second=float(np.median(rates[1:] or rates)) if rates else 0.0,
+        compile_seconds=compile_seconds, wall_seconds=time.perf_counter() - wall_start)
+
+
+def _compile(step_fn, eval_fn, plan, batch_sharding, rows, cfg: Config, mesh, rules):
+    """Compiles both steps ahead of time against abstract inputs with their shardings."""
+    from flax import linen
+
+    length = cfg.data.max_length
+    global_rows = rows * jax.process_count()
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct((global_rows, length), dtype, sharding=batch_sharding)
+        for k, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("loss_weights", jnp.float32),
+                         ("segment_ids", jnp.int32), ("positions", jnp.int32))
+    }
+    with jax.set_mesh(mesh), linen.logical_axis_rules(rules):
+        train_step = jax.jit(step_fn, in_shardings=(plan.shardings, batch_sharding),
+                             out_shardings=(plan.shardings, None), donate_argnums=0
+                             ).lower(plan.abstract, abstract_batch).compile()
+        eval_step = jax.jit(eval_fn, in_shardings=(plan.shardings["params"], batch_sharding)
+                            ).lower(plan.abstract["params"], abstract_batch).compile()
+    return train_step, eval_step

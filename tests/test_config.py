@@ -1,0 +1,60 @@
+"""The config tree: YAML + overrides, typed errors that name the key, the saved file."""
+
+import pytest
+
+from jaxsft import config as config_lib
+from jaxsft.cli import DEMO_CONFIG, main
+
+
+def test_demo_config_loads_and_round_trips(tmp_path):
+    cfg = config_lib.load(DEMO_CONFIG)
+    assert cfg.train.steps == 300 and cfg.model.d_model == 128
+    config_lib.save(cfg, tmp_path / "config.yaml")
+    assert config_lib.load(tmp_path / "config.yaml") == cfg
+
+
+def test_overrides_are_typed():
+    cfg = config_lib.load(DEMO_CONFIG, ["train.steps=50", "optim.learning_rate=3e-4", "mesh.rules.batch=[data]",
+                                        "data.train_files=[a.jsonl, b.jsonl]", "model.vocab_size=1024"])
+    assert cfg.train.steps == 50 and cfg.optim.learning_rate == 3e-4
+    assert cfg.mesh.rules.batch == ("data",) and cfg.data.train_files == ("a.jsonl", "b.jsonl")
+    assert cfg.model.vocab_size == 1024
+    assert isinstance(config_lib.load(None, ["optim.learning_rate=1"]).optim.learning_rate, float)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=3", "unknown config key train.stepz; did you mean train.steps?"),
+    ("trian.steps=3", "unknown config key trian; did you mean train?"),
+    ("train.steps=abc", "train.steps: expected int, got 'abc' (str)"),
+    ("train.steps=true", "train.steps: expected int, got True (bool)"),
+    ("model.tie_embeddings=1", "model.tie_embeddings: expected true or false, got 1"),
+    ("data.packing=tight", "data.packing: expected one of first_fit, best_fit, none, got 'tight'"),
+    ("mesh.rules.embed=[fsdq]", "mesh.rules.embed: unknown mesh axis 'fsdq'"),
+    ("model.n_kv_heads=3", "model.n_heads=4 must be a positive multiple of model.n_kv_heads=3"),
+    ("train.steps", "expected KEY=VALUE"),
+])
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(config_lib.ConfigError) as info:
+        config_lib.load(DEMO_CONFIG, [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  learning_rat: 0.1\n")
+    with pytest.raises(config_lib.ConfigError, match="unknown config key optim.learning_rat; did you mean "
+                                                     "optim.learning_rate"):
+        config_lib.load(path)
+
+
+def test_cli_prints_one_line_and_exits_2(capsys):
+    assert main(["config", "show", str(DEMO_CONFIG), "--set", "train.setps=5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train.setps" in err and "train.steps" in err
+
+
+def test_cli_config_show_shows_every_default(capsys):
+    assert main(["config", "show", "--set", "train.steps=7"]) == 0
+    shown = capsys.readouterr().out
+    assert "steps: 7" in shown and "rope_theta: 10000.0" in shown and "clip_norm: 1.0" in shown
