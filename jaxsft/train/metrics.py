@@ -13,7 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True, highlight=False)
+# Data text (file names, user content) is printed as it is: no rich markup or emoji codes.
+console = Console(stderr=True, highlight=False, markup=False, emoji=False)
 
 
 class MetricsWriter:
@@ -58,7 +59,7 @@ class ProgressLine:
     def __init__(self, total: int, start: int, enabled: bool):
         self.bar = None
         if enabled and console.is_terminal:
-            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            self.bar = Progress(TextColumn("train", style="bold"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
                                 TimeRemainingColumn(), console=console)
             self.task = self.bar.add_task("train", total=total, completed=start, status="")

@@ -155,6 +155,7 @@ def train(cfg: Config) -> RunSummary:
         progress.close()
         writer.close()
         checkpointer.close()
+        data_iterator.close()  # stops Grain's prefetch thread (or worker processes)
     return RunSummary(
         run_dir=str(run_dir), start_step=start, final_step=total,
         train_loss=last["loss"] if last else None,

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from jaxsft import config as config_lib
-from jaxsft.cli import main
+from jaxsft.cli import DEMO_CONFIG, main
 from jaxsft.train.checkpoint import read_state
 from jaxsft.train.trainer import train
 
 TINY = [
     "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=8",
     "model.d_ff=64", "data.synthetic_train_examples=400", "data.synthetic_eval_examples=32",
-    "data.tokenizer_vocab_size=320", "data.max_length=64", "train.global_batch_size=8", "train.eval_batches=1",
+    "data.tokenizer_vocab_size=512", "data.max_length=64", "train.global_batch_size=8", "train.eval_batches=1",
     "logging.progress=false", "logging.log_every=1", "optim.warmup_steps=2",
 ]
 
@@ -82,7 +82,8 @@ def test_cli_trains_and_writes_the_run_directory(tmp_path):
     args = ["train"] + [a for kv in TINY for a in ("--set", kv)] + ["--set", f"train.run_dir={run}",
                                                                      "--set", "train.steps=4", "--set", "train.eval_every=2"]
     assert main(args) == 0
-    assert config_lib.load(run / "config.yaml") == _cfg(run, "train.steps=4", "train.eval_every=2")
+    assert config_lib.load(run / "config.yaml") == config_lib.load(
+        DEMO_CONFIG, TINY + [f"train.run_dir={run}", "train.steps=4", "train.eval_every=2"])
     records = _records(run)
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]

@@ -1,0 +1,67 @@
+"""Tokens per second of the compiled train step on this machine, for a config's model.
+
+    python bench/train_step.py [CONFIG] [--set KEY=VALUE ...] [--steps 20]
+
+Random packed rows (no data pipeline), so the number is the step alone; compare with
+bench/data_throughput.py for the pipeline side.
+"""
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from jaxsft import config as config_lib
+from jaxsft.cli import DEMO_CONFIG
+from jaxsft.model.transformer import param_count
+from jaxsft.train import sharding, state as state_lib
+from jaxsft.train.optim import make_optimizer, schedule
+from jaxsft.train.step import make_train_step
+
+
+def random_batch(rng, rows, length, vocab):
+    tokens = rng.integers(1, vocab, (rows, length + 1)).astype(np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_weights": np.ones((rows, length), np.float32),
+            "segment_ids": np.ones((rows, length), np.int32),
+            "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1))}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config", nargs="?", default=str(DEMO_CONFIG))
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--vocab", type=int, default=512)
+    args = parser.parse_args()
+    cfg = config_lib.load(args.config, args.overrides)
+    vocab = cfg.model.vocab_size or args.vocab
+    mesh = sharding.make_mesh(cfg.mesh)
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    plan = state_lib.plan(cfg.model, vocab, optimizer, cfg.mesh.rules, mesh, 0)
+    train_state = state_lib.create(cfg.model, vocab, optimizer, plan, 0)
+    batch_sharding = sharding.batch_sharding(cfg.mesh.rules, mesh)
+    step = jax.jit(make_train_step(plan.graphdef, optimizer, schedule(cfg.optim, cfg.train.steps),
+                                   cfg.train.micro_batches),
+                   in_shardings=(plan.shardings, batch_sharding), out_shardings=(plan.shardings, None),
+                   donate_argnums=0)
+    rows, length = cfg.train.global_batch_size, cfg.data.max_length
+    batch = sharding.global_batch(random_batch(np.random.default_rng(0), rows, length, vocab), batch_sharding)
+    start = time.perf_counter()
+    train_state, metrics = step(train_state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        train_state, metrics = step(train_state, batch)
+    jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / args.steps
+    n_params = param_count(cfg.model, vocab)
+    print(f"model {n_params:,} params, {rows}x{length} tokens/step on {jax.device_count()} "
+          f"{jax.devices()[0].platform} device(s)")
+    print(f"first step (compile) {compile_s:.1f} s; {seconds * 1e3:.1f} ms/step; "
+          f"{rows * length / seconds:,.0f} tokens/s; ~{6 * n_params * rows * length / seconds / 1e9:.1f} GFLOP/s (6N)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""The Grain graph: the batch contract, packing, drops and counts, determinism, resume."""
+
+import collections
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from jaxsft.config import DataConfig
+from jaxsft.data.pipeline import DataError, SFTData, build_data
+
+ROWS, LENGTH = 8, 128
+KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def data(cache) -> SFTData:
+    cfg = DataConfig(synthetic_train_examples=600, synthetic_eval_examples=150, max_length=LENGTH)
+    return build_data(cfg, seed=0, cache_dir=cache)
+
+
+def _with(data: SFTData, **changes) -> SFTData:
+    return dataclasses.replace(data, cfg=dataclasses.replace(data.cfg, **changes))
+
+
+def _examples(examples) -> dict[tuple, tuple]:
+    """tokens -> loss weights of every encoded example."""
+    out = {}
+    for i in range(len(examples)):
+        e = examples.example(i)
+        out[tuple(e["inputs"].tolist()) + (int(e["targets"][-1]),)] = tuple(e["loss_weights"].tolist())
+    return out
+
+
+def _segments(batch, pad_id: int) -> list[tuple[tuple, tuple]]:
+    """Checks one batch against the contract; returns its examples as (tokens, weights)."""
+    assert set(batch) == set(KEYS)
+    for k in KEYS:
+        assert batch[k].shape == (ROWS, LENGTH) and batch[k].dtype == (np.float32 if k == "loss_weights" else np.int32)
+    found = []
+    for r in range(ROWS):
+        seg, pos = batch["segment_ids"][r], batch["positions"][r]
+        inputs, targets, weights = batch["inputs"][r], batch["targets"][r], batch["loss_weights"][r]
+        used = int((seg > 0).sum())
+        assert (seg[used:] == 0).all(), "padding only after the segments"
+        pad = slice(used, None)
+        assert (inputs[pad] == pad_id).all() and (targets[pad] == pad_id).all()
+        assert (weights[pad] == 0).all() and (pos[pad] == 0).all()
+        ids = seg[:used]
+        assert (np.diff(ids) >= 0).all() and (np.diff(ids) <= 1).all() and (used == 0 or ids[0] == 1)
+        for s in range(1, int(ids.max(initial=0)) + 1):
+            cols = np.flatnonzero(seg == s)
+            assert (pos[cols] == np.arange(len(cols))).all()
+            assert (targets[cols[:-1]] == inputs[cols[1:]]).all()
+            found.append((tuple(inputs[cols].tolist()) + (int(targets[cols[-1]]),), tuple(weights[cols].tolist())))
+    return found
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _equal(a, b) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in KEYS)
+
+
+@pytest.mark.parametrize("packing", ["first_fit", "best_fit", "none"])
+def test_train_batches_keep_the_contract(data, packing):
+    known = _examples(data.train_examples)
+    it = iter(_with(data, packing=packing).train_dataset(ROWS, seed=1))
+    segments = [s for b in _take(it, 4) for s in _segments(b, data.tokenizer.pad_id)]
+    it.close()
+    for tokens, weights in segments:
+        assert known[tokens] == weights  # every segment is one whole example, weights and all
+    per_row = len(segments) / (4 * ROWS)
+    assert per_row == 1 if packing == "none" else per_row > 1.5
+
+
+@pytest.mark.parametrize("packing", ["first_fit", "best_fit", "none"])
+def test_packing_loses_no_example_and_no_weight(data, packing):
+    variant = _with(data, packing=packing)
+    batches = variant.eval_batches(ROWS, n_batches=1000)  # the whole finite set
+    segments = [s for b in batches for s in _segments(b, data.tokenizer.pad_id)]
+    ex = data.eval_examples
+    unpacked = [ex.example(i) for i in range(len(ex))]
+    assert collections.Counter(t for t, _ in segments) == collections.Counter(
+        tuple(e["inputs"].tolist()) + (int(e["targets"][-1]),) for e in unpacked)
+    total = sum(float(b["loss_weights"].sum()) for b in batches)
+    assert total == sum(float(e["loss_weights"].sum()) for e in unpacked) == data.eval_report.trained_tokens
+    assert len(batches) > 2 and _equal(variant.eval_batches(ROWS, 2), batches[:2])
+
+
+def test_report_counts_the_synthetic_data(data):
+    r = data.report
+    assert r.records == r.examples == 600 and r.bad_records == {} and r.dropped == {} and r.truncated == 0
+    lengths = np.diff(data.train_examples.offsets)
+    assert r.tokens == int((lengths - 1).sum()) and 20 < lengths.mean() < 80
+    assert r.trained_tokens == int(np.count_nonzero(data.train_examples.weights))
+    assert r.summary_lines()[0] == (f"600 records -> 600 examples, {r.tokens} tokens "
+                                    f"({r.trained_tokens} trained), 0 truncated")
+    assert data.eval_report.examples == 150
+
+
+def test_same_seed_same_batches_and_resume(data, cache):
+    rebuilt = build_data(data.cfg, seed=0, cache_dir=cache)  # cached tokenizer, encoded again
+    first, again = iter(data.train_dataset(ROWS, seed=3)), iter(rebuilt.train_dataset(ROWS, seed=3))
+    reference = _take(first, 30)  # ~3 epochs of 600 examples: crosses epoch boundaries
+    assert _equal(reference, _take(again, 30))
+    other = iter(data.train_dataset(ROWS, seed=4))
+    assert not _equal(reference[:2], _take(other, 2))
+    for it in (first, again, other):
+        it.close()
+    for stop in (0, 7, 13):
+        stopped = iter(data.train_dataset(ROWS, seed=3))
+        _take(stopped, stop)
+        state = json.loads(json.dumps(stopped.get_state()))  # through JSON, as Grain checkpoints it
+        stopped.close()
+        resumed = iter(data.train_dataset(ROWS, seed=3))
+        resumed.set_state(state)
+        assert _equal(_take(resumed, 30 - stop), reference[stop:])
+        resumed.close()
+
+
+def _write_jsonl(path, lines) -> str:
+    path.write_bytes(b"".join((l if isinstance(l, bytes) else json.dumps(l).encode()) + b"\n" for l in lines))
+    return str(path)
+
+
+def _qa(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def _file_data(tmp_path, cache, train_lines, **cfg) -> SFTData:
+    train = _write_jsonl(tmp_path / "train.jsonl", train_lines)
+    evals = _write_jsonl(tmp_path / "eval.jsonl", [_qa("Say 1000", "1000")])
+    return build_data(DataConfig(train_files=(train,), eval_files=(evals,), max_length=32, **cfg),
+                      seed=0, cache_dir=cache)
+
+
+def test_processes_read_disjoint_shards(tmp_path, cache):
+    data = _file_data(tmp_path, cache, [_qa(f"Say {i}", str(i)) for i in range(41)], packing="none")
+    per_process = len(data.train_examples) // 2
+    seen = []
+    for rank in range(2):
+        it = iter(data.train_dataset(1, seed=5, process_index=rank, process_count=2))
+        # One example per row, in order: the first `per_process` rows are this rank's epoch.
+        rows = [b["inputs"][0][b["segment_ids"][0] > 0] for b in _take(it, per_process)]
+        seen.append({data.tokenizer.decode(r) for r in rows})
+        it.close()
+    assert len(seen[0]) == len(seen[1]) == per_process == 20
+    assert seen[0].isdisjoint(seen[1])
+
+
+BAD_LINES = [b"{not json", {"msgs": []}, {"messages": [{"role": "robot", "content": "x"}]},
+             _qa("q", ""), b'{"messages": [{"role": "user", "content": "\xff"}]}']
+
+
+def test_bad_lines_are_counted_and_reported(tmp_path, cache):
+    good = [_qa(f"Say {i}", str(i)) for i in range(30)]
+    lines = good[:1] + BAD_LINES + good[1:]  # bad ones on lines 2-6
+    data = _file_data(tmp_path, cache, lines, max_dropped_fraction=0.2)
+    r = data.report
+    assert r.records == 35 and r.examples == len(data.train_examples) == 30
+    assert r.bad_records == {"invalid JSON": 1, "missing messages": 1, "unknown role": 1,
+                             "empty assistant content": 1, "invalid UTF-8": 1}
+    path = tmp_path / "train.jsonl"
+    assert [b.split(" (")[0] for b in r.bad_examples] == [
+        f"{path}:2: invalid JSON", f"{path}:3: missing messages", f"{path}:4: unknown role",
+        f"{path}:5: empty assistant content", f"{path}:6: invalid UTF-8"]
+    assert r.summary_lines()[1] == ("5 dropped: empty assistant content: 1, invalid JSON: 1, invalid UTF-8: 1, "
+                                    "missing messages: 1, unknown role: 1")
+    trained = {data.tokenizer.decode(e["targets"][e["loss_weights"] > 0][:-1])
+               for e in map(data.train_examples.example, range(30))}
+    assert trained == {str(i) for i in range(30)}
+
+
+def test_too_many_drops_fail_with_one_clear_line(tmp_path, cache):
+    lines = [_qa(f"Say {i}", str(i)) for i in range(30)] + BAD_LINES
+    with pytest.raises(DataError) as e:
+        _file_data(tmp_path, cache, lines)
+    assert str(e.value) == (
+        "data: 5 of 35 train examples (14.3%) dropped (empty assistant content: 1, invalid JSON: 1, "
+        "invalid UTF-8: 1, missing messages: 1, unknown role: 1), above data.max_dropped_fraction=0.05; "
+        f"first: {tmp_path / 'train.jsonl'}:31: invalid JSON (Expecting property name enclosed in double quotes "
+        "at column 2)")
+    with pytest.raises(DataError, match=r"^data: no train examples left of 5 records"):
+        _file_data(tmp_path, cache, BAD_LINES, max_dropped_fraction=1.0)
+
+
+def _overlong_lines():
+    words = " ".join(["apple"] * 60)
+    return ([_qa(f"Say {i}", str(i)) for i in range(20)]
+            + [_qa(f"Repeat {words}", "ok") for _ in range(10)]  # answer starts past max_length
+            + [_qa("Repeat", words) for _ in range(10)])  # answer cut by max_length
+
+
+def test_overlong_examples_truncate_or_drop(tmp_path, cache):
+    data = _file_data(tmp_path, cache, _overlong_lines(), max_dropped_fraction=0.5)
+    r = data.report
+    assert r.dropped == {"no_trained_tokens": 10} and r.truncated == 10 and r.examples == 30
+    assert np.diff(data.train_examples.offsets).max() == 32 + 1  # N tokens give N-1 = max_length targets
+    assert sum(1 for b in r.bad_examples if b.endswith(": no_trained_tokens")) == 10
+
+    dropped = _file_data(tmp_path, cache, _overlong_lines(), max_dropped_fraction=0.5, overlong="drop")
+    assert dropped.report.dropped == {"overlong": 20} and dropped.report.truncated == 0
+    assert dropped.report.examples == 20
+    with pytest.raises(DataError, match=r"^data: 20 of 40 train examples \(50\.0%\) dropped \(overlong: 20\)"):
+        _file_data(tmp_path, cache, _overlong_lines(), overlong="drop")
+
+
+def test_train_files_without_eval_files_hold_out_two_percent(tmp_path, cache):
+    train = _write_jsonl(tmp_path / "t.jsonl", [_qa(f"Say {i}", str(i)) for i in range(100)])
+    data = build_data(DataConfig(train_files=(train,), max_length=32), seed=0, cache_dir=cache)
+    assert (data.report.records, data.eval_report.records) == (98, 2)
+    held = {data.tokenizer.decode(e["targets"][e["loss_weights"] > 0][:-1])
+            for e in map(data.eval_examples.example, range(2))}
+    assert held == {"0", "50"}
+
+
+def test_iterator_state_round_trips_through_orbax(data, tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    import grain
+
+    it = iter(data.train_dataset(ROWS, seed=2))
+    _take(it, 3)
+    manager = ocp.CheckpointManager(tmp_path / "ckpt", options=ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=False))
+    manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    expected = _take(it, 5)
+    restored = iter(data.train_dataset(ROWS, seed=2))
+    manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+    assert _equal(_take(restored, 5), expected)
+    it.close()
+    restored.close()
+
+
+def test_worker_processes_give_the_same_batches(data):
+    # One worker reads the whole (unsliced) dataset: the same batches as in-process,
+    # and its state resumes like the in-process iterator's.
+    reference = iter(data.train_dataset(ROWS, seed=6))
+    expected = _take(reference, 6)
+    reference.close()
+    workers = _with(data, worker_count=1)
+    it = iter(workers.train_dataset(ROWS, seed=6))
+    assert _equal(_take(it, 3), expected[:3])
+    state = it.get_state()
+    it.close()
+    resumed = iter(workers.train_dataset(ROWS, seed=6))
+    resumed.set_state(state)
+    assert _equal(_take(resumed, 3), expected[3:])
+    resumed.close()
