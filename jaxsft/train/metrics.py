@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 # Data text (file names, user content) is printed as it is: no rich markup or emoji codes.
-console = Console(stderr=True, highlight=False, markup=False, emoji=False)
+console = Console(stderr=True, highlight=False, markup=False, emoji=False, soft_wrap=True)
 
 
 class MetricsWriter:

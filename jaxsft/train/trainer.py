@@ -70,14 +70,12 @@ def _eval_batches(data: SFTData, cfg: Config, rows: int, batch_sharding) -> list
     return [sharding.global_batch(b, batch_sharding) for b in local]
 
 
-def _first_eval_loss(metrics_path: Path) -> float | None:
+def _logged(metrics_path: Path, key: str) -> list[float]:
+    """Every value of `key` in the run's metrics file, this and earlier invocations."""
     if not metrics_path.exists():
-        return None
-    for line in metrics_path.read_text().splitlines():
-        record = json.loads(line)
-        if "eval_loss" in record:
-            return record["eval_loss"]
-    return None
+        return []
+    records = (json.loads(line) for line in metrics_path.read_text().splitlines())
+    return [r[key] for r in records if key in r]
 
 
 def _prepare_run_dir(cfg: Config, data: SFTData) -> Path:
@@ -107,6 +105,12 @@ def train(cfg: Config) -> RunSummary:
                                             process_count=jax.process_count()))
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
     start = checkpointer.latest_step() or 0
+    metrics_path = run_dir / cfg.logging.metrics_file
+    if start >= cfg.train.steps:
+        console.print(f"{run_dir} already finished at step {start}; raise train.steps to train further")
+        data_iterator.close()
+        checkpointer.close()
+        return _summary(run_dir, metrics_path, start, start, [], 0.0, wall_start)
     if start:
         console.print(f"resuming from step {start} in {run_dir}")
         train_state = checkpointer.restore(start, plan.abstract, data_iterator)
@@ -126,15 +130,12 @@ def train(cfg: Config) -> RunSummary:
                   f"mesh {dict(mesh.shape)}")
 
     eval_batches = _eval_batches(data, cfg, rows, batch_sharding)
-    metrics_path = run_dir / cfg.logging.metrics_file
     writer = MetricsWriter(metrics_path)
-    final_eval = None
     if start == 0:
-        final_eval = _evaluate(eval_step, train_state["params"], eval_batches)
-        writer.write({"step": 0, "eval_loss": final_eval})
+        writer.write({"step": 0, "eval_loss": _evaluate(eval_step, train_state["params"], eval_batches)})
     total = cfg.train.steps
     progress = ProgressLine(total, start, cfg.logging.progress)
-    throughput, rates, last = Throughput(), [], None
+    throughput, rates = Throughput(), []
     try:
         for step in range(start + 1, total + 1):
             local_batch = next(data_iterator)
@@ -147,8 +148,7 @@ def train(cfg: Config) -> RunSummary:
                 writer.write({"step": step, **last})
                 progress.update(step, format_status(last))
             if step % cfg.train.eval_every == 0 or step == total:
-                final_eval = _evaluate(eval_step, train_state["params"], eval_batches)
-                writer.write({"step": step, "eval_loss": final_eval})
+                writer.write({"step": step, "eval_loss": _evaluate(eval_step, train_state["params"], eval_batches)})
                 throughput.reset()  # evaluation time is not training throughput
             checkpointer.save(step, train_state, data_iterator, force=step == total)
     finally:
@@ -156,10 +156,16 @@ def train(cfg: Config) -> RunSummary:
         writer.close()
         checkpointer.close()
         data_iterator.close()  # stops Grain's prefetch thread (or worker processes)
+    return _summary(run_dir, metrics_path, start, total, rates, compile_seconds, wall_start)
+
+
+def _summary(run_dir, metrics_path, start, final, rates, compile_seconds, wall_start) -> RunSummary:
+    losses, evals = _logged(metrics_path, "loss"), _logged(metrics_path, "eval_loss")
     return RunSummary(
-        run_dir=str(run_dir), start_step=start, final_step=total,
-        train_loss=last["loss"] if last else None,
-        initial_eval_loss=_first_eval_loss(metrics_path), final_eval_loss=final_eval,
+        run_dir=str(run_dir), start_step=start, final_step=final,
+        train_loss=losses[-1] if losses else None,
+        initial_eval_loss=evals[0] if evals else None, final_eval_loss=evals[-1] if evals else None,
+        # The first interval holds the first step's dispatch and warm-up; skip it when others exist.
         tokens_per_second=float(np.median(rates[1:] or rates)) if rates else 0.0,
         compile_seconds=compile_seconds, wall_seconds=time.perf_counter() - wall_start)
 

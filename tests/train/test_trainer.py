@@ -77,7 +77,7 @@ def test_too_many_bad_lines_fail_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_cli_trains_and_writes_the_run_directory(tmp_path):
+def test_cli_trains_and_writes_the_run_directory(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train"] + [a for kv in TINY for a in ("--set", kv)] + ["--set", f"train.run_dir={run}",
                                                                      "--set", "train.steps=4", "--set", "train.eval_every=2"]
@@ -92,3 +92,7 @@ def test_cli_trains_and_writes_the_run_directory(tmp_path):
     for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "trained_tokens"):
         assert all(np.isfinite(r[key]) for r in steps), key
     assert (run / "tokenizer.model").is_file() and read_state(run)["step"] == 4
+    capsys.readouterr()
+    assert main(args) == 0  # the same command again: nothing left to do, and it says so
+    err = capsys.readouterr().err
+    assert "already finished at step 4" in err and f"{evals[-1]['eval_loss']:.4f}" in err
