@@ -1,4 +1,4 @@
-"""The Grain graph: records -> encoded examples -> shuffled, sharded, packed batches.
+"""The Grain graph: records -> shuffled, sharded, encoded, packed batches.
 
 Contract of a batch: a dict of numpy arrays, each `[rows, cfg.max_length]`:
   inputs int32, targets int32      targets[t] = tokens[t+1] of the same example
@@ -7,20 +7,25 @@ Contract of a batch: a dict of numpy arrays, each `[rows, cfg.max_length]`:
   positions int32                  restart at 0 in every segment; 0 in padding
 Padding has inputs = targets = tokenizer.pad_id and weight 0.
 
-`build_data` reads the records, trains or loads the tokenizer, and encodes every
-example once. That pass is also the count: bad records, drops ("no_trained_tokens",
-"overlong" under `overlong=drop`) and truncations land in `DataReport`, and a dropped
-share above `data.max_dropped_fraction` raises `DataError` before anything trains.
-The encoded examples (int32 tokens, float32 weights, flat) are the source of the Grain
-graph, so epochs never re-run the tokenizer and a batch costs only packing:
+`build_data` reads the records, trains or loads the tokenizer, and runs `Encoder` over
+every record once, only to count: bad records, drops ("no_trained_tokens", "overlong"
+under `overlong=drop`) and truncations land in `DataReport`, and a dropped share above
+`data.max_dropped_fraction` raises `DataError` before anything trains. No token is
+kept: the source of the Grain graph is the parsed conversations, and encoding is a
+step of the graph, so it runs in Grain's worker processes under `worker_count > 0`:
 
-  Examples -> shuffle(seed) -> [rank::ranks] -> repeat() -> to_iter_dataset
-    -> first/best-fit pack -> batch(rows) -> Gather -> thread prefetch | mp_prefetch
+  conversations -> shuffle(seed) -> [rank::ranks] -> repeat() -> map(Encoder)
+    -> filter(dropped) -> to_iter_dataset -> first/best-fit pack -> batch(rows)
+    -> to_batch -> thread prefetch | mp_prefetch
 
-`shuffle` before `repeat` reshuffles every epoch; sharding the shuffled dataset by
-process gives each process a disjoint part of every epoch. The iterator's
-`get_state()`/`set_state()` (and Grain's Orbax handlers) resume it exactly. Close
-the iterator when done: Grain's prefetchers print tracebacks if left to teardown.
+`shuffle` before `repeat` reshuffles every epoch; sharding the shuffled records by
+process gives each process a disjoint part of every epoch (equal in records; drops
+may leave the shards a few examples apart). The same `Encoder` counts and encodes,
+so the graph drops exactly what the report counted. Every epoch re-encodes: a 16x256
+batch of the demo data costs about 10 ms of one CPU core, roughly a third encoding and
+a third packing (bench/data_throughput.py). The iterator's `get_state()`/`set_state()`
+(and Grain's Orbax handlers) resume it exactly. Close the iterator when done: Grain's
+prefetchers print tracebacks if left to teardown.
 """
 
 from __future__ import annotations
@@ -40,14 +45,16 @@ from jaxsft.data.sources import DataError, Where, load_jsonl
 from jaxsft.data.templates import ChatML, get_template
 from jaxsft.data.tokenizer import SentencePieceTokenizer, load_or_train
 
-__all__ = ["DataError", "DataReport", "SFTData", "build_data"]
+__all__ = ["DataError", "DataReport", "Encoder", "SFTData", "build_data"]
 
-PREFETCH_BATCHES = 2  # a background thread packs the next batches while the model steps
+PREFETCH_BATCHES = 2  # a background thread encodes and packs the next batches while the model steps
 MIN_PACKING_BINS = 16  # more open bins fill rows better when few rows are asked for
 EVAL_HOLDOUT_EVERY = 50  # without eval_files, every 50th train record (2%) is eval
 MAX_REPORTED = 10
-# Examples live in memory: thread-parallel reads would only contend for the GIL.
+# Encoding is Python under the GIL: read threads would only contend with each other.
+# Overlap with the train step comes from the batch prefetch thread (or worker processes).
 READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+FEATURES = ("inputs", "targets", "loss_weights")
 
 
 @dataclasses.dataclass
@@ -81,95 +88,74 @@ class DataReport:
         return lines
 
 
-class Examples(grain.MapDataset):
-    """Encoded examples stored flat, as a Grain source.
+class Encoder:
+    """A conversation -> one example's features, or the reason it is dropped.
 
-    Item i is `{"index": flat offsets of example i's input tokens}`: the packer moves
-    one int feature instead of three, and `Gather` turns a packed batch of offsets into
-    inputs, targets and weights with vectorised lookups. Grain's per-example, per-feature
-    packing work bounds batch latency; this, and subclassing `MapDataset` instead of
-    `MapDataset.source(...)` (which records metrics on every read), took a 16x256 batch
-    from 13 to 7.5 ms here. Packed segment ids then describe all three features.
+    Features: `inputs`, `targets`, `loss_weights`, N-1 each for N rendered tokens (the
+    batch contract before packing). Overlong examples keep their start, the prompt that
+    the kept answer tokens are conditioned on, or drop under `overlong=drop`. Holds the
+    template by name (its id cache holds weak references), so it pickles into Grain's
+    worker processes.
     """
 
-    def __init__(self, tokens: Sequence[np.ndarray], weights: Sequence[np.ndarray]):
+    def __init__(self, cfg: DataConfig, tokenizer: SentencePieceTokenizer):
+        self.template_name, self.max_length, self.overlong = cfg.template, cfg.max_length, cfg.overlong
+        self.tokenizer = tokenizer
+
+    def encode(self, messages: Conversation) -> tuple[dict[str, np.ndarray], bool] | str:
+        """(features, truncated), or the drop reason."""
+        tokens, weights = get_template(self.template_name).render(messages, self.tokenizer)
+        truncated = len(tokens) - 1 > self.max_length
+        if truncated:
+            if self.overlong == "drop":
+                return "overlong"
+            tokens, weights = tokens[:self.max_length + 1], weights[:self.max_length + 1]
+        if not weights[1:].any():
+            return "no_trained_tokens"
+        return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_weights": weights[1:]}, truncated
+
+    def __call__(self, messages: Conversation) -> dict[str, np.ndarray] | str:
+        out = self.encode(messages)
+        return out if isinstance(out, str) else out[0]
+
+
+class Records(grain.MapDataset):
+    """Conversations as a Grain source. `MapDataset.source(list)` would also size every
+    record for its metrics, a tree walk over the messages that cost nearly as much as
+    encoding (a 16x256 batch took 11.4 ms with it, 9 ms without)."""
+
+    def __init__(self, conversations: Sequence[Conversation]):
         super().__init__()
-        lengths = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
-        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
-        self.tokens = np.concatenate(tokens).astype(np.int32) if len(tokens) else np.zeros(0, np.int32)
-        self.weights = np.concatenate(weights).astype(np.float32) if len(weights) else np.zeros(0, np.float32)
-        self._index_dtype = np.int32 if len(self.tokens) < 2**31 else np.int64
+        self.conversations = conversations
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.conversations)
 
     def __str__(self) -> str:
-        return f"Examples({len(self)} examples, {len(self.tokens)} tokens)"
+        return f"Records({len(self)} conversations)"
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return self.slice(i)
-        i %= len(self)  # Grain indexes past the end for later epochs
-        return {"index": np.arange(self.offsets[i], self.offsets[i + 1] - 1, dtype=self._index_dtype)}
-
-    def example(self, i: int) -> dict[str, np.ndarray]:
-        """Example i unpacked: (input, target, weight) triples, N-1 for N tokens."""
-        a, b = self.offsets[i], self.offsets[i + 1]
-        tokens, weights = self.tokens[a:b], self.weights[a:b]
-        return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_weights": weights[1:]}
+        return self.conversations[i % len(self)]  # Grain indexes past the end for later epochs
 
 
-class Gather:
-    """A packed batch of flat offsets -> the batch contract (see the module docstring)."""
-
-    def __init__(self, examples: Examples, pad_id: int):
-        self.tokens, self.weights, self.pad_id = examples.tokens, examples.weights, pad_id
-
-    def __call__(self, packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        segment_ids = packed["index_segment_ids"]
-        pad = segment_ids == 0
-        at = np.where(pad, 0, packed["index"])  # padding reads a real offset, then is masked
-        return {
-            "inputs": np.where(pad, self.pad_id, self.tokens[at]).astype(np.int32),
-            "targets": np.where(pad, self.pad_id, self.tokens[at + 1]).astype(np.int32),
-            "loss_weights": np.where(pad, 0.0, self.weights[at + 1]).astype(np.float32),
-            "segment_ids": segment_ids.astype(np.int32),
-            "positions": np.where(pad, 0, packed["index_positions"]).astype(np.int32),
-        }
+def is_example(element: dict[str, np.ndarray] | str) -> bool:
+    return not isinstance(element, str)  # a string is a drop reason, already counted
 
 
-def encode_example(messages: Conversation, template: ChatML, tokenizer: SentencePieceTokenizer,
-                   cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, bool] | str:
-    """(tokens, weights, truncated), or the drop reason. N tokens give N-1 targets."""
-    tokens, weights = template.render(messages, tokenizer)
-    truncated = len(tokens) - 1 > cfg.max_length
-    if truncated:
-        if cfg.overlong == "drop":
-            return "overlong"
-        # Keep the start: the prompt that the kept answer tokens are conditioned on.
-        tokens, weights = tokens[:cfg.max_length + 1], weights[:cfg.max_length + 1]
-    if not weights[1:].any():
-        return "no_trained_tokens"
-    return tokens, weights, truncated
-
-
-def _encode_all(records: Sequence[tuple[Conversation, Where]], template: ChatML,
-                tokenizer: SentencePieceTokenizer, cfg: DataConfig, report: DataReport) -> Examples:
-    tokens, weights = [], []
+def _count(records: Sequence[tuple[Conversation, Where]], encoder: Encoder, report: DataReport) -> None:
     for messages, where in records:
-        out = encode_example(messages, template, tokenizer, cfg)
+        out = encoder.encode(messages)
         if isinstance(out, str):
             report.dropped[out] = report.dropped.get(out, 0) + 1
             report.note(f"{where}: {out}")
             continue
-        t, w, truncated = out
-        tokens.append(t)
-        weights.append(w)
+        features, truncated = out
+        report.examples += 1
         report.truncated += truncated
-        report.tokens += len(t) - 1
-        report.trained_tokens += int(np.count_nonzero(w[1:]))
-    report.examples = len(tokens)
-    return Examples(tokens, weights)
+        report.tokens += len(features["inputs"])
+        report.trained_tokens += int(np.count_nonzero(features["loss_weights"]))
 
 
 def _synthetic(n: int, seed: int, split: str) -> list[tuple[Conversation, Where]]:
@@ -221,16 +207,25 @@ def check_dropped(report: DataReport, cfg: DataConfig, split: str) -> None:
                         f"{f' ({reasons})' if reasons else ''}{first}")
 
 
-def pack_and_batch(ds: grain.IterDataset, examples: Examples, cfg: DataConfig, rows: int, pad_id: int,
-                   *, seed: int, shuffle_bins: bool, drop_remainder: bool) -> grain.IterDataset:
+def pack_and_batch(ds: grain.IterDataset, cfg: DataConfig, rows: int, pad_id: int, *, seed: int,
+                   shuffle_bins: bool, drop_remainder: bool) -> grain.IterDataset:
     """Batches of `rows` rows of `cfg.max_length`; `packing=none` is one example per row."""
     packer = (grain.experimental.BestFitPackIterDataset if cfg.packing == "best_fit"
               else grain.experimental.FirstFitPackIterDataset)
     one_per_row = cfg.packing == "none"
-    packed = packer(ds, length_struct={"index": cfg.max_length},
+    # Targets and weights are listed as meta features too: packed into the same cells as
+    # the inputs (equal lengths), without segment ids of their own; the inputs' describe all.
+    packed = packer(ds, length_struct={k: cfg.max_length for k in FEATURES}, meta_features=FEATURES[1:],
+                    padding_struct={"inputs": pad_id, "targets": pad_id, "loss_weights": 0.0},
                     num_packing_bins=rows if one_per_row else max(rows, MIN_PACKING_BINS),
                     seed=seed, shuffle_bins=shuffle_bins, max_sequences_per_bin=1 if one_per_row else None)
-    return packed.batch(rows, drop_remainder=drop_remainder).map(Gather(examples, pad_id))
+    return packed.batch(rows, drop_remainder=drop_remainder).map(to_batch)
+
+
+def to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A packed batch -> the batch contract (the packer already padded with pad_id and 0)."""
+    return {**{k: packed[k] for k in FEATURES},
+            "segment_ids": packed["inputs_segment_ids"], "positions": packed["inputs_positions"]}
 
 
 def _pad_rows(batch: dict[str, np.ndarray], rows: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -251,30 +246,33 @@ def _mark_absl_flags_parsed() -> None:
 
 @dataclasses.dataclass
 class SFTData:
-    """The tokenizer, the encoded train and eval examples, and what reading them found."""
+    """The tokenizer, the train and eval conversations, and what counting them found."""
 
     cfg: DataConfig
     tokenizer: SentencePieceTokenizer
     template: ChatML
-    train_examples: Examples
-    eval_examples: Examples
+    train_records: list[Conversation]  # every parsed conversation; the graph drops what the report counted
+    eval_records: list[Conversation]
     report: DataReport
     eval_report: DataReport
+
+    def _encoded(self, ds: grain.MapDataset) -> grain.IterDataset:
+        return ds.map(Encoder(self.cfg, self.tokenizer)).filter(is_example).to_iter_dataset(READ_OPTIONS)
 
     def train_dataset(self, rows: int, *, seed: int, process_index: int = 0,
                       process_count: int = 1) -> grain.IterDataset:
         """Infinite batches of `rows` rows from this process's shard of every epoch."""
-        ds: grain.MapDataset = self.train_examples
+        ds = Records(self.train_records)
         if self.cfg.shuffle:
             ds = ds.shuffle(seed)
-        # Equal shards: the few examples beyond a multiple of process_count sit out this
+        # Equal shards: the few records beyond a multiple of process_count sit out this
         # epoch (a different few each epoch, since each epoch is reshuffled).
         per_process = len(ds) // process_count
         if per_process == 0:
-            raise DataError(f"data: {len(ds)} train examples cannot feed {process_count} processes")
+            raise DataError(f"data: {len(ds)} train records cannot feed {process_count} processes")
         ds = ds[:per_process * process_count][process_index::process_count].repeat()
-        it = pack_and_batch(ds.to_iter_dataset(READ_OPTIONS), self.train_examples, self.cfg, rows,
-                            self.tokenizer.pad_id, seed=seed, shuffle_bins=True, drop_remainder=True)
+        it = pack_and_batch(self._encoded(ds), self.cfg, rows, self.tokenizer.pad_id,
+                            seed=seed, shuffle_bins=True, drop_remainder=True)
         if self.cfg.worker_count > 0:
             _mark_absl_flags_parsed()
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.cfg.worker_count))
@@ -285,15 +283,15 @@ class SFTData:
     def eval_batches(self, rows: int, n_batches: int) -> list[dict[str, np.ndarray]]:
         """The first `n_batches` packed batches of the eval examples, in order; the last
         may have padding rows, and fewer come back when the eval set runs out."""
-        if len(self.eval_examples) == 0:
+        if self.eval_report.examples == 0:
             return []
-        batches = pack_and_batch(self.eval_examples.to_iter_dataset(READ_OPTIONS), self.eval_examples, self.cfg,
-                                 rows, self.tokenizer.pad_id, seed=0, shuffle_bins=False, drop_remainder=False)
+        batches = pack_and_batch(self._encoded(Records(self.eval_records)), self.cfg, rows,
+                                 self.tokenizer.pad_id, seed=0, shuffle_bins=False, drop_remainder=False)
         return [_pad_rows(b, rows, self.tokenizer.pad_id) for b in itertools.islice(batches, n_batches)]
 
 
 def build_data(cfg: DataConfig, *, seed: int, cache_dir: Path) -> SFTData:
-    """Reads, checks, tokenizes and encodes the configured data (see the module docstring)."""
+    """Reads, checks and counts the configured data, and gets a tokenizer (see the module docstring)."""
     template = get_template(cfg.template)
     report, eval_report = DataReport(), DataReport()
     train_records, eval_records = _read_records(cfg, seed, report, eval_report)
@@ -303,8 +301,10 @@ def build_data(cfg: DataConfig, *, seed: int, cache_dir: Path) -> SFTData:
         cfg, lambda: (t for messages, _ in train_records for t in template.text_segments(messages)),
         Path(cache_dir), special_pieces=template.special_pieces)
     template.check(tokenizer)
-    train_examples = _encode_all(train_records, template, tokenizer, cfg, report)
+    encoder = Encoder(cfg, tokenizer)
+    _count(train_records, encoder, report)
     check_dropped(report, cfg, "train")
-    eval_examples = _encode_all(eval_records, template, tokenizer, cfg, eval_report)
+    _count(eval_records, encoder, eval_report)
     check_dropped(eval_report, cfg, "eval")
-    return SFTData(cfg, tokenizer, template, train_examples, eval_examples, report, eval_report)
+    return SFTData(cfg, tokenizer, template, [m for m, _ in train_records], [m for m, _ in eval_records],
+                   report, eval_report)

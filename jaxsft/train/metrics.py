@@ -59,7 +59,7 @@ class ProgressLine:
     def __init__(self, total: int, start: int, enabled: bool):
         self.bar = None
         if enabled and console.is_terminal:
-            self.bar = Progress(TextColumn("train", style="bold"), BarColumn(), MofNCompleteColumn(),
+            self.bar = Progress(TextColumn("train", style="bold"), BarColumn(bar_width=20), MofNCompleteColumn(),
                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
                                 TimeRemainingColumn(), console=console)
             self.task = self.bar.add_task("train", total=total, completed=start, status="")

@@ -29,13 +29,22 @@ def _with(data: SFTData, **changes) -> SFTData:
     return dataclasses.replace(data, cfg=dataclasses.replace(data.cfg, **changes))
 
 
-def _examples(examples) -> dict[tuple, tuple]:
-    """tokens -> loss weights of every encoded example."""
-    out = {}
-    for i in range(len(examples)):
-        e = examples.example(i)
-        out[tuple(e["inputs"].tolist()) + (int(e["targets"][-1]),)] = tuple(e["loss_weights"].tolist())
+def _rendered(data: SFTData, records) -> list[tuple[tuple, tuple]]:
+    """(tokens, weights of targets 1..N-1) of each record, from the template alone."""
+    out = []
+    for messages in records:
+        tokens, weights = data.template.render(messages, data.tokenizer)
+        out.append((tuple(tokens.tolist()), tuple(weights[1:].tolist())))
     return out
+
+
+def _epoch(data: SFTData) -> list[dict[str, np.ndarray]]:
+    """The train examples of one epoch as the graph yields them: in record order, unpacked."""
+    it = iter(_with(data, packing="none", shuffle=False).train_dataset(1, seed=0))
+    rows = [{k: b[k][0][b["segment_ids"][0] > 0] for k in KEYS[:3]} for b in _take(it, data.report.examples + 1)]
+    it.close()
+    assert all(np.array_equal(rows[-1][k], rows[0][k]) for k in KEYS[:3]), "an epoch is the counted examples"
+    return rows[:-1]
 
 
 def _segments(batch, pad_id: int) -> list[tuple[tuple, tuple]]:
@@ -72,7 +81,7 @@ def _equal(a, b) -> bool:
 
 @pytest.mark.parametrize("packing", ["first_fit", "best_fit", "none"])
 def test_train_batches_keep_the_contract(data, packing):
-    known = _examples(data.train_examples)
+    known = dict(_rendered(data, data.train_records))
     it = iter(_with(data, packing=packing).train_dataset(ROWS, seed=1))
     segments = [s for b in _take(it, 4) for s in _segments(b, data.tokenizer.pad_id)]
     it.close()
@@ -87,28 +96,27 @@ def test_packing_loses_no_example_and_no_weight(data, packing):
     variant = _with(data, packing=packing)
     batches = variant.eval_batches(ROWS, n_batches=1000)  # the whole finite set
     segments = [s for b in batches for s in _segments(b, data.tokenizer.pad_id)]
-    ex = data.eval_examples
-    unpacked = [ex.example(i) for i in range(len(ex))]
-    assert collections.Counter(t for t, _ in segments) == collections.Counter(
-        tuple(e["inputs"].tolist()) + (int(e["targets"][-1]),) for e in unpacked)
+    unpacked = _rendered(data, data.eval_records)
+    assert collections.Counter(t for t, _ in segments) == collections.Counter(t for t, _ in unpacked)
     total = sum(float(b["loss_weights"].sum()) for b in batches)
-    assert total == sum(float(e["loss_weights"].sum()) for e in unpacked) == data.eval_report.trained_tokens
+    assert total == sum(sum(w) for _, w in unpacked) == data.eval_report.trained_tokens
     assert len(batches) > 2 and _equal(variant.eval_batches(ROWS, 2), batches[:2])
 
 
 def test_report_counts_the_synthetic_data(data):
     r = data.report
     assert r.records == r.examples == 600 and r.bad_records == {} and r.dropped == {} and r.truncated == 0
-    lengths = np.diff(data.train_examples.offsets)
+    rendered = _rendered(data, data.train_records)
+    lengths = np.array([len(t) for t, _ in rendered])
     assert r.tokens == int((lengths - 1).sum()) and 20 < lengths.mean() < 80
-    assert r.trained_tokens == int(np.count_nonzero(data.train_examples.weights))
+    assert r.trained_tokens == sum(int(np.count_nonzero(w)) for _, w in rendered)
     assert r.summary_lines()[0] == (f"600 records -> 600 examples, {r.tokens} tokens "
                                     f"({r.trained_tokens} trained), 0 truncated")
     assert data.eval_report.examples == 150
 
 
 def test_same_seed_same_batches_and_resume(data, cache):
-    rebuilt = build_data(data.cfg, seed=0, cache_dir=cache)  # cached tokenizer, encoded again
+    rebuilt = build_data(data.cfg, seed=0, cache_dir=cache)  # cached tokenizer, counted again
     first, again = iter(data.train_dataset(ROWS, seed=3)), iter(rebuilt.train_dataset(ROWS, seed=3))
     reference = _take(first, 30)  # ~3 epochs of 600 examples: crosses epoch boundaries
     assert _equal(reference, _take(again, 30))
@@ -145,7 +153,7 @@ def _file_data(tmp_path, cache, train_lines, **cfg) -> SFTData:
 
 def test_processes_read_disjoint_shards(tmp_path, cache):
     data = _file_data(tmp_path, cache, [_qa(f"Say {i}", str(i)) for i in range(41)], packing="none")
-    per_process = len(data.train_examples) // 2
+    per_process = data.report.examples // 2
     seen = []
     for rank in range(2):
         it = iter(data.train_dataset(1, seed=5, process_index=rank, process_count=2))
@@ -166,7 +174,7 @@ def test_bad_lines_are_counted_and_reported(tmp_path, cache):
     lines = good[:1] + BAD_LINES + good[1:]  # bad ones on lines 2-6
     data = _file_data(tmp_path, cache, lines, max_dropped_fraction=0.2)
     r = data.report
-    assert r.records == 35 and r.examples == len(data.train_examples) == 30
+    assert r.records == 35 and r.examples == len(data.train_records) == 30
     assert r.bad_records == {"invalid JSON": 1, "missing messages": 1, "unknown role": 1,
                              "empty assistant content": 1, "invalid UTF-8": 1}
     path = tmp_path / "train.jsonl"
@@ -175,8 +183,7 @@ def test_bad_lines_are_counted_and_reported(tmp_path, cache):
         f"{path}:5: empty assistant content", f"{path}:6: invalid UTF-8"]
     assert r.summary_lines()[1] == ("5 dropped: empty assistant content: 1, invalid JSON: 1, invalid UTF-8: 1, "
                                     "missing messages: 1, unknown role: 1")
-    trained = {data.tokenizer.decode(e["targets"][e["loss_weights"] > 0][:-1])
-               for e in map(data.train_examples.example, range(30))}
+    trained = {data.tokenizer.decode(e["targets"][e["loss_weights"] > 0][:-1]) for e in _epoch(data)}
     assert trained == {str(i) for i in range(30)}
 
 
@@ -204,12 +211,15 @@ def test_overlong_examples_truncate_or_drop(tmp_path, cache):
     data = _file_data(tmp_path, cache, _overlong_lines(), max_dropped_fraction=0.5)
     r = data.report
     assert r.dropped == {"no_trained_tokens": 10} and r.truncated == 10 and r.examples == 30
-    assert np.diff(data.train_examples.offsets).max() == 32 + 1  # N tokens give N-1 = max_length targets
+    epoch = _epoch(data)  # the graph drops and truncates what the count did
+    lengths = [len(e["inputs"]) for e in epoch]
+    assert max(lengths) == 32 and lengths.count(32) >= 10  # N tokens give N-1 = max_length targets
+    assert sum(lengths) == r.tokens and sum(float(e["loss_weights"].sum()) for e in epoch) == r.trained_tokens
     assert sum(1 for b in r.bad_examples if b.endswith(": no_trained_tokens")) == 10
 
     dropped = _file_data(tmp_path, cache, _overlong_lines(), max_dropped_fraction=0.5, overlong="drop")
     assert dropped.report.dropped == {"overlong": 20} and dropped.report.truncated == 0
-    assert dropped.report.examples == 20
+    assert dropped.report.examples == len(_epoch(dropped)) == 20
     with pytest.raises(DataError, match=r"^data: 20 of 40 train examples \(50\.0%\) dropped \(overlong: 20\)"):
         _file_data(tmp_path, cache, _overlong_lines(), overlong="drop")
 
@@ -218,8 +228,8 @@ def test_train_files_without_eval_files_hold_out_two_percent(tmp_path, cache):
     train = _write_jsonl(tmp_path / "t.jsonl", [_qa(f"Say {i}", str(i)) for i in range(100)])
     data = build_data(DataConfig(train_files=(train,), max_length=32), seed=0, cache_dir=cache)
     assert (data.report.records, data.eval_report.records) == (98, 2)
-    held = {data.tokenizer.decode(e["targets"][e["loss_weights"] > 0][:-1])
-            for e in map(data.eval_examples.example, range(2))}
+    batches = _with(data, packing="none").eval_batches(1, n_batches=10)  # all there are
+    held = {data.tokenizer.decode(b["targets"][0][b["loss_weights"][0] > 0][:-1]) for b in batches}
     assert held == {"0", "50"}
 
 
