@@ -21,34 +21,42 @@ from jaxsft.config import CheckpointConfig
 class Checkpointer:
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig):
         self.cfg = cfg
+        # The interval is decided in `save` (Orbax's own policy would also save the first step).
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep,
-            save_interval_steps=cfg.every,
             enable_async_checkpointing=cfg.async_save,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints", options=options)
+        self.directory = Path(run_dir).absolute() / "checkpoints"
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
         """Saves when `step` is on the interval (or `force`); returns whether it did."""
-        if not self.cfg.enabled:
+        if not self.cfg.enabled or not (force or step % self.cfg.every == 0):
             return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
         )
-        return self.manager.save(step, args=args, force=force)
+        return self.manager.save(step, args=args, force=True)
 
     def restore(self, step: int, abstract_state, data_iterator):
-        """Restores the state onto the shardings of `abstract_state`; moves the iterator in place."""
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator),
-        )
-        return self.manager.restore(step, args=args).state
+        """Restores the state onto the shardings of `abstract_state` and moves the iterator in place.
+
+        Grain keeps one iterator state per process (`process_i-of-n.json`). When the
+        checkpoint was written by another number of processes there is no exact data
+        position to return to: the train state is restored and the data stream starts
+        afresh, and the returned flag says so.
+        """
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        data_file = self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        same_layout = data_file.exists()
+        if same_layout:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**items)).state, same_layout
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -61,12 +69,18 @@ def abstract_like(tree):
 
 
 def read_state(run_dir: str | Path, step: int | None = None):
-    """The train state of a checkpoint as host arrays (latest step by default), for tools and tests."""
+    """The train state of a checkpoint on this process's first device (latest step by default).
+
+    For tools and tests: it reads checkpoints written under any mesh or process count.
+    """
     manager = ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints",
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    saved = ocp.StandardCheckpointer().metadata(manager.directory / str(step) / "state").item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     manager.close()
     return restored.state

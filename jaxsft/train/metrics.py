@@ -20,16 +20,18 @@ console = Console(stderr=True, highlight=False, markup=False, emoji=False, soft_
 class MetricsWriter:
     """Appends one JSON object per line; a resumed run continues the same file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
-        self.file = open(path, "a", encoding="utf-8")
+        self.file = open(path, "a", encoding="utf-8") if enabled else None  # only one process writes
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 class Throughput:

@@ -21,7 +21,7 @@ import numpy as np
 from jaxsft import config as config_lib
 from jaxsft.config import Config, ConfigError
 from jaxsft.data.pipeline import SFTData, build_data
-from jaxsft.train import sharding, state as state_lib
+from jaxsft.train import distributed, sharding, state as state_lib
 from jaxsft.train.checkpoint import Checkpointer
 from jaxsft.train.metrics import MetricsWriter, ProgressLine, Throughput, console, format_status
 from jaxsft.train.optim import make_optimizer, schedule
@@ -81,6 +81,8 @@ def _logged(metrics_path: Path, key: str) -> list[float]:
 def _prepare_run_dir(cfg: Config, data: SFTData) -> Path:
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not distributed.is_main():
+        return run_dir
     config_lib.save(cfg, run_dir / "config.yaml")
     shutil.copyfile(data.tokenizer.path, run_dir / "tokenizer.model")
     return run_dir
@@ -88,6 +90,8 @@ def _prepare_run_dir(cfg: Config, data: SFTData) -> Path:
 
 def train(cfg: Config) -> RunSummary:
     wall_start = time.perf_counter()
+    distributed.initialize()
+    console.quiet = not distributed.is_main()
     mesh = sharding.make_mesh(cfg.mesh)
     rows = _check_batch(cfg, mesh)
     data = build_data(cfg.data, seed=cfg.train.seed, cache_dir=cache_dir())
@@ -113,7 +117,14 @@ def train(cfg: Config) -> RunSummary:
         return _summary(run_dir, metrics_path, start, start, [], 0.0, wall_start)
     if start:
         console.print(f"resuming from step {start} in {run_dir}")
-        train_state = checkpointer.restore(start, plan.abstract, data_iterator)
+        train_state, same_layout = checkpointer.restore(start, plan.abstract, data_iterator)
+        if not same_layout:
+            console.print(f"the checkpoint was written by another number of processes: the data stream "
+                          f"restarts, reshuffled with seed {cfg.train.seed + start}")
+            data_iterator.close()
+            data_iterator = iter(data.train_dataset(rows, seed=cfg.train.seed + start,
+                                                    process_index=jax.process_index(),
+                                                    process_count=jax.process_count()))
     else:
         train_state = state_lib.create(cfg.model, vocab_size, optimizer, plan, cfg.train.seed)
 
@@ -130,7 +141,7 @@ def train(cfg: Config) -> RunSummary:
                   f"mesh {dict(mesh.shape)}")
 
     eval_batches = _eval_batches(data, cfg, rows, batch_sharding)
-    writer = MetricsWriter(metrics_path)
+    writer = MetricsWriter(metrics_path, enabled=distributed.is_main())
     if start == 0:
         writer.write({"step": 0, "eval_loss": _evaluate(eval_step, train_state["params"], eval_batches)})
     total = cfg.train.steps
