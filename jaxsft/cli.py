@@ -37,6 +37,150 @@ def _config_show(args) -> None:
     print(config_lib.dump(_load(args)), end="")
 
 
+def _model_info(args) -> None:
+    from jaxsft.model.info import describe, format_groups, param_groups
+
+    cfg, vocab_size = describe(args.name)
+    print(format_groups(args.name, cfg, param_groups(cfg, vocab_size)))
+
+
+def _export(args) -> None:
+    from jaxsft.infer.runs import export_hf
+
+    files = export_hf(args.run_dir, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    print(f"wrote {args.out}: config.json, {', '.join(files)}")
+
+
+def _convert(args) -> None:
+    from jaxsft.model.pretrained import convert
+
+    out = convert(args.source, args.out, args.param_dtype)
+    print(f"wrote {out}: params/ (Orbax), config.json and tokenizer files; train from it with "
+          f"--set model.init_from=orbax:{out}")
+
+
+def _sampling(args):
+    from jaxsft.infer.sampler import Sampling
+
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed)
+
+
+def _sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _generate(args) -> None:
+    from jaxsft.infer.chat import generate_file
+
+    n = generate_file(args.source, args.prompts, args.out, _sampling(args), args.batch_size)
+    print(f"wrote {n} completions to {args.out}")
+
+
+def _chat(args) -> None:
+    from jaxsft.infer.chat import chat
+
+    def read():
+        try:
+            return input("> ")
+        except EOFError:
+            return None
+
+    chat(args.source, _sampling(args), args.system, read, print)
+
+
+def _add_model_verbs(verbs) -> None:
+    model = verbs.add_parser("model", help="inspect model shapes")
+    model_verbs = model.add_subparsers(dest="model_verb", required=True)
+    info = model_verbs.add_parser("info", help="parameter counts by group (no weights are allocated)")
+    info.add_argument("name", help="a preset name (e.g. llama-3.1-8b) or a Hugging Face model directory")
+    info.set_defaults(run=_model_info)
+    export = verbs.add_parser("export", help="write a run's latest checkpoint as a Hugging Face model directory")
+    export.add_argument("run_dir")
+    export.add_argument("out")
+    export.add_argument("--format", choices=["hf"], default="hf")
+    export.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: model.param_dtype")
+    export.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
+    export.set_defaults(run=_export)
+    convert = verbs.add_parser("convert", help="convert a Hugging Face directory into an Orbax checkpoint")
+    convert.add_argument("source", help="hf:/path/to/model_dir")
+    convert.add_argument("out")
+    convert.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32")
+    convert.set_defaults(run=_convert)
+    generate = verbs.add_parser("generate", help="complete every prompt of a JSONL file")
+    generate.add_argument("source", help="a run directory or hf:/path")
+    generate.add_argument("--prompts", required=True, help='JSONL: {"messages": [...]} or {"prompt": "..."}')
+    generate.add_argument("--out", required=True)
+    generate.add_argument("--batch-size", type=int, default=8)
+    _sampling_args(generate)
+    generate.set_defaults(run=_generate)
+    chat = verbs.add_parser("chat", help="interactive chat with a run or hf:/path")
+    chat.add_argument("source", help="a run directory or hf:/path")
+    chat.add_argument("--system", default=None, help="system prompt")
+    _sampling_args(chat)
+    chat.set_defaults(run=_chat)
+
+
+def _data_preview(args) -> None:
+    from jaxsft.data.inspect import preview
+
+    print(preview(_load(args), n=args.n, color=sys.stdout.isatty() and not args.plain))
+
+
+def _data_stats(args) -> None:
+    from jaxsft.data.inspect import stats
+
+    print(stats(_load(args)))
+
+
+def _add_data_verbs(verbs) -> None:
+    data = verbs.add_parser("data", help="inspect the data a config trains on")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True)
+    preview = data_verbs.add_parser("preview", help="examples as the model sees them, trained tokens marked")
+    _config_args(preview)
+    preview.add_argument("--n", type=int, default=3, help="examples per source (default 3)")
+    preview.add_argument("--plain", action="store_true", help="mark trained tokens with [[...]], not colour")
+    preview.set_defaults(run=_data_preview)
+    stats = data_verbs.add_parser("stats", help="per-source counts, drops, epochs, packing efficiency, lengths")
+    _config_args(stats)
+    stats.set_defaults(run=_data_stats)
+
+
+def _compile(args) -> None:
+    from jaxsft.train import aot
+
+    base = _load(args)
+    devices, chip, chips = aot.topology(args.topology, args.slices)
+    variants = [("", [])] + [(v, [kv for kv in v.split(",") if kv]) for v in args.sweep]
+    reports = []
+    for label, overrides in variants[1:] if args.sweep else variants:
+        cfg = config_lib.from_dict(config_lib.apply_overrides(config_lib.to_dict(base), overrides))
+        reports.append(aot.compile_for(cfg, devices, chip, chips, label or args.topology))
+        if not args.sweep:
+            print("\n".join(aot.format_report(reports[-1])))
+    if args.sweep:
+        print("\n".join(aot.sweep_table(reports)))
+    misfits = [r for r in reports if not r.fits]
+    if misfits and not args.sweep:
+        r = misfits[0]
+        raise config_lib.ConfigError(f"does not fit: needs {r.total_bytes / aot.GIB:.1f} GiB of "
+                                     f"{r.capacity_bytes / aot.GIB:.1f} GiB per device on {args.topology}")
+
+
+def _add_compile_verb(verbs) -> None:
+    compile_ = verbs.add_parser("compile", help="compile the train step for a TPU topology on this host (pre-flight)")
+    _config_args(compile_)
+    compile_.add_argument("--topology", required=True, help="Cloud TPU slice, e.g. v5p-32, v5e-16, v6e-8, v4-16")
+    compile_.add_argument("--slices", type=int, default=1, help="number of such slices joined over DCN")
+    compile_.add_argument("--sweep", nargs="+", default=[], metavar="K=V,K=V",
+                          help="compile each variant (comma-separated overrides) and print one table")
+    compile_.set_defaults(run=_compile)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="jaxsft", description="JAX-native supervised fine-tuning")
     verbs = root.add_subparsers(dest="verb", required=True)
@@ -48,6 +192,9 @@ def parser() -> argparse.ArgumentParser:
     show = config_verbs.add_parser("show", help="print the resolved config, every default visible")
     _config_args(show)
     show.set_defaults(run=_config_show)
+    _add_model_verbs(verbs)
+    _add_data_verbs(verbs)
+    _add_compile_verb(verbs)
     return root
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -26,8 +27,25 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 style frequency scaling (`rope_scaling.rope_type: llama3` in Hugging Face)."""
+
+    type: str = "none"  # none | llama3
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    # Structure: llama | mistral | qwen2 | qwen3 | gemma | gemma2 (jaxsft.model.families).
     family: str = "llama"
+    # Named shapes (e.g. llama-3.1-8b); a field left at its default here takes the preset's value.
+    preset: str = ""
+    # "hf:/dir": shapes from its config.json, weights from its safetensors; "orbax:/dir": the
+    # output of `jaxsft convert` (same, pre-converted). Read by fresh runs only.
+    init_from: str = ""
     vocab_size: int | None = None  # None: the tokenizer's vocabulary size
     d_model: int = 128
     n_layers: int = 4
@@ -43,6 +61,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"  # none | full | dots_saveable
+    rope_scaling: RopeScaling = RopeScaling()
+    sliding_window: int = 0  # 0: full attention; mistral: every layer, gemma2: even layers
+    attn_logit_softcap: float = 0.0  # 0: off (gemma2: 50)
+    final_logit_softcap: float = 0.0  # 0: off (gemma2: 30)
+    query_pre_attn_scalar: float = 0.0  # queries scaled by its -1/2 power; 0: head_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,20 +78,55 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One data source of a mixture (docs/data.md)."""
+
+    path: str = ""  # file or glob (jsonl[.gz], parquet, arrayrecord); tfds: the dataset name
+    type: str = "auto"  # auto (by extension) | jsonl | parquet | arrayrecord | tfds | synthetic
+    name: str = ""  # in reports and data.stages; default: the file name (or tfds/synthetic name)
+    format: str = "messages"  # messages | alpaca | sharegpt | prompt_completion | text
+    columns: dict[str, str] = dataclasses.field(default_factory=dict)  # format field -> record key
+    weight: float = 1.0  # expected share of sampled examples (or tokens, data.weight_by)
+    eval_path: str = ""  # held-out records of this source (same type and format)
+    eval_fraction: float = 0.0  # else hold out this share of the records, by position
+    split: str = "train"  # tfds split
+    eval_split: str = ""  # tfds split for eval
+    data_dir: str = ""  # tfds data_dir
+    examples: int = 20000  # synthetic: train records
+    eval_examples: int = 512  # synthetic: eval records
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """From `start_step` on, sample the sources with these weights (by source name)."""
+
+    start_step: int = 0
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
-    # JSONL files in the `messages` format; empty means the built-in synthetic tasks.
+    # Empty: one source from train_files/eval_files (JSONL, `messages`), else the synthetic tasks.
+    sources: tuple[SourceConfig, ...] = ()
+    stages: tuple[StageConfig, ...] = ()  # a curriculum; empty: the sources' own weights throughout
+    weight_by: str = "examples"  # examples | tokens: what a source weight is a share of
+    # JSONL files in the `messages` format (shorthand for one source).
     train_files: tuple[str, ...] = ()
     eval_files: tuple[str, ...] = ()
     synthetic_train_examples: int = 20000
     synthetic_eval_examples: int = 512
-    template: str = "chatml"
-    # A SentencePiece .model file; empty means train one on the training texts (cached).
+    template: str = "chatml"  # chatml | llama2 | llama3 | gemma | alpaca | xml | json | hf
+    # A SentencePiece .model, or hf:/model/dir; empty means train a SentencePiece model (cached).
     tokenizer: str = ""
     tokenizer_vocab_size: int = 512
+    loss_on: str = "assistant"  # assistant | last | all
+    train_on_eot: bool = True  # the end-of-turn token after a trained turn is trained
+    reasoning: str = "train"  # an assistant's `reasoning`: train | mask | drop
     max_length: int = 256  # tokens per packed row
-    overlong: str = "truncate"  # truncate | drop
-    packing: str = "first_fit"  # first_fit | best_fit | none
+    overlong: str = "truncate"  # truncate (keep the start, whole turns first) | drop
+    packing: str = "first_fit"  # first_fit | best_fit | concat | none
     shuffle: bool = True
+    on_bad_record: str = "skip"  # skip (count and report) | raise (stop at the first)
     max_dropped_fraction: float = 0.05
     worker_count: int = 0  # Grain worker processes; 0 = in the main process
 
@@ -147,13 +205,20 @@ class Config:
 
 
 CHOICES = {
-    "model.family": ("llama",),
+    "model.family": ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"),
+    "model.rope_scaling.type": ("none", "llama3"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots_saveable"),
-    "data.template": ("chatml",),
+    "data.template": ("chatml", "llama2", "llama3", "gemma", "alpaca", "xml", "json", "hf"),
     "data.overlong": ("truncate", "drop"),
-    "data.packing": ("first_fit", "best_fit", "none"),
+    "data.packing": ("first_fit", "best_fit", "concat", "none"),
+    "data.weight_by": ("examples", "tokens"),
+    "data.loss_on": ("assistant", "last", "all"),
+    "data.reasoning": ("train", "mask", "drop"),
+    "data.on_bad_record": ("skip", "raise"),
+    "data.sources.type": ("auto", "jsonl", "parquet", "arrayrecord", "tfds", "synthetic"),
+    "data.sources.format": ("messages", "alpaca", "sharegpt", "prompt_completion", "text"),
 }
 
 # ---------------------------------------------------------------------------- building
@@ -184,6 +249,12 @@ def _coerce(key: str, value: Any, tp) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
         return tuple(_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value))
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {_type_name(key_tp)} to {_type_name(value_tp)}, "
+                              f"got {value!r}")
+        return {_coerce(f"{key}.<key>", k, key_tp): _coerce(f"{key}.{k}", v, value_tp) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
@@ -200,7 +271,7 @@ def _coerce(key: str, value: Any, tp) -> Any:
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    choices = CHOICES.get(key)
+    choices = CHOICES.get(re.sub(r"\[\d+\]", "", key))
     if choices and value not in choices:
         raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
     return value
@@ -309,9 +380,15 @@ def validate(cfg: Config) -> None:
     _require(m.n_heads > 0 and m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0,
              f"model.n_heads={m.n_heads} must be a positive multiple of model.n_kv_heads={m.n_kv_heads}")
     _require(m.head_dim > 0 and m.head_dim % 2 == 0, f"model.head_dim={m.head_dim}: expected a positive even number")
+    _require(m.sliding_window >= 0, f"model.sliding_window={m.sliding_window}: expected 0 (off) or a positive number")
+    _require(min(m.attn_logit_softcap, m.final_logit_softcap, m.query_pre_attn_scalar) >= 0,
+             "model.attn_logit_softcap, final_logit_softcap, query_pre_attn_scalar: expected 0 (off) or positive")
+    _require(not m.init_from or m.init_from.startswith(("hf:", "orbax:")),
+             f"model.init_from={m.init_from!r}: expected hf:/path/to/model_dir or orbax:/path (from jaxsft convert)")
     _require(d.max_length >= 8, f"data.max_length={d.max_length}: expected at least 8")
     _require(0.0 <= d.max_dropped_fraction <= 1.0,
              f"data.max_dropped_fraction={d.max_dropped_fraction}: expected a value in [0, 1]")
+    _validate_sources(d)
     _require(t.steps > 0, f"train.steps={t.steps}: expected a positive number")
     _require(t.micro_batches > 0 and t.global_batch_size % t.micro_batches == 0,
              f"train.global_batch_size={t.global_batch_size} must divide into train.micro_batches={t.micro_batches}")
@@ -326,3 +403,22 @@ def validate(cfg: Config) -> None:
             _require(axis in MESH_AXES, f"mesh.rules.{name}: unknown mesh axis {axis!r} (expected one of {', '.join(MESH_AXES)})")
         _require(len(set(axes)) == len(axes), f"mesh.rules.{name}: mesh axis listed twice in {list(axes)}")
     _require(not cfg.lora.enabled, "lora.enabled: LoRA is not available yet (full fine-tuning only)")
+
+
+def _validate_sources(d: DataConfig) -> None:
+    for k, src in enumerate(d.sources):
+        key = f"data.sources[{k}]"
+        _require(src.weight >= 0, f"{key}.weight={src.weight}: expected a non-negative number")
+        _require(0.0 <= src.eval_fraction < 1.0, f"{key}.eval_fraction={src.eval_fraction}: expected [0, 1)")
+        _require(bool(src.path) or src.type == "synthetic", f"{key}.path: required (a file, glob or tfds name)")
+    _require(not d.sources or sum(s.weight for s in d.sources) > 0, "data.sources: every weight is 0")
+    _require(not (d.sources and (d.train_files or d.eval_files)),
+             "data.train_files/eval_files: use either them or data.sources, not both")
+    starts = [st.start_step for st in d.stages]
+    _require(starts == sorted(set(starts)) and (not starts or starts[0] == 0),
+             f"data.stages: start_step values {starts} must increase and begin at 0")
+    for k, st in enumerate(d.stages):
+        _require(bool(d.sources), "data.stages: needs data.sources (stages weight sources by name)")
+        for name, w in st.weights.items():
+            _require(w >= 0, f"data.stages[{k}].weights.{name}={w}: expected a non-negative number")
+        _require(sum(st.weights.values()) > 0, f"data.stages[{k}].weights: expected a positive weight")

@@ -28,7 +28,7 @@ def test_overrides_are_typed():
     ("train.steps=abc", "train.steps: expected int, got 'abc' (str)"),
     ("train.steps=true", "train.steps: expected int, got True (bool)"),
     ("model.tie_embeddings=1", "model.tie_embeddings: expected true or false, got 1"),
-    ("data.packing=tight", "data.packing: expected one of first_fit, best_fit, none, got 'tight'"),
+    ("data.packing=tight", "data.packing: expected one of first_fit, best_fit, concat, none, got 'tight'"),
     ("mesh.rules.embed=[fsdq]", "mesh.rules.embed: unknown mesh axis 'fsdq'"),
     ("model.n_kv_heads=3", "model.n_heads=4 must be a positive multiple of model.n_kv_heads=3"),
     ("train.steps", "expected KEY=VALUE"),

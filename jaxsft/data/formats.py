@@ -1,19 +1,30 @@
-"""Record normalisers: one JSON record -> a validated list of `Message`s.
+"""Record normalisers: one record (a dict) -> a validated list of `Message`s.
 
-Contract: `parse_messages(record)` accepts the `messages` format
-`{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` and
-returns `list[Message]`, or raises `BadRecord`. A `BadRecord` carries a short,
-fixed `reason` (the key that drop counts are grouped by, e.g. "unknown role") and a
-free-form `detail` (which message, which value) for the per-line report. Extra keys
-in a record or a message are ignored, so richer exports (names, ids) load as they are.
+Contract: `parse_record(record, format, columns)` returns `list[Message]` or raises
+`BadRecord`. A `BadRecord` carries a short, fixed `reason` (the key drop counts are
+grouped by, e.g. "unknown role") and a free-form `detail` for the per-line report.
+Extra keys are ignored. `columns` maps a format's field name to the record's (e.g.
+`{"messages": "conv"}`); unmapped fields keep their names.
+
+Formats:
+  messages           {"messages": [{"role": system|user|assistant|tool, "content": str,
+                      "train"?: bool, "reasoning"?: str, "tool_calls"?: [...], "name"?: str}]}
+  alpaca             {"instruction", "input"?, "output", "system"?}
+  sharegpt           {"conversations": [{"from": system|human|gpt|tool, "value"}]}
+  prompt_completion  {"prompt": str | messages, "completion": str | messages}
+  text               {"text": str}: one `text` message, trained on every token
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import json
+from typing import Any, Callable, Mapping
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "tool": "tool", "function_call": "assistant", "observation": "tool"}
+FORMATS = ("messages", "alpaca", "sharegpt", "prompt_completion", "text")
 
 
 class BadRecord(ValueError):
@@ -27,44 +38,149 @@ class BadRecord(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Message:
-    role: str
+    role: str  # system | user | assistant | tool | text
     content: str
+    train: bool | None = None  # overrides data.loss_on for this message
+    reasoning: str | None = None  # assistant chain of thought (data.reasoning: train | mask | drop)
+    tool_calls: str | None = None  # the assistant's tool calls, as compact JSON text
+    input: str | None = None  # alpaca's optional input, kept apart for the alpaca template
 
 
 # A conversation is its messages in order; a plain list keeps it cheap to build and slice.
 Conversation = list[Message]
 
 
+def _field(record: Mapping, name: str, columns: Mapping[str, str]) -> Any:
+    key = columns.get(name, name)
+    if key not in record:
+        raise BadRecord(f"missing {name}", f"no key {key!r}; keys: {', '.join(map(str, record)) or 'none'}")
+    return record[key]
+
+
+def _string(value: Any, where: str, *, empty_ok: bool = True) -> str:
+    if not isinstance(value, str):
+        raise BadRecord("content not a string", f"{where} is {type(value).__name__}")
+    if not empty_ok and not value:
+        raise BadRecord("empty assistant content", where)
+    return value
+
+
+def _tool_calls(raw: Any, where: str) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(c, dict) for c in raw):
+        raise BadRecord("tool_calls not a list of objects", where)
+    calls = [dict(c.get("function", c)) for c in raw]  # OpenAI style nests name/arguments under "function"
+    for call in calls:
+        if isinstance(call.get("arguments"), str):  # OpenAI sends arguments as JSON text
+            try:
+                call["arguments"] = json.loads(call["arguments"])
+            except json.JSONDecodeError:
+                raise BadRecord("tool_calls arguments not JSON", where) from None
+    return json.dumps(calls, ensure_ascii=False, separators=(", ", ": ")) if calls else None
+
+
 def _parse_message(i: int, raw: Any) -> Message:
+    where = f"messages[{i}]"
     if not isinstance(raw, dict):
-        raise BadRecord("message not an object", f"messages[{i}] is {type(raw).__name__}")
+        raise BadRecord("message not an object", f"{where} is {type(raw).__name__}")
     role = raw.get("role")
     if role not in ROLES:
-        raise BadRecord("unknown role", f"messages[{i}].role={role!r}, expected one of {', '.join(ROLES)}")
+        raise BadRecord("unknown role", f"{where}.role={role!r}, expected one of {', '.join(ROLES)}")
     content = raw.get("content")
-    if not isinstance(content, str):
-        raise BadRecord("content not a string", f"messages[{i}].content is {type(content).__name__}")
-    if role == "assistant" and not content:
+    content = "" if content is None and raw.get("tool_calls") else content
+    content = _string(content, f"{where}.content")
+    train = raw.get("train")
+    if train is not None and not isinstance(train, bool):
+        raise BadRecord("train not a boolean", f"{where}.train={train!r}")
+    reasoning = raw.get("reasoning", raw.get("reasoning_content"))
+    if reasoning is not None:
+        reasoning = _string(reasoning, f"{where}.reasoning") or None
+    calls = _tool_calls(raw.get("tool_calls"), f"{where}.tool_calls") if role == "assistant" else None
+    if role == "assistant" and not content and not calls:
         # An empty answer would train only the end marker: a silent near-zero-loss example.
-        raise BadRecord("empty assistant content", f"messages[{i}]")
-    return Message(role, content)
+        raise BadRecord("empty assistant content", where)
+    return Message(role, content, train, reasoning if role == "assistant" else None, calls)
 
 
-def parse_messages(record: Any) -> Conversation:
-    """Validates one record in the `messages` format; raises `BadRecord`."""
-    if not isinstance(record, dict):
-        raise BadRecord("not an object", f"record is {type(record).__name__}")
-    if "messages" not in record:
-        raise BadRecord("missing messages", f"keys: {', '.join(map(str, record)) or 'none'}")
-    raw = record["messages"]
+def _messages(raw: Any, name: str = "messages") -> list[Message]:
     if not isinstance(raw, list):
-        raise BadRecord("messages not a list", f"messages is {type(raw).__name__}")
-    messages = [_parse_message(i, m) for i, m in enumerate(raw)]
+        raise BadRecord(f"{name} not a list", f"{name} is {type(raw).__name__}")
+    return [_parse_message(i, m) for i, m in enumerate(raw)]
+
+
+def _require_assistant(messages: list[Message]) -> list[Message]:
     if not any(m.role == "assistant" for m in messages):
         raise BadRecord("no assistant turn", f"{len(messages)} messages")
     return messages
 
 
+def from_messages(record: Mapping, columns: Mapping[str, str]) -> Conversation:
+    return _require_assistant(_messages(_field(record, "messages", columns)))
+
+
+def from_alpaca(record: Mapping, columns: Mapping[str, str]) -> Conversation:
+    instruction = _string(_field(record, "instruction", columns), "instruction")
+    extra = record.get(columns.get("input", "input"))
+    extra = _string(extra, "input") if extra is not None else ""
+    output = _string(_field(record, "output", columns), "output", empty_ok=False)
+    system = record.get(columns.get("system", "system"))
+    head = [Message("system", _string(system, "system"))] if system else []
+    return head + [Message("user", instruction, input=extra or None), Message("assistant", output)]
+
+
+def from_sharegpt(record: Mapping, columns: Mapping[str, str]) -> Conversation:
+    turns = _field(record, "conversations", columns)
+    if not isinstance(turns, list):
+        raise BadRecord("conversations not a list", f"conversations is {type(turns).__name__}")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise BadRecord("message not an object", f"conversations[{i}] is {type(turn).__name__}")
+        role = SHAREGPT_ROLES.get(turn.get("from"))
+        if role is None:
+            raise BadRecord("unknown role", f"conversations[{i}].from={turn.get('from')!r}")
+        value = _string(turn.get("value"), f"conversations[{i}].value", empty_ok=role != "assistant")
+        messages.append(Message(role, value))
+    return _require_assistant(messages)
+
+
+def from_prompt_completion(record: Mapping, columns: Mapping[str, str]) -> Conversation:
+    prompt, completion = _field(record, "prompt", columns), _field(record, "completion", columns)
+    head = _messages(prompt, "prompt") if isinstance(prompt, list) else [Message("user", _string(prompt, "prompt"))]
+    tail = (_messages(completion, "completion") if isinstance(completion, list)
+            else [Message("assistant", _string(completion, "completion", empty_ok=False))])
+    if any(m.role == "assistant" for m in head) and not any(m.role == "assistant" for m in tail):
+        raise BadRecord("no assistant turn", "completion has no assistant message")
+    # Only the completion trains; an explicit per-message `train` still wins.
+    head = [m if m.train is not None else dataclasses.replace(m, train=False) for m in head]
+    return _require_assistant(head + tail)
+
+
+def from_text(record: Mapping, columns: Mapping[str, str]) -> Conversation:
+    text = _string(_field(record, "text", columns), "text")
+    if not text:
+        raise BadRecord("empty text")
+    return [Message("text", text)]
+
+
+PARSERS: dict[str, Callable[[Mapping, Mapping[str, str]], Conversation]] = {
+    "messages": from_messages, "alpaca": from_alpaca, "sharegpt": from_sharegpt,
+    "prompt_completion": from_prompt_completion, "text": from_text}
+
+
+def parse_record(record: Any, fmt: str = "messages", columns: Mapping[str, str] | None = None) -> Conversation:
+    """Validates one record of `fmt`; raises `BadRecord`."""
+    if not isinstance(record, dict):
+        raise BadRecord("not an object", f"record is {type(record).__name__}")
+    return PARSERS[fmt](record, columns or {})
+
+
+def parse_messages(record: Any) -> Conversation:
+    """A record in the `messages` format (the synthetic tasks and most chat exports)."""
+    return parse_record(record, "messages")
+
+
 def to_record(messages: Conversation) -> dict:
-    """The inverse of `parse_messages`: a JSON-able record."""
+    """The inverse of `parse_messages` for plain messages: a JSON-able record."""
     return {"messages": [{"role": m.role, "content": m.content} for m in messages]}

@@ -1,4 +1,4 @@
-"""The Grain graph: records -> shuffled, sharded, encoded, packed batches.
+"""The Grain graph: sources -> mixture -> encode -> pack -> batch, and `build_data`.
 
 Contract of a batch: a dict of numpy arrays, each `[rows, cfg.max_length]`:
   inputs int32, targets int32      targets[t] = tokens[t+1] of the same example
@@ -7,25 +7,20 @@ Contract of a batch: a dict of numpy arrays, each `[rows, cfg.max_length]`:
   positions int32                  restart at 0 in every segment; 0 in padding
 Padding has inputs = targets = tokenizer.pad_id and weight 0.
 
-`build_data` reads the records, trains or loads the tokenizer, and runs `Encoder` over
-every record once, only to count: bad records, drops ("no_trained_tokens", "overlong"
-under `overlong=drop`) and truncations land in `DataReport`, and a dropped share above
-`data.max_dropped_fraction` raises `DataError` before anything trains. No token is
-kept: the source of the Grain graph is the parsed conversations, and encoding is a
-step of the graph, so it runs in Grain's worker processes under `worker_count > 0`:
+`build_data` resolves the sources (reading.py), trains or loads the tokenizer, and runs
+`Encoder` over every record once, only to count: bad records, drops and truncations
+land in per-source `DataReport`s, a dropped share above `data.max_dropped_fraction`
+raises `DataError` before anything trains, and the indices of the records that make
+examples are kept (no tokens are). The train graph samples those indices:
 
-  conversations -> shuffle(seed) -> [rank::ranks] -> repeat() -> map(Encoder)
-    -> filter(dropped) -> to_iter_dataset -> first/best-fit pack -> batch(rows)
-    -> to_batch -> thread prefetch | mp_prefetch
+  Mixture(seed)[rank::ranks] -> read + parse -> Encoder -> to_iter_dataset
+    -> pack (best_fit: packing.py | first_fit, concat: Grain | none) -> batch(rows) -> thread prefetch | mp_prefetch
 
-`shuffle` before `repeat` reshuffles every epoch; sharding the shuffled records by
-process gives each process a disjoint part of every epoch (equal in records; drops
-may leave the shards a few examples apart). The same `Encoder` counts and encodes,
-so the graph drops exactly what the report counted. Every epoch re-encodes: a 16x256
-batch of the demo data costs about 10 ms of one CPU core, roughly a third encoding and
-a third packing (bench/data_throughput.py). The iterator's `get_state()`/`set_state()`
-(and Grain's Orbax handlers) resume it exactly. Close the iterator when done: Grain's
-prefetchers print tracebacks if left to teardown.
+and with `data.stages`, one such graph per stage behind `mixture.Staged`. Reading and
+encoding run in Grain's worker processes under `worker_count > 0`. Every state (mixture
+position, packer bins, stage) is in the iterator's `get_state()`, which the trainer
+checkpoints, so a resume yields exactly the batches of an uninterrupted run. Close the
+iterator when done: Grain's prefetchers print tracebacks if left to teardown.
 """
 
 from __future__ import annotations
@@ -39,90 +34,104 @@ import grain
 import numpy as np
 
 from jaxsft.config import DataConfig
-from jaxsft.data import synthetic
-from jaxsft.data.formats import Conversation, parse_messages
-from jaxsft.data.sources import DataError, Where, load_jsonl
-from jaxsft.data.templates import ChatML, get_template
-from jaxsft.data.tokenizer import SentencePieceTokenizer, load_or_train
+from jaxsft.data.formats import BadRecord, Conversation
+from jaxsft.data.mixture import Mixture, Staged, probabilities
+from jaxsft.data.packing import ConcatThenSplit, WindowBestFit
+from jaxsft.data.reading import DataReport, Split, count_split, resolve_sources, training_texts
+from jaxsft.data.sources import DataError
+from jaxsft.data.templates import BUILTIN, MaskPolicy, Template, get_template
+from jaxsft.data.tokenizer import load_or_train
 
 __all__ = ["DataError", "DataReport", "Encoder", "SFTData", "build_data"]
 
 PREFETCH_BATCHES = 2  # a background thread encodes and packs the next batches while the model steps
 MIN_PACKING_BINS = 16  # more open bins fill rows better when few rows are asked for
-EVAL_HOLDOUT_EVERY = 50  # without eval_files, every 50th train record (2%) is eval
-MAX_REPORTED = 10
+PACK_WINDOW = 4096  # examples packed at once by best_fit (packing.py)
 # Encoding is Python under the GIL: read threads would only contend with each other.
-# Overlap with the train step comes from the batch prefetch thread (or worker processes).
 READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 FEATURES = ("inputs", "targets", "loss_weights")
-
-
-@dataclasses.dataclass
-class DataReport:
-    """What one split's data turned into; every number a user may want to check."""
-
-    records: int = 0  # records read, bad ones included
-    bad_records: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> count
-    bad_examples: list[str] = dataclasses.field(default_factory=list)  # first "file:line: reason" (bad or dropped)
-    dropped: dict[str, int] = dataclasses.field(default_factory=dict)  # "no_trained_tokens", "overlong"
-    truncated: int = 0
-    examples: int = 0  # examples that train
-    tokens: int = 0  # (input, target) positions of those examples
-    trained_tokens: int = 0  # positions with a non-zero loss weight
-
-    def note(self, where: object) -> None:
-        if len(self.bad_examples) < MAX_REPORTED:
-            self.bad_examples.append(str(where))
-
-    @property
-    def lost(self) -> int:
-        return sum(self.bad_records.values()) + sum(self.dropped.values())
-
-    def summary_lines(self) -> list[str]:
-        lines = [f"{self.records} records -> {self.examples} examples, {self.tokens} tokens "
-                 f"({self.trained_tokens} trained), {self.truncated} truncated"]
-        if self.lost:
-            reasons = {**self.bad_records, **self.dropped}
-            lines.append(f"{self.lost} dropped: " + ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items())))
-            lines += [f"  {b}" for b in self.bad_examples]
-        return lines
 
 
 class Encoder:
     """A conversation -> one example's features, or the reason it is dropped.
 
-    Features: `inputs`, `targets`, `loss_weights`, N-1 each for N rendered tokens (the
-    batch contract before packing). Overlong examples keep their start, the prompt that
-    the kept answer tokens are conditioned on, or drop under `overlong=drop`. Holds the
-    template by name (its id cache holds weak references), so it pickles into Grain's
-    worker processes.
+    Features: `inputs`, `targets`, `loss_weights`, N-1 each for N rendered tokens. An
+    overlong example under `overlong=truncate` keeps its start: whole trailing messages
+    go first (cut after the last message that still fits and leaves a trained token),
+    and only when no such cut exists is it cut inside a turn. Pickles into Grain's
+    worker processes (the template is looked up again there).
     """
 
-    def __init__(self, cfg: DataConfig, tokenizer: SentencePieceTokenizer):
+    def __init__(self, cfg: DataConfig, tokenizer):
         self.template_name, self.max_length, self.overlong = cfg.template, cfg.max_length, cfg.overlong
+        self.policy = MaskPolicy(cfg.loss_on, cfg.train_on_eot, cfg.reasoning)
         self.tokenizer = tokenizer
+        self._template: Template | None = None
 
-    def encode(self, messages: Conversation) -> tuple[dict[str, np.ndarray], bool] | str:
-        """(features, truncated), or the drop reason."""
-        tokens, weights = get_template(self.template_name).render(messages, self.tokenizer)
-        truncated = len(tokens) - 1 > self.max_length
-        if truncated:
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_template": None}
+
+    @property
+    def template(self) -> Template:
+        if self._template is None:
+            self._template = get_template(self.template_name, self.tokenizer)
+        return self._template
+
+    def render(self, messages: Conversation) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
+        ends: dict[int, int] = {}
+        tokens, weights = self.template.render(messages, self.tokenizer, self.policy, ends)
+        return tokens, weights, ends
+
+    def _cut(self, messages: Conversation, weights: np.ndarray, ends: dict[int, int]) -> tuple[int, str]:
+        """Cut after the last answer that fits and leaves a trained token; else at max_length."""
+        limit = self.max_length + 1
+        answers = [end for i, end in ends.items() if messages[i].role in ("assistant", "text")]
+        for end in sorted(answers, reverse=True):
+            if end <= limit and weights[1:end].any():
+                return end, "whole turns"
+        return limit, "inside a turn"
+
+    def encode(self, messages: Conversation) -> tuple[dict[str, np.ndarray], str | None] | str:
+        """(features, truncation reason or None), or the drop reason."""
+        try:
+            tokens, weights, ends = self.render(messages)
+        except BadRecord as e:
+            return e.reason
+        truncation = None
+        if len(tokens) - 1 > self.max_length:
             if self.overlong == "drop":
                 return "overlong"
-            tokens, weights = tokens[:self.max_length + 1], weights[:self.max_length + 1]
+            cut, truncation = self._cut(messages, weights, ends)
+            tokens, weights = tokens[:cut], weights[:cut]
         if not weights[1:].any():
             return "no_trained_tokens"
-        return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_weights": weights[1:]}, truncated
+        return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_weights": weights[1:]}, truncation
 
-    def __call__(self, messages: Conversation) -> dict[str, np.ndarray] | str:
+    def __call__(self, messages: Conversation | str) -> dict[str, np.ndarray] | str:
+        if isinstance(messages, str):
+            return messages
         out = self.encode(messages)
         return out if isinstance(out, str) else out[0]
 
 
+class Lookup:
+    """(source, record index) from the mixture -> the record's conversation (or a drop reason)."""
+
+    def __init__(self, splits: Sequence[Split]):
+        self.splits = list(splits)
+
+    def __call__(self, item: tuple[int, int]) -> Conversation | str:
+        j, i = item
+        try:
+            return self.splits[j].conversation(i)
+        except BadRecord as e:  # counted at build time; only a file changed since could get here
+            return e.reason
+
+
 class Records(grain.MapDataset):
-    """Conversations as a Grain source. `MapDataset.source(list)` would also size every
-    record for its metrics, a tree walk over the messages that cost nearly as much as
-    encoding (a 16x256 batch took 11.4 ms with it, 9 ms without)."""
+    """Conversations in memory as a Grain source (the eval set). `MapDataset.source(list)`
+    would also size every record for its metrics, a tree walk costing nearly as much as
+    encoding."""
 
     def __init__(self, conversations: Sequence[Conversation]):
         super().__init__()
@@ -137,95 +146,50 @@ class Records(grain.MapDataset):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return self.slice(i)
-        return self.conversations[i % len(self)]  # Grain indexes past the end for later epochs
+        return self.conversations[i % len(self)]
 
 
 def is_example(element: dict[str, np.ndarray] | str) -> bool:
     return not isinstance(element, str)  # a string is a drop reason, already counted
 
 
-def _count(records: Sequence[tuple[Conversation, Where]], encoder: Encoder, report: DataReport) -> None:
-    for messages, where in records:
-        out = encoder.encode(messages)
-        if isinstance(out, str):
-            report.dropped[out] = report.dropped.get(out, 0) + 1
-            report.note(f"{where}: {out}")
-            continue
-        features, truncated = out
-        report.examples += 1
-        report.truncated += truncated
-        report.tokens += len(features["inputs"])
-        report.trained_tokens += int(np.count_nonzero(features["loss_weights"]))
-
-
-def _synthetic(n: int, seed: int, split: str) -> list[tuple[Conversation, Where]]:
-    return [(parse_messages(r), Where(f"synthetic:{split}", i + 1))
-            for i, r in enumerate(synthetic.generate(n, seed, split))]
-
-
-def _from_files(paths: Sequence[str], report: DataReport) -> list[tuple[Conversation, Where]]:
-    good, bad = load_jsonl(paths)
-    report.records = len(good) + len(bad)
-    for line in bad:
-        report.bad_records[line.reason] = report.bad_records.get(line.reason, 0) + 1
-        report.note(line)
-    return good
-
-
-def _read_records(cfg: DataConfig, seed: int, train: DataReport, evals: DataReport):
-    """Train and eval records with locations; bad lines are counted in the reports."""
-    if cfg.train_files:
-        train_records = _from_files(cfg.train_files, train)
-    else:
-        train_records = _synthetic(cfg.synthetic_train_examples, seed, "train")
-        train.records = len(train_records)
-    if cfg.eval_files:
-        eval_records = _from_files(cfg.eval_files, evals)
-    elif cfg.train_files:
-        # Hold out by position: deterministic, independent of the seed, about 2%.
-        held = set(range(0, len(train_records), EVAL_HOLDOUT_EVERY)) if len(train_records) > 1 else set()
-        eval_records = [r for i, r in enumerate(train_records) if i in held]
-        train_records = [r for i, r in enumerate(train_records) if i not in held]
-        train.records -= len(eval_records)
-        evals.records = len(eval_records)
-    else:
-        eval_records = _synthetic(cfg.synthetic_eval_examples, seed, "eval")
-        evals.records = len(eval_records)
-    return train_records, eval_records
-
-
-def check_dropped(report: DataReport, cfg: DataConfig, split: str) -> None:
-    """Raises `DataError` when no example is left or too many were dropped."""
-    reasons = ", ".join(f"{r}: {n}" for r, n in sorted({**report.bad_records, **report.dropped}.items()))
-    first = f"; first: {report.bad_examples[0]}" if report.bad_examples else ""
-    if report.records and report.lost / report.records > cfg.max_dropped_fraction:
-        raise DataError(f"data: {report.lost} of {report.records} {split} examples "
-                        f"({100 * report.lost / report.records:.1f}%) dropped ({reasons}), above "
-                        f"data.max_dropped_fraction={cfg.max_dropped_fraction}{first}")
-    if split == "train" and report.examples == 0:
-        raise DataError(f"data: no train examples left of {report.records} records"
-                        f"{f' ({reasons})' if reasons else ''}{first}")
-
-
 def pack_and_batch(ds: grain.IterDataset, cfg: DataConfig, rows: int, pad_id: int, *, seed: int,
                    shuffle_bins: bool, drop_remainder: bool) -> grain.IterDataset:
     """Batches of `rows` rows of `cfg.max_length`; `packing=none` is one example per row."""
-    packer = (grain.experimental.BestFitPackIterDataset if cfg.packing == "best_fit"
-              else grain.experimental.FirstFitPackIterDataset)
-    one_per_row = cfg.packing == "none"
-    # Targets and weights are listed as meta features too: packed into the same cells as
-    # the inputs (equal lengths), without segment ids of their own; the inputs' describe all.
-    packed = packer(ds, length_struct={k: cfg.max_length for k in FEATURES}, meta_features=FEATURES[1:],
-                    padding_struct={"inputs": pad_id, "targets": pad_id, "loss_weights": 0.0},
-                    num_packing_bins=rows if one_per_row else max(rows, MIN_PACKING_BINS),
-                    seed=seed, shuffle_bins=shuffle_bins, max_sequences_per_bin=1 if one_per_row else None)
-    return packed.batch(rows, drop_remainder=drop_remainder).map(to_batch)
+    lengths = {k: cfg.max_length for k in FEATURES}
+    if cfg.packing == "best_fit":
+        packed = WindowBestFit(ds, cfg.max_length, PACK_WINDOW, pad_id, seed)
+    elif cfg.packing == "concat":
+        # Examples run on across row ends (the rest opens the next row at position 0). Targets
+        # and weights are packed as features of their own: as meta features they would stop
+        # the splitting and pad instead. Their segment ids equal the inputs' (equal lengths).
+        packed = ConcatThenSplit(ds, lengths)
+    else:
+        packer = grain.experimental.FirstFitPackIterDataset
+        one_per_row = cfg.packing == "none"
+        # Targets and weights are meta features too: packed into the same cells as the
+        # inputs (equal lengths), without segment ids of their own; the inputs' describe all.
+        packed = packer(ds, length_struct=lengths, meta_features=FEATURES[1:],
+                        padding_struct={"inputs": pad_id, "targets": pad_id, "loss_weights": 0.0},
+                        num_packing_bins=rows if one_per_row else max(rows, MIN_PACKING_BINS),
+                        seed=seed, shuffle_bins=shuffle_bins, max_sequences_per_bin=1 if one_per_row else None)
+    return packed.batch(rows, drop_remainder=drop_remainder).map(Batcher(pad_id))
 
 
-def to_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A packed batch -> the batch contract (the packer already padded with pad_id and 0)."""
-    return {**{k: packed[k] for k in FEATURES},
-            "segment_ids": packed["inputs_segment_ids"], "positions": packed["inputs_positions"]}
+class Batcher:
+    """A packed batch -> the batch contract (padding set to pad_id, weight 0)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        segment_ids = packed["inputs_segment_ids"].astype(np.int32)
+        pad = segment_ids == 0
+        out = {k: np.where(pad, self.pad_id, packed[k]).astype(np.int32) for k in FEATURES[:2]}
+        out["loss_weights"] = np.where(pad, 0.0, packed["loss_weights"]).astype(np.float32)
+        out["segment_ids"] = segment_ids
+        out["positions"] = np.where(pad, 0, packed["inputs_positions"]).astype(np.int32)
+        return out
 
 
 def _pad_rows(batch: dict[str, np.ndarray], rows: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -246,65 +210,129 @@ def _mark_absl_flags_parsed() -> None:
 
 @dataclasses.dataclass
 class SFTData:
-    """The tokenizer, the train and eval conversations, and what counting them found."""
+    """The tokenizer, the sources' splits, the records that make examples, and the counts."""
 
     cfg: DataConfig
-    tokenizer: SentencePieceTokenizer
-    template: ChatML
-    train_records: list[Conversation]  # every parsed conversation; the graph drops what the report counted
-    eval_records: list[Conversation]
-    report: DataReport
+    tokenizer: object
+    template: Template
+    train: list[Split]
+    evals: list[Split]
+    pools: list[np.ndarray]  # per source: indices of train records that make examples
+    lengths: list[np.ndarray]  # per source: their token counts
+    eval_pools: list[np.ndarray]
+    report: DataReport  # all train sources together
     eval_report: DataReport
+    source_reports: dict[str, DataReport]  # per train source
 
-    def _encoded(self, ds: grain.MapDataset) -> grain.IterDataset:
-        return ds.map(Encoder(self.cfg, self.tokenizer)).filter(is_example).to_iter_dataset(READ_OPTIONS)
+    @property
+    def train_records(self) -> list[Conversation]:
+        """Every parseable train conversation, source by source (small data and tests)."""
+        return [m for s in self.train for _, m in s.read() if not isinstance(m, BadRecord)]
+
+    @property
+    def eval_records(self) -> list[Conversation]:
+        return [s.conversation(int(i)) for s, pool in zip(self.evals, self.eval_pools) for i in pool]
+
+    def stage_probabilities(self) -> list[tuple[int, np.ndarray]]:
+        """(start step, sampling probability per source) for each stage."""
+        names = [s.name for s in self.train]
+        stages = self.cfg.stages or ()
+        unknown = {n for st in stages for n in st.weights} - set(names)
+        if unknown:
+            raise DataError(f"data.stages: unknown source names {sorted(unknown)} (sources: {', '.join(names)})")
+        weights = [(st.start_step, [st.weights.get(n, 0.0) for n in names]) for st in stages] or [
+            (0, [s.weight for s in self.train])]
+        means = [float(l.mean()) if len(l) else 0.0 for l in self.lengths]
+        out = []
+        for start, w in weights:
+            usable = [wi if len(p) else 0.0 for wi, p in zip(w, self.pools)]
+            if sum(usable) <= 0:
+                raise DataError(f"data.stages (step {start}): no source with a positive weight has examples")
+            out.append((start, probabilities(usable, means, self.cfg.weight_by)))
+        return out
+
+    def _pipeline(self, ds: grain.MapDataset, rows: int, seed: int) -> grain.IterDataset:
+        encoder = Encoder(self.cfg, self.tokenizer)
+        it = ds.map(encoder).filter(is_example).to_iter_dataset(READ_OPTIONS)
+        it = pack_and_batch(it, self.cfg, rows, self.tokenizer.pad_id, seed=seed, shuffle_bins=True,
+                            drop_remainder=True)
+        if self.cfg.worker_count > 0:
+            _mark_absl_flags_parsed()
+            return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.cfg.worker_count))
+        return grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=PREFETCH_BATCHES)
 
     def train_dataset(self, rows: int, *, seed: int, process_index: int = 0,
                       process_count: int = 1) -> grain.IterDataset:
-        """Infinite batches of `rows` rows from this process's shard of every epoch."""
-        ds = Records(self.train_records)
-        if self.cfg.shuffle:
-            ds = ds.shuffle(seed)
-        # Equal shards: the few records beyond a multiple of process_count sit out this
-        # epoch (a different few each epoch, since each epoch is reshuffled).
-        per_process = len(ds) // process_count
-        if per_process == 0:
-            raise DataError(f"data: {len(ds)} train records cannot feed {process_count} processes")
-        ds = ds[:per_process * process_count][process_index::process_count].repeat()
-        it = pack_and_batch(self._encoded(ds), self.cfg, rows, self.tokenizer.pad_id,
-                            seed=seed, shuffle_bins=True, drop_remainder=True)
-        if self.cfg.worker_count > 0:
-            _mark_absl_flags_parsed()
-            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.cfg.worker_count))
-        else:
-            it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=PREFETCH_BATCHES)
-        return it
+        """Infinite batches of `rows` rows; this process reads only its share of the samples."""
+        stages = []
+        for k, (start, probs) in enumerate(self.stage_probabilities()):
+            mixture = Mixture(self.pools, probs, seed=seed * 1009 + k, shuffle=self.cfg.shuffle)
+            ds = mixture[process_index::process_count].map(Lookup(self.train))
+            stages.append((start, self._pipeline(ds, rows, seed + k)))
+        if len(stages) == 1:
+            return stages[0][1]
+        return Staged([d for _, d in stages], [s for s, _ in stages])
 
     def eval_batches(self, rows: int, n_batches: int) -> list[dict[str, np.ndarray]]:
         """The first `n_batches` packed batches of the eval examples, in order; the last
         may have padding rows, and fewer come back when the eval set runs out."""
         if self.eval_report.examples == 0:
             return []
-        batches = pack_and_batch(self._encoded(Records(self.eval_records)), self.cfg, rows,
+        encoder = Encoder(self.cfg, self.tokenizer)
+        ds = Records(self.eval_records).map(encoder).filter(is_example).to_iter_dataset(READ_OPTIONS)
+        batches = pack_and_batch(ds, dataclasses.replace(self.cfg, packing="first_fit")
+                                 if self.cfg.packing == "concat" else self.cfg, rows,
                                  self.tokenizer.pad_id, seed=0, shuffle_bins=False, drop_remainder=False)
         return [_pad_rows(b, rows, self.tokenizer.pad_id) for b in itertools.islice(batches, n_batches)]
 
 
+def check_dropped(report: DataReport, cfg: DataConfig, split: str) -> None:
+    """Raises `DataError` when no example is left or too many were dropped."""
+    reasons = ", ".join(f"{r}: {n}" for r, n in sorted({**report.bad_records, **report.dropped}.items()))
+    first = f"; first: {report.bad_examples[0]}" if report.bad_examples else ""
+    if report.records and report.lost / report.records > cfg.max_dropped_fraction:
+        raise DataError(f"data: {report.lost} of {report.records} {split} examples "
+                        f"({100 * report.lost / report.records:.1f}%) dropped ({reasons}), above "
+                        f"data.max_dropped_fraction={cfg.max_dropped_fraction}{first}")
+    if split == "train" and report.examples == 0:
+        raise DataError(f"data: no train examples left of {report.records} records"
+                        f"{f' ({reasons})' if reasons else ''}{first}")
+
+
+def get_tokenizer(cfg: DataConfig, train: list[Split], cache_dir: Path):
+    """The configured tokenizer, or a SentencePiece model trained for the built-in template."""
+    if not cfg.tokenizer and cfg.template == "hf":
+        raise DataError("data.template=hf needs data.tokenizer: hf:/model/dir (the chat_template comes with it)")
+    template = BUILTIN.get(cfg.template)
+    specials = template.special_pieces if template else ()
+    return load_or_train(cfg, lambda: training_texts(train, template), Path(cache_dir), special_pieces=specials)
+
+
 def build_data(cfg: DataConfig, *, seed: int, cache_dir: Path) -> SFTData:
     """Reads, checks and counts the configured data, and gets a tokenizer (see the module docstring)."""
-    template = get_template(cfg.template)
-    report, eval_report = DataReport(), DataReport()
-    train_records, eval_records = _read_records(cfg, seed, report, eval_report)
-    if not train_records:  # say why before a tokenizer fails to train on nothing
+    train, evals = resolve_sources(cfg, seed, Path(cache_dir))
+    if not any(True for s in train for _, m in s.read() if not isinstance(m, BadRecord)):
+        report = DataReport()  # say why before a tokenizer fails to train on nothing
+        for split in train:
+            count_split(split, None, report, cfg.on_bad_record)
         check_dropped(report, cfg, "train")
-    tokenizer = load_or_train(
-        cfg, lambda: (t for messages, _ in train_records for t in template.text_segments(messages)),
-        Path(cache_dir), special_pieces=template.special_pieces)
+    tokenizer = get_tokenizer(cfg, train, cache_dir)
+    template = get_template(cfg.template, tokenizer)
     template.check(tokenizer)
     encoder = Encoder(cfg, tokenizer)
-    _count(train_records, encoder, report)
+    report, eval_report, source_reports = DataReport(), DataReport(), {}
+    pools, lengths = [], []
+    for split in train:
+        r = source_reports[split.name] = DataReport()
+        good, n = count_split(split, encoder.encode, r, cfg.on_bad_record)
+        pools.append(good)
+        lengths.append(n)
+        report.add(r)
     check_dropped(report, cfg, "train")
-    _count(eval_records, encoder, eval_report)
+    eval_pools = []
+    for split in evals:
+        good, _ = count_split(split, encoder.encode, eval_report, cfg.on_bad_record)
+        eval_pools.append(good)
     check_dropped(eval_report, cfg, "eval")
-    return SFTData(cfg, tokenizer, template, [m for m, _ in train_records], [m for m, _ in eval_records],
-                   report, eval_report)
+    return SFTData(cfg, tokenizer, template, train, evals, pools, lengths, eval_pools, report, eval_report,
+                   source_reports)

@@ -1,48 +1,140 @@
-"""Chat templates: messages -> (token ids, per-token loss weights).
+"""Chat templates: messages -> parts -> (token ids, per-token loss weights).
 
-ChatML renders each message as `<|im_start|>{role}\\n{content}<|im_end|>\\n`.
+Every template, built-in or Hugging Face (hf_template.py), renders a conversation to a
+list of `Part`s: template text, special tokens (inserted by id, never produced from
+text), and each message's *body* (its content, reasoning, tool calls) tagged with the
+message's index. `encode_parts` then tokenizes each text part on its own and assigns
+weights from the tags alone, so the mask never depends on where markers happen to be:
 
-Contract of `render(messages, tokenizer) -> (ids int32[N], weights float32[N])`:
-- The markers are inserted by id (they are control pieces, never produced by
-  `tokenizer.encode`), so a marker typed inside a message stays text.
-- Header (`{role}\\n`), content and the trailing `\\n` are encoded as separate texts.
-  The weights therefore follow the pieces exactly: `weights[i] == 1` iff token i is
-  part of an assistant message's content or the `<|im_end|>` closing it; never the
-  header or the newline after the marker. Nothing is inferred from marker positions.
-- No BOS. The end-of-turn id (`<|im_end|>`) is what generation stops on.
-- `text_segments(messages)` yields exactly the plain texts `render` encodes, which is
-  what a tokenizer for this template should be trained on.
+- a message is trained if its `train` field says so, else by `loss_on`: `assistant`
+  (every assistant turn), `last` (the final assistant turn) or `all` (every token);
+  `text` messages (the `text` format) always train;
+- a trained message's body parts have weight 1, and so has its end-of-turn token (the
+  special token closing it) when `train_eot`; reasoning has weight 1 only under
+  `reasoning=train` (`mask` renders it untrained, `drop` removes it before rendering);
+- everything else (headers, markers, separators, BOS) has weight 0.
+
+Built-ins: chatml, llama2, llama3, gemma, alpaca, xml, json; `hf` is the tokenizer's
+own Jinja `chat_template`. `text_segments(messages)` yields the plain texts a template
+encodes: what a SentencePiece tokenizer for it is trained on.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import weakref
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from jaxsft.data.formats import Message
+from jaxsft.data.formats import BadRecord, Message
 from jaxsft.data.sources import DataError
 from jaxsft.data.tokenizer import Tokenizer
 
+EOS = "\x00eos"  # a special part standing for the tokenizer's own end-of-sequence token
 
-class ChatML:
-    name = "chatml"
-    start = "<|im_start|>"
-    end = "<|im_end|>"
-    special_pieces = (start, end)
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    text: str
+    special: bool = False
+    message: int = -1  # the message this part belongs to; -1: template text
+    kind: str = ""  # body | reasoning | eot | "" (template text)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskPolicy:
+    loss_on: str = "assistant"  # assistant | last | all
+    train_eot: bool = True
+    reasoning: str = "train"  # train | mask | drop
+
+
+def trained_messages(messages: Sequence[Message], policy: MaskPolicy) -> list[bool]:
+    last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
+    out = []
+    for i, m in enumerate(messages):
+        default = m.role == "text" or policy.loss_on == "all" or (
+            m.role == "assistant" and (policy.loss_on == "assistant" or i == last))
+        out.append(default if m.train is None else m.train)
+    return out
+
+
+def _weight(part: Part, trained: list[bool], policy: MaskPolicy) -> float:
+    if policy.loss_on == "all":
+        return 1.0
+    if part.message < 0 or not trained[part.message]:
+        return 0.0
+    if part.kind == "reasoning":
+        return float(policy.reasoning == "train")
+    if part.kind == "eot":
+        return float(policy.train_eot)
+    return float(part.kind == "body")
+
+
+class Template:
+    """Base: subclasses give `parts()`, `assistant_header()`, `special_pieces`, `eot`."""
+
+    name = ""
+    special_pieces: tuple[str, ...] = ()  # control pieces a trained tokenizer needs (not EOS)
+    eot = EOS
+    reasoning_open, reasoning_close = "<think>\n", "\n</think>\n\n"
 
     def __init__(self):
-        # Headers and the newline are a handful of constant texts: encoding them once per
-        # tokenizer removes two of three encode calls per message. Weak keys: a cache
-        # keyed by id() would serve stale ids to a new tokenizer at a recycled address.
+        # Constant texts are encoded once per tokenizer. Weak keys: an id()-keyed cache
+        # would serve stale ids to a new tokenizer at a recycled address.
         self._cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def _const(self, tokenizer: Tokenizer, text: str) -> list[int]:
+    def __reduce__(self):  # Grain workers get the template by name (the cache holds weak refs)
+        return (get_template, (self.name,))
+
+    def parts(self, messages: Sequence[Message], tokenizer: Tokenizer) -> list[Part]:
+        raise NotImplementedError
+
+    def assistant_header(self, tokenizer: Tokenizer) -> list[Part]:
+        raise NotImplementedError
+
+    def piece(self, text: str, tokenizer: Tokenizer) -> int:
+        return tokenizer.eos_id if text == EOS else tokenizer.piece_id(text)
+
+    def _encode(self, part: Part, tokenizer: Tokenizer) -> list[int]:
+        if part.special:
+            return [self.piece(part.text, tokenizer)]
+        if part.message >= 0 or len(part.text) > 64:  # only short constant texts are cached
+            return tokenizer.encode(part.text)
         cache = self._cache.setdefault(tokenizer, {})
-        if text not in cache:
-            cache[text] = tokenizer.encode(text)
-        return cache[text]
+        if part.text not in cache:
+            cache[part.text] = tokenizer.encode(part.text)
+        return cache[part.text]
+
+    def encode_parts(self, parts: Sequence[Part], trained: list[bool], tokenizer: Tokenizer,
+                     policy: MaskPolicy, ends: dict[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and weights; `ends` (if given) receives, per message, the token offset after its last part."""
+        ids: list[int] = []
+        weights: list[float] = []
+        for part in parts:
+            piece_ids = self._encode(part, tokenizer)
+            ids += piece_ids
+            weights += [_weight(part, trained, policy)] * len(piece_ids)
+            if ends is not None and part.message >= 0:
+                ends[part.message] = len(ids)
+        return np.asarray(ids, dtype=np.int32), np.asarray(weights, dtype=np.float32)
+
+    def render(self, messages: Sequence[Message], tokenizer: Tokenizer,
+               policy: MaskPolicy = MaskPolicy(), ends: dict[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and loss weights (see the module docstring)."""
+        if policy.reasoning == "drop":
+            messages = [dataclasses.replace(m, reasoning=None) if m.reasoning else m for m in messages]
+        return self.encode_parts(self.parts(messages, tokenizer), trained_messages(messages, policy),
+                                 tokenizer, policy, ends)
+
+    def render_prompt(self, messages: Sequence[Message], tokenizer: Tokenizer) -> np.ndarray:
+        """The ids a model continues to answer: the conversation, then an assistant header."""
+        parts = self.parts(messages, tokenizer) + self.assistant_header(tokenizer)
+        return self.encode_parts(parts, [False] * len(messages), tokenizer, MaskPolicy())[0]
+
+    def end_of_turn_id(self, tokenizer: Tokenizer) -> int:
+        return self.piece(self.eot, tokenizer)
 
     def check(self, tokenizer: Tokenizer) -> None:
         """Fails clearly if the tokenizer cannot render this template safely."""
@@ -57,50 +149,209 @@ class ChatML:
                                 "so user text could produce it; retrain with it in control_symbols")
 
     def text_segments(self, messages: Sequence[Message]) -> Iterator[str]:
-        for m in messages:
-            yield f"{m.role}\n"
-            if m.content:
-                yield m.content
-        yield "\n"
+        for part in self.parts(messages, None):
+            if not part.special and part.text:
+                yield part.text
 
-    def render(self, messages: Sequence[Message], tokenizer: Tokenizer,
-               contents: Sequence[list[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and loss weights; `contents` may carry the messages' ids pre-encoded."""
-        start, end = tokenizer.piece_id(self.start), tokenizer.piece_id(self.end)
-        newline = self._const(tokenizer, "\n")
-        ids: list[int] = []
-        weights: list[float] = []
-        for k, m in enumerate(messages):
-            header = [start] + self._const(tokenizer, f"{m.role}\n")
-            body = (contents[k] if contents is not None else tokenizer.encode(m.content)) + [end]
-            trained = 1.0 if m.role == "assistant" else 0.0
-            ids += header + body + newline
-            weights += [0.0] * len(header) + [trained] * len(body) + [0.0] * len(newline)
-        return np.asarray(ids, dtype=np.int32), np.asarray(weights, dtype=np.float32)
-
-    def render_prompt(self, messages: Sequence[Message], tokenizer: Tokenizer) -> np.ndarray:
-        """The ids a model continues to answer: the conversation, then an assistant header."""
-        ids, _ = self.render(messages, tokenizer)
-        header = [tokenizer.piece_id(self.start)] + self._const(tokenizer, "assistant\n")
-        return np.concatenate([ids, np.asarray(header, dtype=np.int32)])
-
-    def end_of_turn_id(self, tokenizer: Tokenizer) -> int:
-        return tokenizer.piece_id(self.end)
+    def body(self, i: int, m: Message, escape: Callable[[str], str] = str) -> list[Part]:
+        """A message's own text: reasoning, content (+ alpaca input), tool calls."""
+        out = []
+        if m.reasoning:
+            out.append(Part(escape(self.reasoning_open + m.reasoning + self.reasoning_close), message=i,
+                            kind="reasoning"))
+        content = m.content if m.input is None else f"{m.content}\n\n{m.input}"
+        if content:
+            out.append(Part(escape(content), message=i, kind="body"))
+        if m.tool_calls:
+            out.append(Part(escape(f"{chr(10) if content else ''}<tool_call>{m.tool_calls}</tool_call>"),
+                            message=i, kind="body"))
+        return out
 
 
-TEMPLATES = {"chatml": ChatML()}
+class Turns(Template):
+    """Templates that render each message as open(role) + body + close(role)."""
+
+    bos: str | None = None
+    roles: dict[str, str] = {}  # role -> the name the template writes
+
+    def open(self, role: str) -> list[Part]:
+        raise NotImplementedError
+
+    def close(self, role: str, i: int) -> list[Part]:
+        raise NotImplementedError
+
+    def parts(self, messages: Sequence[Message], tokenizer: Tokenizer) -> list[Part]:
+        out = [Part(self.bos, special=True)] if self.bos else []
+        for i, m in enumerate(messages):
+            if m.role == "text":
+                out += [Part(m.content, message=i, kind="body"), Part(EOS, True, i, "eot")]
+                continue
+            out += self.open(m.role) + self.body(i, m, self.escape) + self.close(m.role, i)
+        return out
+
+    def escape(self, text: str) -> str:
+        return text
+
+    def assistant_header(self, tokenizer: Tokenizer) -> list[Part]:
+        return self.open("assistant")
 
 
-def get_template(name: str) -> ChatML:
-    if name not in TEMPLATES:
-        raise DataError(f"data.template: unknown template {name!r} (expected one of {', '.join(TEMPLATES)})")
-    return TEMPLATES[name]
+class ChatML(Turns):
+    name = "chatml"
+    start, end = "<|im_start|>", "<|im_end|>"
+    special_pieces = (start, end)
+    eot = end
+
+    def open(self, role):
+        return [Part(self.start, special=True), Part(f"{role}\n")]
+
+    def close(self, role, i):
+        return [Part(self.end, True, i, "eot"), Part("\n")]
+
+
+class Llama3(Turns):
+    name = "llama3"
+    bos = "<|begin_of_text|>"
+    special_pieces = (bos, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+    eot = "<|eot_id|>"
+    roles = {"tool": "ipython"}
+
+    def open(self, role):
+        return [Part("<|start_header_id|>", True), Part(self.roles.get(role, role)),
+                Part("<|end_header_id|>", True), Part("\n\n")]
+
+    def close(self, role, i):
+        return [Part(self.eot, True, i, "eot")]
+
+
+class Gemma(Turns):
+    """`<start_of_turn>user|model`; a system prompt opens the first user turn (as in Gemma's own
+    template), and turns must alternate user / model."""
+
+    name = "gemma"
+    bos = "<bos>"
+    special_pieces = (bos, "<start_of_turn>", "<end_of_turn>")
+    eot = "<end_of_turn>"
+
+    def open(self, role):
+        return [Part("<start_of_turn>", True), Part(("model" if role == "assistant" else "user") + "\n")]
+
+    def close(self, role, i):
+        return [Part(self.eot, True, i, "eot"), Part("\n")]
+
+    def parts(self, messages, tokenizer):
+        system = messages[0] if messages and messages[0].role == "system" else None
+        turns = messages[1:] if system else messages
+        _require_alternation(self.name, [m for m in turns if m.role != "text"], ("user", "tool"))
+        out = super().parts(turns, tokenizer)
+        out = [dataclasses.replace(p, message=p.message + (system is not None)) if p.message >= 0 else p for p in out]
+        if system is not None:
+            at = 3 if len(out) > 2 and out[1].text == "<start_of_turn>" else 1
+            out[at:at] = self.body(0, system) + [Part("\n\n")]
+        return out
+
+
+class Llama2(Template):
+    """`<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer}</s>` per exchange."""
+
+    name = "llama2"
+    special_pieces = ("<s>",)
+
+    def parts(self, messages, tokenizer):
+        if len(messages) == 1 and messages[0].role == "text":
+            return [Part("<s>", True), Part(messages[0].content, message=0, kind="body"), Part(EOS, True, 0, "eot")]
+        system = messages[0] if messages and messages[0].role == "system" else None
+        offset = int(system is not None)
+        _require_alternation(self.name, messages[offset:], ("user",))
+        out: list[Part] = []
+        for i, m in enumerate(messages[offset:], offset):
+            if m.role == "user":
+                out += [Part("<s>", True), Part("[INST] ")]
+                if system is not None and i == offset:
+                    out += [Part("<<SYS>>\n")] + self.body(0, system) + [Part("\n<</SYS>>\n\n")]
+                out += self.body(i, m) + [Part(" [/INST] ")]
+            else:
+                out += self.body(i, m) + [Part(EOS, True, i, "eot")]
+        return out
+
+    def assistant_header(self, tokenizer):
+        return []  # the prompt already ends with " [/INST] "
+
+
+class Tagged(Turns):
+    """Plain-text headers (alpaca, xml, json): the answer ends with the tokenizer's EOS."""
+
+    heads: dict[str, str] = {}
+    tails: dict[str, str] = {}
+
+    def open(self, role):
+        return [Part(self.heads[role])]
+
+    def close(self, role, i):
+        eot = [Part(EOS, True, i, "eot")] if role == "assistant" else []
+        return eot + [Part(self.tails[role])]
+
+
+class Alpaca(Tagged):
+    name = "alpaca"
+    heads = {"system": "", "user": "### Instruction:\n", "assistant": "### Response:\n", "tool": "### Input:\n"}
+    tails = {"system": "\n\n", "user": "\n\n", "assistant": "\n\n", "tool": "\n\n"}
+
+    def body(self, i, m, escape=str):
+        if m.input is None:
+            return super().body(i, m, escape)
+        return (super().body(i, dataclasses.replace(m, input=None), escape)
+                + [Part("\n\n### Input:\n"), Part(m.input, message=i, kind="body")])
+
+
+class Xml(Tagged):
+    name = "xml"
+    heads = {"system": "<system>", "user": "<instruction>", "assistant": "<response>", "tool": "<tool>"}
+    tails = {"system": "</system>\n", "user": "</instruction>\n", "assistant": "\n", "tool": "</tool>\n"}
+
+
+class Json(Tagged):
+    """One JSON object per turn; bodies are JSON-escaped, so the trained text of an answer
+    is its JSON string body (decode and `json.loads('"' + text + '"')` gives it back)."""
+
+    name = "json"
+    heads = {r: f'{{"role": "{r}", "content": "' for r in ("system", "user", "assistant", "tool")}
+    tails = {r: '"}\n' for r in ("system", "user", "assistant", "tool")}
+
+    def escape(self, text: str) -> str:
+        return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
+def _require_alternation(name: str, messages: Sequence[Message], user_roles: tuple[str, ...]) -> None:
+    for k, m in enumerate(messages):
+        expected = user_roles if k % 2 == 0 else ("assistant",)
+        if m.role not in expected:
+            raise BadRecord("roles out of order", f"template {name} needs user/assistant turns alternating; "
+                                                  f"message {k} is {m.role}")
+
+
+BUILTIN = {t.name: t for t in (ChatML(), Llama2(), Llama3(), Gemma(), Alpaca(), Xml(), Json())}
+TEMPLATE_NAMES = (*BUILTIN, "hf")
+
+
+def get_template(name: str, tokenizer: Tokenizer | None = None) -> Template:
+    """A built-in by name; `hf` needs the tokenizer whose `chat_template` it renders."""
+    if name == "hf":
+        from jaxsft.data.hf_template import HFTemplate
+
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise DataError("data.template=hf: the tokenizer has no chat_template "
+                            "(use data.tokenizer: hf:/model/dir with one in tokenizer_config.json)")
+        return HFTemplate.for_tokenizer(tokenizer)
+    if name not in BUILTIN:
+        raise DataError(f"data.template: unknown template {name!r} (expected one of {', '.join(TEMPLATE_NAMES)})")
+    return BUILTIN[name]
 
 
 def render(messages: Sequence[Message], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """ChatML ids and loss weights (see the module docstring)."""
-    return TEMPLATES["chatml"].render(messages, tokenizer)
+    """ChatML ids and loss weights under the default policy."""
+    return BUILTIN["chatml"].render(messages, tokenizer)
 
 
-def end_of_turn_id(tokenizer: Tokenizer) -> int:
-    return TEMPLATES["chatml"].end_of_turn_id(tokenizer)
+def end_of_turn_id(tokenizer: Tokenizer, name: str = "chatml") -> int:
+    return get_template(name, tokenizer).end_of_turn_id(tokenizer)

@@ -9,6 +9,8 @@ Contract:
   identity normalisation, no dummy prefix, kept whitespace and byte fallback.
   SentencePiece writes spaces as U+2581 internally, so a literal "▁" decodes as a space.
 - `train_sentencepiece` is deterministic: the same texts give a byte-identical model.
+- `load_tokenizer(spec)` loads `path/to/x.model` (SentencePiece) or `hf:/model/dir`
+  (a Hugging Face `tokenizer.json`, hf_tokenizer.py); both keep this contract.
 - `load_or_train(cfg, texts, cache_dir)` loads `cfg.tokenizer`, or trains one on the
   texts and caches it under `cache_dir/tokenizers/<sha256>.model`, keyed by everything
   that shapes the model, so a second run with the same data reuses it.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Protocol, Sequence
 
@@ -93,6 +96,49 @@ class SentencePieceTokenizer:
     def is_control(self, i: int) -> bool:
         return self._sp.is_control(i)
 
+    def piece(self, i: int) -> str:
+        """The piece's own text (control pieces decode to nothing; this names them)."""
+        return self._sp.id_to_piece(int(i))
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Control pieces (never produced by `encode`) by text."""
+        return {self._sp.id_to_piece(i): i for i in range(self.vocab_size) if self._sp.is_control(i)}
+
+    @property
+    def bos_token(self) -> str | None:
+        return None if self.bos_id is None else self._sp.id_to_piece(self.bos_id)
+
+    @property
+    def eos_token(self) -> str | None:
+        return None if self.eos_id < 0 else self._sp.id_to_piece(self.eos_id)
+
+    chat_template = None  # SentencePiece models carry no chat template
+
+    def save(self, run_dir: str | Path) -> Path:
+        """Copies the model into `run_dir/tokenizer.model`; returns that path."""
+        out = Path(run_dir) / "tokenizer.model"
+        if Path(self.path).resolve() != out.resolve():
+            shutil.copyfile(self.path, out)
+        return out
+
+
+HF_PREFIX = "hf:"
+
+
+def load_tokenizer(spec: str):
+    """`x.model` -> SentencePiece; `hf:/dir` -> Hugging Face tokenizer.json (+ config)."""
+    if spec.startswith(HF_PREFIX):
+        from jaxsft.data.hf_tokenizer import HFTokenizer
+
+        directory = Path(spec[len(HF_PREFIX):]).expanduser()
+        if not directory.is_dir():
+            raise DataError(f"data.tokenizer: {spec}: {directory} is not a directory")
+        return HFTokenizer(directory)
+    if not Path(spec).is_file():
+        raise DataError(f"data.tokenizer: SentencePiece model {spec} does not exist")
+    return SentencePieceTokenizer(spec)
+
 
 def _sample(texts: list[str], limit: int) -> list[str]:
     """An evenly spaced, order-preserving subset: deterministic, and not just the head."""
@@ -149,12 +195,10 @@ def cache_key(texts: Sequence[str], vocab_size: int, special_pieces: Sequence[st
 
 
 def load_or_train(cfg: DataConfig, texts: Callable[[], Iterable[str]], cache_dir: Path,
-                  special_pieces: Sequence[str] = ("<|im_start|>", "<|im_end|>")) -> SentencePieceTokenizer:
+                  special_pieces: Sequence[str] = ("<|im_start|>", "<|im_end|>")):
     """`cfg.tokenizer` if set, else a model trained on `texts()` (cached by content)."""
     if cfg.tokenizer:
-        if not Path(cfg.tokenizer).is_file():
-            raise DataError(f"data.tokenizer: SentencePiece model {cfg.tokenizer} does not exist")
-        return SentencePieceTokenizer(cfg.tokenizer)
+        return load_tokenizer(cfg.tokenizer)
     sample = _sample(list(texts()), MAX_TRAINING_TEXTS)
     if not sample:
         raise DataError("data: no texts to train a tokenizer on (set data.tokenizer or give training data)")

@@ -1,6 +1,6 @@
 """Attention backends behind one function.
 
-Job: softmax(q k^T / sqrt(H)) v over a packed batch, where a query may only see keys
+Job: softmax(q k^T * scale) v over a packed batch, where a query may only see keys
 that come no later in the row (causal by index) AND belong to the same segment.
 
 Contract:
@@ -12,8 +12,10 @@ Contract:
 - Segment id 0 marks padding. Pads attend among themselves causally, so every query sees
   at least itself and no row is ever all-masked: outputs stay finite (never NaN). Their
   values are garbage by design; the loss gives them zero weight.
-- Self-attention over the packed row only: S == T (a KV-cache decode path will need its
-  own segment/position inputs and lives with the sampler).
+- `attention` is self-attention over the packed row (S == T); the KV-cache decode path
+  builds its own mask from cached positions and calls `masked_attention`.
+- Variants: query scale (Gemma 2's query_pre_attn_scalar), logit soft-capping, and a
+  sliding window that may differ per layer (a traced scalar under the layer scan).
 """
 
 from __future__ import annotations
@@ -33,20 +35,41 @@ def packed_causal_mask(segment_ids_BxT: jax.Array) -> jax.Array:
     return causal_TxS[None] & same_segment_BxTxS
 
 
-def _xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT):
-    """Grouped einsum; logits and softmax in float32 whatever the compute dtype."""
+def masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale: float, softcap: float = 0.0):
+    """Grouped einsum under an explicit mask; logits and softmax in float32 whatever the dtype.
+
+    `softcap` > 0 squashes the logits as cap * tanh(logits / cap) (Gemma 2) before masking.
+    """
     b, t, n, h = q_BxTxNxH.shape
     kv_heads = k_BxSxKxH.shape[2]
     # Group query heads under their kv head instead of repeating k/v: no K->N copy.
     q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
     logits_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
                                   preferred_element_type=jnp.float32)
-    logits_BxKxGxTxS = logits_BxKxGxTxS * (h ** -0.5)
-    mask_Bx1x1xTxS = packed_causal_mask(segment_ids_BxT)[:, None, None]
-    logits_BxKxGxTxS = jnp.where(mask_Bx1x1xTxS, logits_BxKxGxTxS, _MASKED_LOGIT)
+    logits_BxKxGxTxS = logits_BxKxGxTxS * scale
+    if softcap:
+        logits_BxKxGxTxS = softcap * jnp.tanh(logits_BxKxGxTxS / softcap)
+    logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, _MASKED_LOGIT)
     probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1)
     out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS.astype(v_BxSxKxH.dtype), v_BxSxKxH)
     return out_BxTxKxGxH.reshape(b, t, n, h)
+
+
+def window_mask(length: int, window) -> jax.Array:
+    """True where key s is within `window` of query t (t - s < window); all True for window 0.
+
+    `window` may be a traced scalar (one per layer under scan). Within a segment, index
+    distance equals position distance, so this is the Hugging Face sliding window.
+    """
+    distance_TxS = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]
+    return (window <= 0) | (distance_TxS < window)
+
+
+def _xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale, softcap, window):
+    mask_BxTxS = packed_causal_mask(segment_ids_BxT)
+    if window is not None:
+        mask_BxTxS = mask_BxTxS & window_mask(segment_ids_BxT.shape[1], window)[None]
+    return masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale, softcap)
 
 
 IMPLEMENTATIONS = {"xla": _xla_attention}
@@ -67,10 +90,17 @@ def _check_shapes(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT) -> None:
 
 
 def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
-              segment_ids_BxT: jax.Array, *, implementation: str = "xla") -> jax.Array:
-    """Causal, segment-masked grouped-query attention; see the module docstring."""
+              segment_ids_BxT: jax.Array, *, implementation: str = "xla", scale: float | None = None,
+              softcap: float = 0.0, window=None) -> jax.Array:
+    """Causal, segment-masked grouped-query attention; see the module docstring.
+
+    scale: query scaling (default head_dim ** -0.5); softcap: logit soft-cap (0 = off);
+    window: sliding window in tokens (None or 0 = full causal attention).
+    """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not supported; "
                          f"supported: {', '.join(IMPLEMENTATIONS)}")
     _check_shapes(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
-    return IMPLEMENTATIONS[implementation](q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
+    scale = q_BxTxNxH.shape[-1] ** -0.5 if scale is None else scale
+    return IMPLEMENTATIONS[implementation](q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale, softcap,
+                                           window)

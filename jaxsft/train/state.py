@@ -67,3 +67,9 @@ def create(cfg: ModelConfig, vocab_size: int, optimizer: optax.GradientTransform
             model = Transformer(cfg, vocab_size, rngs=nnx.Rngs(seed))
         return init_state(nnx.state(model).to_pure_dict(), optimizer)
     return jax.jit(init, out_shardings=state_plan.shardings)()
+
+
+def from_params(params, optimizer: optax.GradientTransformation, state_plan: StatePlan):
+    """The train state around params already on the mesh (e.g. imported from Hugging Face)."""
+    return jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_plan.shardings,
+                   donate_argnums=0)(params)

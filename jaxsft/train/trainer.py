@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 from jaxsft import config as config_lib
 from jaxsft.config import Config, ConfigError
 from jaxsft.data.pipeline import SFTData, build_data
+from jaxsft.model import pretrained
 from jaxsft.train import distributed, sharding, state as state_lib
 from jaxsft.train.checkpoint import Checkpointer
 from jaxsft.train.metrics import MetricsWriter, ProgressLine, Throughput, console, format_status
@@ -84,7 +84,7 @@ def _prepare_run_dir(cfg: Config, data: SFTData) -> Path:
     if not distributed.is_main():
         return run_dir
     config_lib.save(cfg, run_dir / "config.yaml")
-    shutil.copyfile(data.tokenizer.path, run_dir / "tokenizer.model")
+    data.tokenizer.save(run_dir)  # tokenizer.model, or tokenizer/ for a Hugging Face tokenizer
     return run_dir
 
 
@@ -97,6 +97,8 @@ def train(cfg: Config) -> RunSummary:
     data = build_data(cfg.data, seed=cfg.train.seed, cache_dir=cache_dir())
     for line in data.report.summary_lines():
         console.print(line)
+    # Presets and `init_from` fix the shapes here; the run directory records the result.
+    cfg = dataclasses.replace(cfg, model=pretrained.resolve_config(cfg.model))
     vocab_size = cfg.model.vocab_size or data.tokenizer.vocab_size
     if vocab_size < data.tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {data.tokenizer.vocab_size}")
@@ -125,6 +127,9 @@ def train(cfg: Config) -> RunSummary:
             data_iterator = iter(data.train_dataset(rows, seed=cfg.train.seed + start,
                                                     process_index=jax.process_index(),
                                                     process_count=jax.process_count()))
+    elif cfg.model.init_from:
+        params = pretrained.load_pretrained(cfg.model, vocab_size, plan.shardings["params"])
+        train_state = state_lib.from_params(params, optimizer, plan)
     else:
         train_state = state_lib.create(cfg.model, vocab_size, optimizer, plan, cfg.train.seed)
 

@@ -70,10 +70,10 @@ def test_jsonl_reports_each_bad_line_with_file_and_line(tmp_path):
 
     source = JsonlSource([str(path)])
     assert len(source) == 7  # blank lines are not indexed
-    messages, where = source[6]
-    assert messages == parse_messages(GOOD) and str(where) == f"{path}:9"
-    messages, where = source[1]
-    assert messages is None and isinstance(where, BadLine) and (where.line, where.reason) == (3, "invalid JSON")
+    assert parse_messages(source.record(6)) == parse_messages(GOOD) and str(source.where(6)) == f"{path}:9"
+    with pytest.raises(BadRecord, match="invalid JSON"):
+        source.record(1)
+    assert source.where(1).line == 3 and isinstance(bad[0], BadLine)
 
 
 def test_crlf_lines_and_missing_final_newline(tmp_path):
@@ -93,3 +93,72 @@ def test_globs_expand_in_order_and_missing_files_fail_clearly(tmp_path):
         JsonlSource([str(tmp_path / "nope.jsonl")])
     with pytest.raises(DataError, match=r"matches no file"):
         JsonlSource([str(tmp_path / "*.parquet")])
+
+
+# ---------------------------------------------------------------- the other formats
+
+
+def test_alpaca_sharegpt_prompt_completion_text():
+    from jaxsft.data.formats import parse_record
+
+    alpaca = parse_record({"instruction": "Add", "input": "2 3", "output": "5", "system": "Be exact."}, "alpaca")
+    assert alpaca == [Message("system", "Be exact."), Message("user", "Add", input="2 3"), Message("assistant", "5")]
+    assert parse_record({"instruction": "Hi", "output": "Hello"}, "alpaca")[0] == Message("user", "Hi")
+    share = parse_record({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
+                                            {"from": "gpt", "value": "a"}]}, "sharegpt")
+    assert share == [Message("system", "s"), Message("user", "q"), Message("assistant", "a")]
+    pc = parse_record({"prompt": "q", "completion": "a"}, "prompt_completion")
+    assert pc == [Message("user", "q", train=False), Message("assistant", "a")]
+    pc = parse_record({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a1"},
+                                  {"role": "user", "content": "q2"}],
+                       "completion": [{"role": "assistant", "content": "a2"}]}, "prompt_completion")
+    assert [m.train for m in pc] == [False, False, False, None]  # only the completion trains
+    assert parse_record({"text": "plain"}, "text") == [Message("text", "plain")]
+
+
+def test_columns_remap_field_names():
+    from jaxsft.data.formats import parse_record
+
+    record = {"conv": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    assert parse_record(record, "messages", {"messages": "conv"})[1] == Message("assistant", "a")
+    assert parse_record({"q": "Add", "a": "5"}, "alpaca", {"instruction": "q", "output": "a"})[1].content == "5"
+    with pytest.raises(BadRecord, match="missing messages: no key 'conv'"):
+        parse_record({"messages": []}, "messages", {"messages": "conv"})
+
+
+def test_tool_calls_train_flags_and_reasoning_fields():
+    from jaxsft.data.formats import parse_record
+
+    record = {"messages": [
+        {"role": "user", "content": "2+3?", "train": True},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "add", "arguments": "{\"a\": 2, \"b\": 3}"}}]},
+        {"role": "tool", "content": "5"},
+        {"role": "assistant", "content": "5", "reasoning": "the tool said 5", "train": False}]}
+    messages = parse_record(record)
+    assert messages[0].train is True and messages[3].train is False
+    assert messages[1].content == "" and json.loads(messages[1].tool_calls) == [
+        {"name": "add", "arguments": {"a": 2, "b": 3}}]
+    assert messages[2].role == "tool" and messages[3].reasoning == "the tool said 5"
+
+
+@pytest.mark.parametrize("fmt, record, reason", [
+    ("alpaca", {"instruction": "x"}, "missing output"),
+    ("alpaca", {"instruction": "x", "output": ""}, "empty assistant content"),
+    ("alpaca", {"instruction": 3, "output": "y"}, "content not a string"),
+    ("sharegpt", {"conversations": [{"from": "alien", "value": "x"}]}, "unknown role"),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "x"}]}, "no assistant turn"),
+    ("prompt_completion", {"prompt": "x", "completion": ""}, "empty assistant content"),
+    ("text", {"text": ""}, "empty text"),
+    ("text", {"body": "x"}, "missing text"),
+    ("messages", {"messages": [{"role": "user", "content": "x", "train": "yes"},
+                               {"role": "assistant", "content": "y"}]}, "train not a boolean"),
+    ("messages", {"messages": [{"role": "assistant", "content": "", "tool_calls": "add"}]},
+     "tool_calls not a list of objects"),
+])
+def test_bad_records_of_every_format(fmt, record, reason):
+    from jaxsft.data.formats import parse_record
+
+    with pytest.raises(BadRecord) as e:
+        parse_record(record, fmt)
+    assert e.value.reason == reason

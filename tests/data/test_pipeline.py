@@ -115,7 +115,9 @@ def test_report_counts_the_synthetic_data(data):
     assert data.eval_report.examples == 150
 
 
-def test_same_seed_same_batches_and_resume(data, cache):
+@pytest.mark.parametrize("packing", ["first_fit", "best_fit", "concat"])
+def test_same_seed_same_batches_and_resume(data, cache, packing):
+    data = _with(data, packing=packing)
     rebuilt = build_data(data.cfg, seed=0, cache_dir=cache)  # cached tokenizer, counted again
     first, again = iter(data.train_dataset(ROWS, seed=3)), iter(rebuilt.train_dataset(ROWS, seed=3))
     reference = _take(first, 30)  # ~3 epochs of 600 examples: crosses epoch boundaries
@@ -265,3 +267,19 @@ def test_worker_processes_give_the_same_batches(data):
     resumed.set_state(state)
     assert _equal(_take(resumed, 3), expected[3:])
     resumed.close()
+
+
+def test_concat_fills_every_row_with_the_example_stream(data):
+    it = iter(_with(data, packing="concat", shuffle=False).train_dataset(ROWS, seed=0))
+    batches = _take(it, 3)
+    it.close()
+    assert all((b["segment_ids"] > 0).all() for b in batches)  # no padding at all
+    flat = {k: np.concatenate([b[k].reshape(-1) for b in batches]) for k in KEYS[:3]}
+    epoch = _epoch(data)
+    for k in KEYS[:3]:
+        np.testing.assert_array_equal(flat[k], np.concatenate([e[k] for e in epoch])[:len(flat[k])])
+    for b in batches:
+        for r in range(ROWS):
+            starts = np.flatnonzero(np.diff(np.concatenate([[0], b["segment_ids"][r]])))
+            assert (b["positions"][r][starts] == 0).all()
+            assert (np.diff(b["positions"][r]) == 1).sum() == LENGTH - len(starts)

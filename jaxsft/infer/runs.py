@@ -1,0 +1,112 @@
+"""Run directories and Hugging Face directories as models ready to use.
+
+Job: load the model of a finished (or running) jaxsft run, or of a Hugging Face
+directory, with its tokenizer and template; export a run as a Hugging Face directory.
+
+Contract:
+    load(source) -> Loaded(graphdef, params, model_cfg, vocab_size, tokenizer, template_name)
+        source: a run directory (config.yaml + checkpoints/), `hf:/dir` or `orbax:/dir`
+    export_hf(run_dir, out_dir, *, dtype, max_shard_bytes) -> list of written files
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from jaxsft import config as config_lib
+from jaxsft.config import ConfigError, ModelConfig
+from jaxsft.model import hf, pretrained
+from jaxsft.model.transformer import Transformer
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclasses.dataclass
+class Loaded:
+    graphdef: Any
+    params: Any  # pure dict of arrays
+    model_cfg: ModelConfig
+    vocab_size: int
+    tokenizer: Any
+    template_name: str
+
+
+def _graphdef(cfg: ModelConfig, vocab_size: int):
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, vocab_size, rngs=nnx.Rngs(0))))[0]
+
+
+def _tokenizer(spec: str):
+    from jaxsft.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(spec)
+
+
+def _replicated(cfg: ModelConfig, vocab_size: int) -> dict:
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
+    from flax import traverse_util
+
+    flat = {path: NamedSharding(mesh, P()) for path in hf.abstract_params(cfg, vocab_size)}
+    return traverse_util.unflatten_dict(flat, sep=".")
+
+
+def _load_pretrained(source: str) -> Loaded:
+    """`hf:/dir` or `orbax:/dir` (from `jaxsft convert`), with the directory's tokenizer and template."""
+    cfg = pretrained.resolve_config(ModelConfig(init_from=source))
+    vocab = cfg.vocab_size
+    params = pretrained.load_pretrained(cfg, vocab, _replicated(cfg, vocab))
+    directory = source.split(":", 1)[1]
+    return Loaded(_graphdef(cfg, vocab), params, cfg, vocab, _tokenizer(f"hf:{directory}"), "hf")
+
+
+def _load_run(run_dir: Path) -> Loaded:
+    from jaxsft.train.checkpoint import read_state
+
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: no config.yaml (expected a jaxsft run directory or hf:/path)")
+    cfg = config_lib.load(run_dir / "config.yaml")
+    try:
+        params = read_state(run_dir)["params"]
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    model_cfg = pretrained.resolve_config(dataclasses.replace(cfg.model, init_from=""))
+    vocab = int(params["embedding"].shape[0])
+    return Loaded(_graphdef(model_cfg, vocab), params, model_cfg, vocab, _tokenizer(_tokenizer_spec(run_dir, cfg)),
+                  cfg.data.template)
+
+
+def _tokenizer_spec(run_dir: Path, cfg) -> str:
+    """The run's own copy: tokenizer.model (SentencePiece) or tokenizer/ (Hugging Face)."""
+    if (run_dir / "tokenizer.model").is_file():
+        return str(run_dir / "tokenizer.model")
+    if (run_dir / "tokenizer").is_dir():
+        return f"hf:{run_dir / 'tokenizer'}"
+    return cfg.data.tokenizer
+
+def load(source: str | Path) -> Loaded:
+    source = str(source)
+    if source.startswith(pretrained.PREFIXES):
+        return _load_pretrained(source)
+    return _load_run(Path(source))
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None,
+              max_shard_bytes: int = 2 * 1024**3) -> list[str]:
+    """The run's latest checkpoint as config.json + sharded safetensors + index + tokenizer files."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    loaded = _load_run(run_dir)
+    dtype = dtype or loaded.model_cfg.param_dtype
+    files = hf.save_pretrained(loaded.params, loaded.model_cfg, loaded.vocab_size, out_dir, dtype=dtype,
+                               max_shard_bytes=max_shard_bytes)
+    for folder in (run_dir, run_dir / "tokenizer"):
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                shutil.copyfile(folder / name, out_dir / name)
+                files.append(name)
+    return files

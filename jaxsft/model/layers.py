@@ -1,0 +1,185 @@
+"""The decoder's layers: RMSNorm, rotary embedding, attention, MLP, and the block.
+
+Job: one block of every supported family, its variant switches read from
+`families.variant(cfg.family)` and its numbers from the config.
+
+- Every nnx.Param carries logical axis names (`out_sharding` metadata, length == ndim);
+  no mesh axis name appears here.
+- Params are stored in `param_dtype`, matmuls run in `dtype`; norms, rotary tables,
+  softmax and the logits are float32.
+- Names follow Hugging Face (`q_proj`, `gate_proj`, ...; `q_bias` for Qwen2's
+  `q_proj.bias`), so the checkpoint mapping in hf.py is a rename plus a reshape.
+- Attention takes an `attend(q, k, v) -> (out, aux)` function: the packed training path
+  and the KV-cache decode path differ only there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+
+from jaxsft.config import ModelConfig, RopeScaling
+from jaxsft.model.families import variant
+
+ACTIVATION_AXES = ("batch", "length", "embed")
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str, ...], dtype) -> nnx.Param:
+    # eager_sharding=False: flax 0.12 otherwise places every annotated variable on the
+    # ambient mesh at creation, which fails with no mesh and cannot read logical names.
+    # Placement is the trainer's job (jit with out_shardings from the logical specs).
+    init = nnx.with_partitioning(init, names, eager_sharding=False)
+    return nnx.Param(init(rngs.params(), shape, dtype))
+
+
+def constrain(x, names: tuple[str, ...]):
+    """Logical sharding hint; a no-op unless the caller activated axis rules and a mesh."""
+    return nn.with_logical_constraint(x, names)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * (offset + w): offset 0 for Llama, 1 for Gemma (whose w starts at 0)."""
+
+    def __init__(self, dim: int, eps: float, param_dtype, offset: float = 0.0, names=("embed",), *,
+                 rngs: nnx.Rngs):
+        self.eps, self.offset = eps, offset
+        init = nnx.initializers.zeros if offset else nnx.initializers.ones
+        self.scale = param(rngs, init, (dim,), names, param_dtype)
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        # Statistics in float32: a bfloat16 mean of squares loses the small components.
+        x32_BxTxD = x_BxTxD.astype(jnp.float32)
+        inv_rms_BxTx1 = jax.lax.rsqrt(jnp.mean(jnp.square(x32_BxTxD), axis=-1, keepdims=True) + self.eps)
+        scale_D = self.offset + self.scale[...].astype(jnp.float32)
+        return (x32_BxTxD * inv_rms_BxTx1 * scale_D).astype(x_BxTxD.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()) -> np.ndarray:
+    """Inverse frequencies (float32), with Llama 3.1's smooth long-wavelength scaling if asked."""
+    inv_freq_F = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    if scaling.type != "llama3":
+        return inv_freq_F.astype(np.float32)
+    s = scaling
+    low_wavelen, high_wavelen = s.original_max_position / s.low_freq_factor, s.original_max_position / s.high_freq_factor
+    wavelen_F = 2 * math.pi / inv_freq_F
+    scaled_F = np.where(wavelen_F > low_wavelen, inv_freq_F / s.factor, inv_freq_F)
+    smooth_F = (s.original_max_position / wavelen_F - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed_F = (1 - smooth_F) * scaled_F / s.factor + smooth_F * scaled_F
+    medium_F = (wavelen_F >= high_wavelen) & (wavelen_F <= low_wavelen)
+    return np.where(medium_F, smoothed_F, scaled_F).astype(np.float32)
+
+
+def rope_tables(positions_BxT: jax.Array, head_dim: int, theta: float,
+                scaling: RopeScaling = RopeScaling()) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of the rotary angles, float32, in the rotate_half layout (halves repeated)."""
+    inv_freq_F = jnp.asarray(rope_frequencies(head_dim, theta, scaling))
+    angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_F
+    angles_BxTxH = jnp.concatenate([angles_BxTxF, angles_BxTxF], axis=-1)
+    return jnp.cos(angles_BxTxH), jnp.sin(angles_BxTxH)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
+    """Llama/HF `rotate_half`: pairs are (i, i + H/2), not interleaved (i, i + 1)."""
+    x32_BxTxNxH = x_BxTxNxH.astype(jnp.float32)
+    first, second = jnp.split(x32_BxTxNxH, 2, axis=-1)
+    rotated_BxTxNxH = jnp.concatenate([-second, first], axis=-1)
+    out = x32_BxTxNxH * cos_BxTxH[:, :, None] + rotated_BxTxNxH * sin_BxTxH[:, :, None]
+    return out.astype(x_BxTxNxH.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, k, h, pdt = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
+        var = variant(cfg.family)
+        init = nnx.initializers.normal(cfg.init_std)
+        # Residual-branch outputs scaled down so the residual stream's variance does not
+        # grow with depth (GPT-2 / nanodo init); irrelevant once HF weights are loaded.
+        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.q_proj = param(rngs, init, (d, n, h), ("embed", "heads", "head_dim"), pdt)
+        self.k_proj = param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), pdt)
+        self.v_proj = param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), pdt)
+        self.o_proj = param(rngs, out_init, (n, h, d), ("heads", "head_dim", "embed"), pdt)
+        if var.qkv_bias:
+            zeros = nnx.initializers.zeros
+            self.q_bias = param(rngs, zeros, (n, h), ("heads", "head_dim"), pdt)
+            self.k_bias = param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), pdt)
+            self.v_bias = param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), pdt)
+        if var.qk_norm:
+            self.q_norm = RMSNorm(h, cfg.norm_eps, pdt, names=("head_dim",), rngs=rngs)
+            self.k_norm = RMSNorm(h, cfg.norm_eps, pdt, names=("head_dim",), rngs=rngs)
+        self.qkv_bias, self.qk_norm = var.qkv_bias, var.qk_norm
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def _project(self, x_BxTxD, name: str):
+        dt = self.dtype
+        y_BxTxNxH = jnp.einsum("btd,dnh->btnh", x_BxTxD, getattr(self, f"{name}_proj")[...].astype(dt))
+        if self.qkv_bias:
+            y_BxTxNxH = y_BxTxNxH + getattr(self, f"{name}_bias")[...].astype(dt)
+        if self.qk_norm and name in ("q", "k"):
+            y_BxTxNxH = getattr(self, f"{name}_norm")(y_BxTxNxH)
+        return y_BxTxNxH
+
+    def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, attend):
+        q_BxTxNxH = apply_rope(self._project(x_BxTxD, "q"), cos_BxTxH, sin_BxTxH)
+        k_BxTxKxH = apply_rope(self._project(x_BxTxD, "k"), cos_BxTxH, sin_BxTxH)
+        q_BxTxNxH = constrain(q_BxTxNxH, ("batch", "length", "heads", "head_dim"))
+        k_BxTxKxH = constrain(k_BxTxKxH, ("batch", "length", "kv_heads", "head_dim"))
+        v_BxTxKxH = constrain(self._project(x_BxTxD, "v"), ("batch", "length", "kv_heads", "head_dim"))
+        out_BxTxNxH, aux = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
+        return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_proj[...].astype(self.dtype)), aux
+
+
+class MLP(nnx.Module):
+    """Gated: down(act(gate(x)) * up(x)); SwiGLU (silu) or GeGLU (tanh gelu, Gemma)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f, pdt = cfg.d_model, cfg.d_ff, cfg.param_dtype
+        init = nnx.initializers.normal(cfg.init_std)
+        out_init = nnx.initializers.normal(cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.gate_proj = param(rngs, init, (d, f), ("embed", "mlp"), pdt)
+        self.up_proj = param(rngs, init, (d, f), ("embed", "mlp"), pdt)
+        self.down_proj = param(rngs, out_init, (f, d), ("mlp", "embed"), pdt)
+        self.activation = variant(cfg.family).activation
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x_BxTxD):
+        dt = self.dtype
+        gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.gate_proj[...].astype(dt))
+        up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.up_proj[...].astype(dt))
+        hidden_BxTxF = constrain(_ACTIVATIONS[self.activation](gate_BxTxF) * up_BxTxF, ("batch", "length", "mlp"))
+        return jnp.einsum("btf,fd->btd", hidden_BxTxF, self.down_proj[...].astype(dt))
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)).
+
+    Gemma 2 also normalises each branch's output before adding it (`post_norms`).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        var = variant(cfg.family)
+        norm = lambda: RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, var.norm_offset, rngs=rngs)
+        self.attn_norm = norm()
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = norm()
+        self.mlp = MLP(cfg, rngs=rngs)
+        if var.post_norms:
+            self.post_attn_norm = norm()
+            self.post_mlp_norm = norm()
+        self.post_norms = var.post_norms
+
+    def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, attend):
+        h_BxTxD, aux = self.attn(self.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, attend)
+        if self.post_norms:
+            h_BxTxD = self.post_attn_norm(h_BxTxD)
+        x_BxTxD = x_BxTxD + h_BxTxD
+        h_BxTxD = self.mlp(self.mlp_norm(x_BxTxD))
+        if self.post_norms:
+            h_BxTxD = self.post_mlp_norm(h_BxTxD)
+        return constrain(x_BxTxD + h_BxTxD, ACTIVATION_AXES), aux
