@@ -45,9 +45,13 @@ def _model_info(args) -> None:
 
 
 def _export(args) -> None:
-    from jaxsft.infer.runs import export_hf
+    from jaxsft.infer.runs import export_hf, export_peft
 
-    files = export_hf(args.run_dir, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    if args.format == "peft":
+        print(f"wrote {args.out}: {', '.join(export_peft(args.run_dir, args.out))}")
+        return
+    files = export_hf(args.run_dir, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3),
+                      merge=args.merge)
     print(f"wrote {args.out}: config.json, {', '.join(files)}")
 
 
@@ -102,7 +106,9 @@ def _add_model_verbs(verbs) -> None:
     export = verbs.add_parser("export", help="write a run's latest checkpoint as a Hugging Face model directory")
     export.add_argument("run_dir")
     export.add_argument("out")
-    export.add_argument("--format", choices=["hf"], default="hf")
+    export.add_argument("--format", choices=["hf", "peft"], default="hf",
+                        help="peft: a LoRA run's adapters (adapter_config.json + adapter_model.safetensors)")
+    export.add_argument("--merge", action="store_true", help="hf format of a LoRA run: adapters merged into the base")
     export.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: model.param_dtype")
     export.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
     export.set_defaults(run=_export)

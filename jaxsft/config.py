@@ -70,11 +70,15 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """Placeholder for parameter-efficient tuning; full fine-tuning while disabled."""
+    """LoRA adapters on the block projections (jaxsft/model/lora.py); full fine-tuning while disabled."""
 
     enabled: bool = False
     rank: int = 8
     alpha: float = 16.0
+    dropout: float = 0.0  # only 0: adapters are merged per forward pass (see model/lora.py)
+    targets: tuple[str, ...] = ("q", "v")  # q k v o gate up down | all-linear | a regex over param paths
+    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+    init_from: str = ""  # a HF PEFT adapter directory to continue training from (same rank and targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +155,24 @@ class MeshConfig:
     data: int = -1  # -1: all devices not used by the other axes
     fsdp: int = 1
     tensor: int = 1
+    # A named rules table (see STRATEGIES); empty: `rules` as written.
+    strategy: str = ""
     rules: LogicalRules = LogicalRules()
+
+
+_TP = ("tensor",)
+# Named sharding strategies: presets of the logical-to-mesh rules. Axes of size 1 drop
+# out, so each preset still runs on any mesh shape.
+STRATEGIES = {
+    # Replicated weights and optimizer state; the batch over every data-like axis.
+    "dp": LogicalRules(embed=(), mlp=(), heads=(), kv_heads=(), vocab=()),
+    # ZeRO-3 style: weights and moments split on their embedding dimension over fsdp.
+    "fsdp": LogicalRules(mlp=(), heads=(), kv_heads=(), vocab=()),
+    # Megatron style: heads, MLP and vocabulary split over tensor; batch over data only.
+    "tp": LogicalRules(batch=("data",), embed=()),
+    # Both: the default table.
+    "fsdp_tp": LogicalRules(mlp=_TP, heads=_TP, kv_heads=_TP, vocab=_TP),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +226,7 @@ class Config:
 
 
 CHOICES = {
+    "mesh.strategy": ("", "dp", "fsdp", "tp", "fsdp_tp"),
     "model.family": ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"),
     "model.rope_scaling.type": ("none", "llama3"),
     "model.dtype": ("float32", "bfloat16"),
@@ -273,7 +295,8 @@ def _coerce(key: str, value: Any, tp) -> Any:
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     choices = CHOICES.get(re.sub(r"\[\d+\]", "", key))
     if choices and value not in choices:
-        raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+        shown = ", ".join(c or '""' for c in choices)
+        raise ConfigError(f"{key}: expected one of {shown}, got {value!r}")
     return value
 
 
@@ -295,8 +318,19 @@ def _build(cls, raw: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+def _apply_strategy(cfg: Config, raw: dict) -> Config:
+    """`mesh.strategy` sets `mesh.rules`; written rules must agree with it (a saved config does)."""
+    name = cfg.mesh.strategy
+    if not name:
+        return cfg
+    preset = STRATEGIES[name]
+    if "rules" in (raw.get("mesh") or {}) and cfg.mesh.rules != preset:
+        raise ConfigError(f"mesh.strategy={name} and mesh.rules disagree: set one of them")
+    return dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, rules=preset))
+
+
 def from_dict(raw: dict | None) -> Config:
-    cfg = _build(Config, raw or {})
+    cfg = _apply_strategy(_build(Config, raw or {}), raw or {})
     validate(cfg)
     return cfg
 
@@ -402,7 +436,10 @@ def validate(cfg: Config) -> None:
         for axis in axes:
             _require(axis in MESH_AXES, f"mesh.rules.{name}: unknown mesh axis {axis!r} (expected one of {', '.join(MESH_AXES)})")
         _require(len(set(axes)) == len(axes), f"mesh.rules.{name}: mesh axis listed twice in {list(axes)}")
-    _require(not cfg.lora.enabled, "lora.enabled: LoRA is not available yet (full fine-tuning only)")
+    lo = cfg.lora
+    _require(lo.rank > 0, f"lora.rank={lo.rank}: expected a positive number")
+    _require(lo.dropout == 0, f"lora.dropout={lo.dropout}: only 0 is supported (adapters are merged per forward pass)")
+    _require(bool(lo.targets), "lora.targets: expected at least one of q, k, v, o, gate, up, down, all-linear or a regex")
 
 
 def _validate_sources(d: DataConfig) -> None:

@@ -40,10 +40,14 @@ nodes() {
 on_all_workers() {  # the same command on every worker of every slice, in parallel
   local node pids=()
   for node in $(nodes); do
+    if [ -n "${DRY_RUN:-}" ]; then  # printed in order, not interleaved
+      gcloud_ compute tpus tpu-vm ssh "$node" --zone "$ZONE" --worker=all --command "$1"
+      continue
+    fi
     gcloud_ compute tpus tpu-vm ssh "$node" --zone "$ZONE" --worker=all --command "$1" &
     pids+=($!)
   done
-  for pid in "${pids[@]}"; do wait "$pid"; done
+  for pid in "${pids[@]+"${pids[@]}"}"; do wait "$pid"; done
 }
 
 verb=${1:-}; shift || true

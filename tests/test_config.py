@@ -58,3 +58,12 @@ def test_cli_config_show_shows_every_default(capsys):
     assert main(["config", "show", "--set", "train.steps=7"]) == 0
     shown = capsys.readouterr().out
     assert "steps: 7" in shown and "rope_theta: 10000.0" in shown and "clip_norm: 1.0" in shown
+
+
+def test_strategy_presets_set_the_rules_and_round_trip(tmp_path):
+    cfg = config_lib.load(None, ["mesh.strategy=tp"])
+    assert cfg.mesh.rules == config_lib.STRATEGIES["tp"] and cfg.mesh.rules.embed == ()
+    config_lib.save(cfg, tmp_path / "run.yaml")
+    assert config_lib.load(tmp_path / "run.yaml") == cfg
+    with pytest.raises(config_lib.ConfigError, match="mesh.strategy=tp and mesh.rules disagree"):
+        config_lib.load(None, ["mesh.strategy=tp", "mesh.rules.embed=[fsdp]"])

@@ -6,7 +6,12 @@ directory, with its tokenizer and template; export a run as a Hugging Face direc
 Contract:
     load(source) -> Loaded(graphdef, params, model_cfg, vocab_size, tokenizer, template_name)
         source: a run directory (config.yaml + checkpoints/), `hf:/dir` or `orbax:/dir`
-    export_hf(run_dir, out_dir, *, dtype, max_shard_bytes) -> list of written files
+    export_hf(run_dir, out_dir, *, dtype, max_shard_bytes, merge) -> list of written files
+    export_peft(run_dir, out_dir) -> list of written files (a LoRA run's adapters, HF PEFT format)
+
+A LoRA run's checkpoints hold only its adapters; its base is what its config names
+(`model.init_from`, else the seed's random init). Loading such a run merges the adapters
+into the base, so generation and `--format hf --merge` see the adapted model.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jaxsft import config as config_lib
 from jaxsft.config import ConfigError, ModelConfig
-from jaxsft.model import hf, pretrained
+from jaxsft.model import hf, lora, pretrained
 from jaxsft.model.transformer import Transformer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -76,9 +81,22 @@ def _load_run(run_dir: Path) -> Loaded:
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     model_cfg = pretrained.resolve_config(dataclasses.replace(cfg.model, init_from=""))
+    tokenizer = _tokenizer(_tokenizer_spec(run_dir, cfg))
+    if cfg.lora.enabled:
+        vocab = cfg.model.vocab_size or tokenizer.vocab_size
+        base = _lora_base(cfg, model_cfg, vocab)
+        params = lora.merge(base, params, cfg.lora, dtype=model_cfg.param_dtype)
     vocab = int(params["embedding"].shape[0])
-    return Loaded(_graphdef(model_cfg, vocab), params, model_cfg, vocab, _tokenizer(_tokenizer_spec(run_dir, cfg)),
-                  cfg.data.template)
+    return Loaded(_graphdef(model_cfg, vocab), params, model_cfg, vocab, tokenizer, cfg.data.template)
+
+
+def _lora_base(cfg, model_cfg: ModelConfig, vocab: int) -> dict:
+    """The frozen base a LoRA run trained on, as the trainer built it."""
+    if cfg.model.init_from:
+        return pretrained.load_pretrained(cfg.model, vocab, _replicated(model_cfg, vocab))
+    from jaxsft.train.state import init_params
+
+    return jax.jit(lambda: init_params(model_cfg, vocab, cfg.train.seed))()
 
 
 def _tokenizer_spec(run_dir: Path, cfg) -> str:
@@ -96,10 +114,26 @@ def load(source: str | Path) -> Loaded:
     return _load_run(Path(source))
 
 
+def export_peft(run_dir: str | Path, out_dir: str | Path) -> list[str]:
+    """A LoRA run's latest adapters as adapter_config.json + adapter_model.safetensors."""
+    from jaxsft.train.checkpoint import read_state
+
+    run_dir = Path(run_dir)
+    cfg = config_lib.load(run_dir / "config.yaml")
+    if not cfg.lora.enabled:
+        raise ConfigError(f"{run_dir}: not a LoRA run (lora.enabled is false); export it with --format hf")
+    base = cfg.model.init_from.split(":", 1)[1] if cfg.model.init_from.startswith("hf:") else ""
+    return lora.save_peft(read_state(run_dir)["params"], cfg.lora, out_dir, base_model=base)
+
+
 def export_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None,
-              max_shard_bytes: int = 2 * 1024**3) -> list[str]:
-    """The run's latest checkpoint as config.json + sharded safetensors + index + tokenizer files."""
+              max_shard_bytes: int = 2 * 1024**3, merge: bool = False) -> list[str]:
+    """The run's latest checkpoint as config.json + sharded safetensors + index + tokenizer files.
+
+    A LoRA run needs `merge` (its adapters are merged into the base it names)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if (run_dir / "config.yaml").is_file() and config_lib.load(run_dir / "config.yaml").lora.enabled and not merge:
+        raise ConfigError(f"{run_dir} is a LoRA run: export it with --format peft, or --format hf --merge")
     loaded = _load_run(run_dir)
     dtype = dtype or loaded.model_cfg.param_dtype
     files = hf.save_pretrained(loaded.params, loaded.model_cfg, loaded.vocab_size, out_dir, dtype=dtype,

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsft.config import ModelConfig
+from jaxsft.model import lora
 from jaxsft.model.attention import attention, masked_attention
 from jaxsft.model.families import layer_windows, resolve, variant
 from jaxsft.model.layers import (ACTIVATION_AXES, RMSNorm, apply_rope, constrain, param, rope_frequencies,
@@ -78,7 +79,8 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, init, (cfg.d_model, vocab_size), ("embed", "vocab"), cfg.param_dtype)
 
-    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT) -> jax.Array:
+    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, adapters=None, lora_cfg=None) -> jax.Array:
+        """`adapters`: LoRA adapters of the blocks (lora.py), merged one layer at a time inside the scan."""
         cfg = self.cfg
         scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else cfg.head_dim ** -0.5
 
@@ -89,7 +91,7 @@ class Transformer(nnx.Module):
             return fn
 
         x_BxTxD, cos_BxTxH, sin_BxTxH = self._embed(tokens_BxT, positions_BxT)
-        x_BxTxD, _ = self._run_blocks(x_BxTxD, cos_BxTxH, sin_BxTxH, attend, None)
+        x_BxTxD, _ = self._run_blocks(x_BxTxD, cos_BxTxH, sin_BxTxH, attend, None, adapters, lora_cfg)
         return self._head(x_BxTxD)
 
     def decode(self, tokens_BxT, positions_BxT, valid_BxT, cache, index):
@@ -149,7 +151,7 @@ class Transformer(nnx.Module):
             logits_BxTxV = cap * jnp.tanh(logits_BxTxV / cap)
         return constrain(logits_BxTxV, ("batch", "length", "vocab"))
 
-    def _run_blocks(self, x_BxTxD, cos_BxTxH, sin_BxTxH, attend, caches):
+    def _run_blocks(self, x_BxTxD, cos_BxTxH, sin_BxTxH, attend, caches, adapters=None, lora_cfg=None):
         """Scan (or loop) one block's pure function over the stacked params.
 
         `attend(window, *layer_caches)` builds the layer's attention; `caches` is a tuple
@@ -160,7 +162,9 @@ class Transformer(nnx.Module):
         windows_L = jnp.asarray(windows, jnp.int32) if any(windows) else None
 
         def body(x_BxTxD, xs):
-            layer_state, window, layer_caches = xs
+            layer_state, window, layer_caches, layer_adapters = xs
+            if layer_adapters is not None:  # one layer's W + s*A@B at a time, never the whole stack
+                layer_state = lora.merge_layer(layer_state.to_pure_dict(), layer_adapters, lora_cfg)
             block = nnx.merge(graphdef, layer_state)
             return block(x_BxTxD, cos_BxTxH, sin_BxTxH, attend(window, *(layer_caches or ())))
 
@@ -168,7 +172,7 @@ class Transformer(nnx.Module):
             # prevent_cse only matters outside scan; inside it just blocks XLA optimisations.
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat],
                                   prevent_cse=not self.cfg.scan_layers)
-        xs = (stacked_state, windows_L, caches)
+        xs = (stacked_state, windows_L, caches, adapters)
         if self.cfg.scan_layers:
             return jax.lax.scan(body, x_BxTxD, xs)
         outs = []

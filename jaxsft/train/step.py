@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxsft.config import LoraConfig
 from jaxsft.train.loss import cross_entropy_sum
 
 Batch = dict[str, jax.Array]
@@ -28,14 +29,22 @@ def init_state(params, optimizer: optax.GradientTransformation) -> dict[str, Any
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
 
 
-def logits_fn(graphdef, params, batch: Batch) -> jax.Array:
+def logits_fn(graphdef, params, batch: Batch, adapters=None, lora_cfg: LoraConfig | None = None) -> jax.Array:
     model = nnx.merge(graphdef, params)
-    return model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    blocks = None if adapters is None else adapters["blocks"]
+    return model(batch["inputs"], batch["positions"], batch["segment_ids"], blocks, lora_cfg)
 
 
-def loss_sums(graphdef, params, batch: Batch):
-    """(weighted loss sum, weight sum) of one (micro-)batch."""
-    return cross_entropy_sum(logits_fn(graphdef, params, batch), batch["targets"], batch["loss_weights"])
+def loss_sums(graphdef, params, batch: Batch, adapters=None, lora_cfg: LoraConfig | None = None):
+    """(weighted loss sum, weight sum) of one (micro-)batch; with LoRA `params` is the frozen base."""
+    logits = logits_fn(graphdef, params, batch, adapters, lora_cfg)
+    return cross_entropy_sum(logits, batch["targets"], batch["loss_weights"])
+
+
+def _loss(graphdef, trainable, base, batch: Batch, lora_cfg: LoraConfig | None):
+    if lora_cfg is None:
+        return loss_sums(graphdef, trainable, batch)
+    return loss_sums(graphdef, base, batch, trainable, lora_cfg)
 
 
 def split_micro_batches(batch: Batch, micro_batches: int, constrain: Callable) -> Batch:
@@ -51,27 +60,30 @@ def split_micro_batches(batch: Batch, micro_batches: int, constrain: Callable) -
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    micro_batches: int = 1, constrain_micro: Callable = lambda x: x):
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b), has_aux=True)
+                    micro_batches: int = 1, constrain_micro: Callable = lambda x: x,
+                    lora_cfg: LoraConfig | None = None):
+    """`train_step(state, batch, base=None)`; with `lora_cfg`, state["params"] are the adapters and
+    `base` the frozen params: only the adapters are differentiated and updated."""
+    grad_fn = jax.value_and_grad(lambda p, base, b: _loss(graphdef, p, base, b, lora_cfg), has_aux=True)
 
-    def accumulate(params, batch: Batch):
+    def accumulate(params, base, batch: Batch):
         if micro_batches == 1:
-            (loss_sum, _), grads = grad_fn(params, batch)
+            (loss_sum, _), grads = grad_fn(params, base, batch)
             return loss_sum, grads
         micro = split_micro_batches(batch, micro_batches, constrain_micro)
 
         def body(carry, mb):
             loss_acc, grads_acc = carry
-            (loss_sum, _), grads = grad_fn(params, mb)
+            (loss_sum, _), grads = grad_fn(params, base, mb)
             return (loss_acc + loss_sum, jax.tree.map(jnp.add, grads_acc, grads)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         (loss_sum, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
         return loss_sum, grads
 
-    def train_step(state, batch: Batch):
+    def train_step(state, batch: Batch, base=None):
         weight = jnp.sum(batch["loss_weights"].astype(jnp.float32))
-        loss_sum, grads = accumulate(state["params"], batch)
+        loss_sum, grads = accumulate(state["params"], base, batch)
         # A step with no trained target (cannot come from the pipeline, which drops such
         # examples) changes nothing rather than dividing by zero.
         denominator = jnp.maximum(weight, 1.0)
@@ -90,7 +102,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
     return train_step
 
 
-def make_eval_step(graphdef):
-    def eval_step(params, batch: Batch):
-        return loss_sums(graphdef, params, batch)
+def make_eval_step(graphdef, lora_cfg: LoraConfig | None = None):
+    def eval_step(params, batch: Batch, base=None):
+        return _loss(graphdef, params, base, batch, lora_cfg)
     return eval_step

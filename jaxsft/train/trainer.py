@@ -20,7 +20,7 @@ import numpy as np
 from jaxsft import config as config_lib
 from jaxsft.config import Config, ConfigError
 from jaxsft.data.pipeline import SFTData, build_data
-from jaxsft.model import pretrained
+from jaxsft.model import lora, pretrained
 from jaxsft.train import distributed, sharding, state as state_lib
 from jaxsft.train.checkpoint import Checkpointer
 from jaxsft.train.metrics import MetricsWriter, ProgressLine, Throughput, console, format_status
@@ -55,10 +55,10 @@ def _check_batch(cfg: Config, mesh) -> int:
     return t.global_batch_size // jax.process_count()
 
 
-def _evaluate(eval_step, params, batches) -> float:
+def _evaluate(eval_step, params, batches, frozen=()) -> float:
     loss_sum, weight = 0.0, 0.0
     for batch in batches:
-        s, w = eval_step(params, batch)
+        s, w = eval_step(params, batch, *frozen)
         loss_sum, weight = loss_sum + float(s), weight + float(w)
     return loss_sum / max(weight, 1.0)
 
@@ -105,7 +105,8 @@ def train(cfg: Config) -> RunSummary:
     run_dir = _prepare_run_dir(cfg, data)
 
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-    plan = state_lib.plan(cfg.model, vocab_size, optimizer, cfg.mesh.rules, mesh, cfg.train.seed)
+    plan = state_lib.plan(cfg.model, vocab_size, optimizer, cfg.mesh.rules, mesh, cfg.train.seed, cfg.lora)
+    _print_trainable(cfg, vocab_size)
     batch_sharding = sharding.batch_sharding(cfg.mesh.rules, mesh)
     data_iterator = iter(data.train_dataset(rows, seed=cfg.train.seed, process_index=jax.process_index(),
                                             process_count=jax.process_count()))
@@ -127,20 +128,24 @@ def train(cfg: Config) -> RunSummary:
             data_iterator = iter(data.train_dataset(rows, seed=cfg.train.seed + start,
                                                     process_index=jax.process_index(),
                                                     process_count=jax.process_count()))
-    elif cfg.model.init_from:
+    elif cfg.model.init_from and not plan.lora_cfg:
         params = pretrained.load_pretrained(cfg.model, vocab_size, plan.shardings["params"])
         train_state = state_lib.from_params(params, optimizer, plan)
+    elif plan.lora_cfg and cfg.lora.init_from:
+        train_state = state_lib.from_params(_peft_adapters(cfg, plan), optimizer, plan)
     else:
         train_state = state_lib.create(cfg.model, vocab_size, optimizer, plan, cfg.train.seed)
+    # LoRA: the frozen base rides along as an argument of every step, never in the state.
+    frozen = (_frozen_base(cfg, vocab_size, plan),) if plan.lora_cfg else ()
 
     micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
     step_fn = make_train_step(plan.graphdef, optimizer, schedule(cfg.optim, cfg.train.steps),
                               cfg.train.micro_batches,
-                              lambda x: jax.lax.with_sharding_constraint(x, micro_sharding))
+                              lambda x: jax.lax.with_sharding_constraint(x, micro_sharding), plan.lora_cfg)
     rules = sharding.flax_rules(cfg.mesh.rules)
     compile_start = time.perf_counter()
-    train_step, eval_step = _compile(step_fn, make_eval_step(plan.graphdef), plan, batch_sharding, rows, cfg,
-                                     mesh, rules)
+    train_step, eval_step = _compile(step_fn, make_eval_step(plan.graphdef, plan.lora_cfg), plan, batch_sharding,
+                                     rows, cfg, mesh, rules)
     compile_seconds = time.perf_counter() - compile_start
     console.print(f"compiled the train step in {compile_seconds:.1f}s on {mesh.devices.size} device(s), "
                   f"mesh {dict(mesh.shape)}")
@@ -148,7 +153,7 @@ def train(cfg: Config) -> RunSummary:
     eval_batches = _eval_batches(data, cfg, rows, batch_sharding)
     writer = MetricsWriter(metrics_path, enabled=distributed.is_main())
     if start == 0:
-        writer.write({"step": 0, "eval_loss": _evaluate(eval_step, train_state["params"], eval_batches)})
+        writer.write({"step": 0, "eval_loss": _evaluate(eval_step, train_state["params"], eval_batches, frozen)})
     total = cfg.train.steps
     progress = ProgressLine(total, start, cfg.logging.progress)
     throughput, rates = Throughput(), []
@@ -156,7 +161,8 @@ def train(cfg: Config) -> RunSummary:
         for step in range(start + 1, total + 1):
             local_batch = next(data_iterator)
             throughput.add(float(np.count_nonzero(local_batch["segment_ids"])) * jax.process_count())
-            train_state, metrics = train_step(train_state, sharding.global_batch(local_batch, batch_sharding))
+            train_state, metrics = train_step(train_state, sharding.global_batch(local_batch, batch_sharding),
+                                              *frozen)
             if step % cfg.logging.log_every == 0 or step == total:
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 last["tokens_per_second"] = throughput.rate()
@@ -164,7 +170,7 @@ def train(cfg: Config) -> RunSummary:
                 writer.write({"step": step, **last})
                 progress.update(step, format_status(last))
             if step % cfg.train.eval_every == 0 or step == total:
-                writer.write({"step": step, "eval_loss": _evaluate(eval_step, train_state["params"], eval_batches)})
+                writer.write({"step": step, "eval_loss": _evaluate(eval_step, train_state["params"], eval_batches, frozen)})
                 throughput.reset()  # evaluation time is not training throughput
             checkpointer.save(step, train_state, data_iterator, force=step == total)
     finally:
@@ -186,6 +192,32 @@ def _summary(run_dir, metrics_path, start, final, rates, compile_seconds, wall_s
         compile_seconds=compile_seconds, wall_seconds=time.perf_counter() - wall_start)
 
 
+def _print_trainable(cfg: Config, vocab_size: int) -> None:
+    if cfg.lora.enabled:
+        trainable, total = lora.count(cfg.model, vocab_size, cfg.lora)
+    else:
+        from jaxsft.model.transformer import param_count
+        trainable = total = param_count(cfg.model, vocab_size)
+    console.print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: "
+                  f"{100 * trainable / total:.4f}")
+
+
+def _peft_adapters(cfg: Config, plan):
+    """The adapters of `lora.init_from` (a HF PEFT directory), placed on the adapters' shardings."""
+    peft_cfg, adapters = lora.load_peft(cfg.lora.init_from, plan.base_abstract)
+    if (peft_cfg.rank, set(lora.target_paths(peft_cfg))) != (cfg.lora.rank, set(lora.target_paths(cfg.lora))):
+        raise ConfigError(f"lora.init_from={cfg.lora.init_from}: rank {peft_cfg.rank} on {list(peft_cfg.targets)}; "
+                          f"set lora.rank and lora.targets to match")
+    return jax.device_put(adapters, plan.shardings["params"])
+
+
+def _frozen_base(cfg: Config, vocab_size: int, plan):
+    """LoRA's base: `model.init_from`, else the seed's random init (what the run's config names)."""
+    if cfg.model.init_from:
+        return pretrained.load_pretrained(cfg.model, vocab_size, plan.base_shardings)
+    return state_lib.create_base(cfg.model, vocab_size, plan, cfg.train.seed)
+
+
 def _compile(step_fn, eval_fn, plan, batch_sharding, rows, cfg: Config, mesh, rules):
     """Compiles both steps ahead of time against abstract inputs with their shardings."""
     from flax import linen
@@ -197,10 +229,11 @@ def _compile(step_fn, eval_fn, plan, batch_sharding, rows, cfg: Config, mesh, ru
         for k, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("loss_weights", jnp.float32),
                          ("segment_ids", jnp.int32), ("positions", jnp.int32))
     }
+    frozen_shardings, frozen = ((plan.base_shardings,), (plan.base_abstract,)) if plan.lora_cfg else ((), ())
     with jax.set_mesh(mesh), linen.logical_axis_rules(rules):
-        train_step = jax.jit(step_fn, in_shardings=(plan.shardings, batch_sharding),
+        train_step = jax.jit(step_fn, in_shardings=(plan.shardings, batch_sharding, *frozen_shardings),
                              out_shardings=(plan.shardings, None), donate_argnums=0
-                             ).lower(plan.abstract, abstract_batch).compile()
-        eval_step = jax.jit(eval_fn, in_shardings=(plan.shardings["params"], batch_sharding)
-                            ).lower(plan.abstract["params"], abstract_batch).compile()
+                             ).lower(plan.abstract, abstract_batch, *frozen).compile()
+        eval_step = jax.jit(eval_fn, in_shardings=(plan.shardings["params"], batch_sharding, *frozen_shardings)
+                            ).lower(plan.abstract["params"], abstract_batch, *frozen).compile()
     return train_step, eval_step

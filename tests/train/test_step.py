@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxsft.config import MeshConfig
+from jaxsft.config import STRATEGIES, MeshConfig
 from jaxsft.train import sharding
 from jaxsft.train.step import loss_sums
 
@@ -75,11 +75,17 @@ def test_packed_batch_equals_unpacked():
 
 
 @pytest.mark.parametrize("mesh_cfg", [
-    MeshConfig(data=8), MeshConfig(data=1, fsdp=8), MeshConfig(data=2, fsdp=2, tensor=2),
-], ids=["data8", "fsdp8", "data2_fsdp2_tensor2"])
+    MeshConfig(data=8, strategy="dp", rules=STRATEGIES["dp"]),
+    MeshConfig(data=1, fsdp=8, strategy="fsdp", rules=STRATEGIES["fsdp"]),
+    MeshConfig(data=4, tensor=2, strategy="tp", rules=STRATEGIES["tp"]),
+    MeshConfig(data=2, fsdp=2, tensor=2, strategy="fsdp_tp", rules=STRATEGIES["fsdp_tp"]),
+], ids=["dp_data8", "fsdp8", "tp_data4_tensor2", "fsdp_tp_2x2x2"])
 def test_sharded_runs_equal_one_device(batches, one_device_run, mesh_cfg):
     reference_losses, reference_params = one_device_run
     sharded = Setup(mesh_cfg)
+    q_proj = sharded.state["params"]["blocks"]["attn"]["q_proj"]  # [layers, embed, heads, head_dim]
+    expected = {"dp": 1, "fsdp": 8, "tp": 2, "fsdp_tp": 4}[mesh_cfg.strategy]
+    assert q_proj.size == q_proj.addressable_shards[0].data.size * expected  # the strategy's split
     np.testing.assert_allclose(sharded.run(batches), reference_losses, rtol=2e-5)
     _close(sharded.state["params"], reference_params, 2e-5)
 

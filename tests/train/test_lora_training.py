@@ -1,0 +1,177 @@
+"""LoRA training: frozen base bit-identical, adapter-only optimizer state, sharding, exact resume."""
+
+import contextlib
+import dataclasses
+import io
+import math
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen, nnx
+
+from jaxsft import config as config_lib
+from jaxsft.cli import main
+from jaxsft.config import Config, ConfigError, LoraConfig, MeshConfig, OptimConfig
+from jaxsft.infer import runs
+from jaxsft.model import hf
+from jaxsft.train import sharding, state as state_lib
+from jaxsft.train.checkpoint import read_state
+from jaxsft.train.optim import make_optimizer, schedule
+from jaxsft.train.step import make_train_step
+from jaxsft.train.trainer import train
+
+from tests.train.conftest import TINY_MODEL, VOCAB, make_batch
+from tests.train.test_trainer import TINY, _records
+
+LORA = LoraConfig(enabled=True, rank=4, alpha=8.0, targets=("q", "v", "down"))
+
+
+class LoraSetup:
+    def __init__(self, model=TINY_MODEL, lora_cfg=LORA, devices=None, mesh_cfg=MeshConfig(), batch=(8, 32),
+                 compile=True):
+        self.cfg = Config(model=model, mesh=mesh_cfg, optim=OptimConfig(learning_rate=1e-2, warmup_steps=0))
+        self.mesh = sharding.make_mesh(mesh_cfg, devices)
+        optimizer = make_optimizer(self.cfg.optim, 10)
+        self.plan = state_lib.plan(model, VOCAB, optimizer, mesh_cfg.rules, self.mesh, 0, lora_cfg)
+        self.state = state_lib.create(model, VOCAB, optimizer, self.plan, 0)
+        self.base = state_lib.create_base(model, VOCAB, self.plan, 0)
+        self.batch_sharding = sharding.batch_sharding(mesh_cfg.rules, self.mesh)
+        if not compile:
+            return
+        step = make_train_step(self.plan.graphdef, optimizer, schedule(self.cfg.optim, 10), lora_cfg=lora_cfg)
+        batch = {k: jax.ShapeDtypeStruct(batch, jnp.float32 if k == "loss_weights" else jnp.int32,
+                                         sharding=self.batch_sharding)
+                 for k in ("inputs", "targets", "loss_weights", "segment_ids", "positions")}
+        with jax.set_mesh(self.mesh), linen.logical_axis_rules(sharding.flax_rules(mesh_cfg.rules)):
+            self.step = jax.jit(step, in_shardings=(self.plan.shardings, self.batch_sharding, self.plan.base_shardings),
+                                out_shardings=(self.plan.shardings, None)
+                                ).lower(self.plan.abstract, batch, self.plan.base_abstract).compile()
+
+    def run(self, batches):
+        for batch in batches:
+            self.state, _ = self.step(self.state, sharding.global_batch(batch, self.batch_sharding), self.base)
+
+
+def _bytes(tree) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+@pytest.fixture(scope="module")
+def bf16_setup():
+    """One device (per-device bytes == totals), base stored in bfloat16."""
+    return LoraSetup(model=dataclasses.replace(TINY_MODEL, param_dtype="bfloat16"), devices=jax.devices()[:1])
+
+
+def test_bf16_base_is_bit_identical_after_training_and_adapters_train(bf16_setup, batches):
+    setup = bf16_setup
+    base_before = jax.tree.map(np.asarray, setup.base)
+    adapters_before = jax.tree.map(np.asarray, setup.state["params"])
+    setup.run(batches)
+    jax.tree.map(np.testing.assert_array_equal, base_before, jax.tree.map(np.asarray, setup.base))
+    assert {x.dtype for x in jax.tree.leaves(setup.base)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(setup.state["params"])} == {jnp.dtype(jnp.float32)}
+    assert not np.any(adapters_before["blocks"]["attn"]["q_proj"]["b"])
+    assert np.all(np.abs(np.asarray(setup.state["params"]["blocks"]["attn"]["q_proj"]["b"])) > 0)
+
+
+def test_optimizer_state_and_compiled_arguments_hold_adapters_only(bf16_setup):
+    setup = bf16_setup
+    adapter_bytes = _bytes(setup.plan.abstract["params"])
+    opt_bytes = _bytes(setup.plan.abstract["opt_state"])
+    # AdamW: mu and nu per adapter param, plus scalar counters.
+    assert 2 * adapter_bytes <= opt_bytes <= 2 * adapter_bytes + 64
+    batch_bytes = 5 * 8 * 32 * 4
+    expected = 3 * adapter_bytes + _bytes(setup.plan.base_abstract) + batch_bytes
+    arguments = setup.step.memory_analysis().argument_size_in_bytes
+    assert expected <= arguments <= expected + 64, (arguments, expected)
+
+
+def test_adapters_shard_with_the_kernel_they_adapt():
+    setup = LoraSetup(devices=jax.devices()[:4], mesh_cfg=MeshConfig(data=1, fsdp=4), compile=False)
+    q = setup.state["params"]["blocks"]["attn"]["q_proj"]
+    down = setup.state["params"]["blocks"]["mlp"]["down_proj"]
+    # embed -> fsdp: A of q (input embed) and B of down (output embed) split over fsdp.
+    assert q["a"].sharding.spec[1] == "fsdp" and q["a"].sharding.spec[2] is None
+    assert down["b"].sharding.spec[2] == "fsdp" and down["a"].sharding.spec[1] is None
+    assert setup.base["blocks"]["attn"]["q_proj"].sharding.spec[1] == "fsdp"
+
+
+LORA_RUN = ["train.steps=6", "checkpoint.every=3", "train.eval_every=100", "mesh.fsdp=4", "mesh.data=2",
+            "lora.enabled=true", "lora.rank=4", "lora.targets=[q, v, gate]", "optim.learning_rate=0.01"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """A 6-step LoRA run on 8 fake devices (fsdp=4 x data=2), its stdout, and its config."""
+    run = tmp_path_factory.mktemp("lora") / "run"
+    cfg = config_lib.load(None, TINY + [f"train.run_dir={run}", *LORA_RUN])
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+        train(cfg)
+    return run, buffer.getvalue()
+
+
+def test_lora_run_prints_counts_and_checkpoints_adapters_only(lora_run):
+    run, printed = lora_run
+    assert "trainable params: 1,664 || all params: " in printed
+    saved = read_state(run, 6)
+    assert set(saved) == {"step", "params", "opt_state"}
+    assert set(saved["params"]["blocks"]) == {"attn", "mlp"}
+    assert set(saved["params"]["blocks"]["attn"]) == {"q_proj", "v_proj"}
+    assert set(saved["params"]["blocks"]["mlp"]["gate_proj"]) == {"a", "b"}
+
+
+def test_lora_run_resumes_bitwise_under_fsdp(lora_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(lora_run[0], run)
+    straight = read_state(run, 6)
+    losses = [r["loss"] for r in _records(run) if "loss" in r]
+    shutil.rmtree(run / "checkpoints" / "6")
+    (run / "metrics.jsonl").unlink()
+    cfg = config_lib.load(None, TINY + [f"train.run_dir={run}", *LORA_RUN])
+    assert train(cfg).start_step == 3
+    assert [r["loss"] for r in _records(run) if "loss" in r] == losses[3:]
+    jax.tree.map(np.testing.assert_array_equal, straight, read_state(run, 6))
+
+
+def test_export_peft_and_merged_hf_give_the_run_logits(lora_run, tmp_path):
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    run = lora_run[0]
+    loaded = runs.load(run)  # the base with the run's adapters merged in
+    tokens = np.random.default_rng(0).integers(0, loaded.vocab_size, (2, 10)).astype(np.int32)
+    positions = np.tile(np.arange(10, dtype=np.int32), (2, 1))
+    ours = np.asarray(nnx.merge(loaded.graphdef, loaded.params)(tokens, positions, np.ones_like(tokens)))
+    with pytest.raises(ConfigError, match="LoRA run: export it with --format peft"):
+        runs.export_hf(run, tmp_path / "x")
+    main(["export", str(run), str(tmp_path / "peft"), "--format", "peft"])
+    main(["export", str(run), str(tmp_path / "merged"), "--format", "hf", "--merge"])
+    cfg = config_lib.load(run / "config.yaml")
+    base = runs._lora_base(cfg, loaded.model_cfg, loaded.vocab_size)
+    hf.save_pretrained(base, loaded.model_cfg, loaded.vocab_size, tmp_path / "base")
+
+    def logits(model):
+        with torch.no_grad():
+            return model.eval()(input_ids=torch.as_tensor(tokens.astype(np.int64))).logits.numpy()
+
+    auto = transformers.AutoModelForCausalLM.from_pretrained
+    merged, base_logits = logits(auto(tmp_path / "merged")), logits(auto(tmp_path / "base"))
+    peft_logits = logits(PeftModel.from_pretrained(auto(tmp_path / "base"), tmp_path / "peft"))
+    assert np.abs(ours - base_logits).max() > 1e-4  # training moved the adapters
+    np.testing.assert_allclose(merged, ours, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(peft_logits, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_training_continues_from_an_exported_peft_adapter(lora_run, tmp_path):
+    run = lora_run[0]
+    main(["export", str(run), str(tmp_path / "peft"), "--format", "peft"])
+    args = [a for a in LORA_RUN if not a.startswith("lora.targets")] + [
+        "lora.targets=[q, v, gate_proj]", f"lora.init_from={tmp_path / 'peft'}", "train.steps=1"]
+    train(config_lib.load(None, TINY + [f"train.run_dir={tmp_path / 'next'}", *args]))
+    source_final = [r["eval_loss"] for r in _records(run) if "eval_loss" in r][-1]
+    assert abs(_records(tmp_path / "next")[0]["eval_loss"] - source_final) < 1e-6
