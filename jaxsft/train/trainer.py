@@ -108,8 +108,9 @@ def train(cfg: Config) -> RunSummary:
     plan = state_lib.plan(cfg.model, vocab_size, optimizer, cfg.mesh.rules, mesh, cfg.train.seed, cfg.lora)
     _print_trainable(cfg, vocab_size)
     batch_sharding = sharding.batch_sharding(cfg.mesh.rules, mesh)
-    data_iterator = iter(data.train_dataset(rows, seed=cfg.train.seed, process_index=jax.process_index(),
-                                            process_count=jax.process_count()))
+    train_iterator = lambda seed: iter(data.train_dataset(  # noqa: E731
+        rows, seed=seed, process_index=jax.process_index(), process_count=jax.process_count()))
+    data_iterator = train_iterator(cfg.train.seed)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
     start = checkpointer.latest_step() or 0
     metrics_path = run_dir / cfg.logging.metrics_file
@@ -125,16 +126,9 @@ def train(cfg: Config) -> RunSummary:
             console.print(f"the checkpoint was written by another number of processes: the data stream "
                           f"restarts, reshuffled with seed {cfg.train.seed + start}")
             data_iterator.close()
-            data_iterator = iter(data.train_dataset(rows, seed=cfg.train.seed + start,
-                                                    process_index=jax.process_index(),
-                                                    process_count=jax.process_count()))
-    elif cfg.model.init_from and not plan.lora_cfg:
-        params = pretrained.load_pretrained(cfg.model, vocab_size, plan.shardings["params"])
-        train_state = state_lib.from_params(params, optimizer, plan)
-    elif plan.lora_cfg and cfg.lora.init_from:
-        train_state = state_lib.from_params(_peft_adapters(cfg, plan), optimizer, plan)
+            data_iterator = train_iterator(cfg.train.seed + start)
     else:
-        train_state = state_lib.create(cfg.model, vocab_size, optimizer, plan, cfg.train.seed)
+        train_state = _initial_state(cfg, vocab_size, optimizer, plan)
     # LoRA: the frozen base rides along as an argument of every step, never in the state.
     frozen = (_frozen_base(cfg, vocab_size, plan),) if plan.lora_cfg else ()
 
@@ -179,6 +173,16 @@ def train(cfg: Config) -> RunSummary:
         checkpointer.close()
         data_iterator.close()  # stops Grain's prefetch thread (or worker processes)
     return _summary(run_dir, metrics_path, start, total, rates, compile_seconds, wall_start)
+
+
+def _initial_state(cfg: Config, vocab_size: int, optimizer, plan):
+    """A fresh run's state: Hugging Face / Orbax weights, a PEFT adapter, or a seeded init."""
+    if cfg.model.init_from and not plan.lora_cfg:
+        params = pretrained.load_pretrained(cfg.model, vocab_size, plan.shardings["params"])
+        return state_lib.from_params(params, optimizer, plan)
+    if plan.lora_cfg and cfg.lora.init_from:
+        return state_lib.from_params(_peft_adapters(cfg, plan), optimizer, plan)
+    return state_lib.create(cfg.model, vocab_size, optimizer, plan, cfg.train.seed)
 
 
 def _summary(run_dir, metrics_path, start, final, rates, compile_seconds, wall_start) -> RunSummary:
