@@ -23,7 +23,7 @@ from jaxsft.train.optim import make_optimizer, schedule
 from jaxsft.train.step import make_train_step
 from jaxsft.train.trainer import train
 
-from conftest import TINY_MODEL, VOCAB, make_batch
+from train_helpers import TINY_MODEL, VOCAB, make_batch
 from test_trainer import TINY, _records
 
 LORA = LoraConfig(enabled=True, rank=4, alpha=8.0, targets=("q", "v", "down"))

@@ -10,7 +10,7 @@ from jaxsft.config import OptimConfig
 from jaxsft.model.transformer import Transformer
 from jaxsft.train.optim import decay_mask, make_optimizer, schedule
 
-from conftest import TINY_MODEL, VOCAB
+from train_helpers import TINY_MODEL, VOCAB
 
 
 def test_weight_decay_skips_norms_and_embeddings_only():

@@ -7,7 +7,7 @@ from jaxsft.config import CheckpointConfig, DataConfig, MeshConfig
 from jaxsft.data.pipeline import build_data
 from jaxsft.train.checkpoint import Checkpointer
 
-from conftest import Setup
+from train_helpers import Setup
 
 
 def test_restore_onto_other_meshes(tmp_path, batches):

@@ -10,7 +10,7 @@ from jaxsft.config import STRATEGIES, MeshConfig
 from jaxsft.train import sharding
 from jaxsft.train.step import loss_sums
 
-from conftest import VOCAB, Setup, make_batch
+from train_helpers import VOCAB, Setup, make_batch
 
 ONE_DEVICE = dict(devices=jax.devices()[:1])
 
