@@ -16,12 +16,18 @@ Contract:
   builds its own mask from cached positions and calls `masked_attention`.
 - Variants: query scale (Gemma 2's query_pre_attn_scalar), logit soft-capping, and a
   sliding window that may differ per layer (a traced scalar under the layer scan).
+- Implementations (`model.attention`): `xla` here, the reference, every platform and
+  variant; `cudnn`, `splash`, `pallas_gpu` in kernels.py, which refuse in one line what
+  they cannot compute; `auto` takes the platform's kernel (tpu: splash, gpu: cudnn) and
+  falls back to xla where that kernel refuses this call, and is xla elsewhere.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from jaxsft.model import kernels
 
 # Finite, so a masked logit never turns into inf - inf = NaN; exp() of it is exactly 0.
 _MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -72,7 +78,21 @@ def _xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale, soft
     return masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale, softcap)
 
 
-IMPLEMENTATIONS = {"xla": _xla_attention}
+IMPLEMENTATIONS = {"xla": _xla_attention, "cudnn": kernels.cudnn_attention, "splash": kernels.splash_attention,
+                   "pallas_gpu": kernels.pallas_gpu_attention}
+_PLATFORM_KERNELS = {"tpu": "splash", "gpu": "cudnn"}
+
+
+def _auto_attention(*args):
+    """The platform's kernel where it can compute this call, else xla (trace-time choice)."""
+    kernel = IMPLEMENTATIONS[_PLATFORM_KERNELS.get(jax.default_backend(), "xla")]
+    try:
+        return kernel(*args)
+    except kernels.Unsupported:
+        return _xla_attention(*args)
+
+
+IMPLEMENTATIONS["auto"] = _auto_attention
 
 
 def _check_shapes(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT) -> None:
