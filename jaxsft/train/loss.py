@@ -3,6 +3,10 @@
 Normalising is the caller's job and happens once per optimizer step over every
 micro-batch and device (DESIGN invariant 5): a mean per micro-batch would weight a
 token by how full its micro-batch happened to be.
+
+`chunked_cross_entropy_sum` takes the final hidden states and the output head instead of
+logits and computes the same pair a chunk of tokens at a time, so the `[B, T, V]` float32
+logits (often the largest tensor of a fine-tuning step) never exist, forward or backward.
 """
 
 import jax
@@ -18,3 +22,48 @@ def cross_entropy_sum(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_B
     # where() rather than a product so a non-finite logit at an untrained position cannot leak.
     nll_BxT = jnp.where(weights_BxT > 0, log_z_BxT - target_logit_BxT, 0.0)
     return jnp.sum(nll_BxT * weights_BxT), jnp.sum(weights_BxT)
+
+
+def _softcap(logits, cap: float):
+    return cap * jnp.tanh(logits / cap) if cap else logits
+
+
+def _chunk_nll_sum(hidden_KxD, head_DxV, targets_K, weights_K, softcap: float, dtype):
+    logits_KxV = jnp.dot(hidden_KxD.astype(dtype), head_DxV.astype(dtype), preferred_element_type=jnp.float32)
+    logits_KxV = _softcap(logits_KxV.astype(jnp.float32), softcap)
+    target_logit_K = jnp.take_along_axis(logits_KxV, targets_K[:, None], axis=-1)[:, 0]
+    nll_K = jnp.where(weights_K > 0, jax.nn.logsumexp(logits_KxV, axis=-1) - target_logit_K, 0.0)
+    return jnp.sum(nll_K * weights_K)
+
+
+def chunked_cross_entropy_sum(hidden_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: jax.Array,
+                              weights_BxT: jax.Array, chunk: int, softcap: float = 0.0, dtype=jnp.float32):
+    """`cross_entropy_sum(softcap(hidden @ head), targets, weights)` without the full logits.
+
+    The B*T tokens are split into chunks of `chunk` tokens; a `scan` computes one chunk's
+    float32 logits at a time, and `jax.checkpoint` makes the backward pass recompute them
+    rather than keep every chunk's (peak: one [chunk, V] block, plus XLA's workspace).
+    `dtype` is the matmul's input dtype (the model's compute dtype); it accumulates in f32.
+
+    Chunk c holds tokens c, c + n, c + 2n, ... (n chunks), not a contiguous run: the token
+    axis is sharded over devices in contiguous blocks, so strided chunks give every device
+    its own share of each chunk and the scan needs no communication.
+    """
+    depth = hidden_BxTxD.shape[-1]
+    hidden_NxD = hidden_BxTxD.reshape(-1, depth)
+    targets_N, weights_N = targets_BxT.reshape(-1), weights_BxT.reshape(-1).astype(jnp.float32)
+    pad = -hidden_NxD.shape[0] % chunk
+    if pad:  # zero weight: padding adds nothing to either sum
+        hidden_NxD = jnp.pad(hidden_NxD, ((0, pad), (0, 0)))
+        targets_N, weights_N = jnp.pad(targets_N, (0, pad)), jnp.pad(weights_N, (0, pad))
+    chunks = hidden_NxD.shape[0] // chunk
+    hidden_CxKxD = hidden_NxD.reshape(chunk, chunks, depth).swapaxes(0, 1)
+    targets_CxK, weights_CxK = (x.reshape(chunk, chunks).swapaxes(0, 1) for x in (targets_N, weights_N))
+    chunk_sum = jax.checkpoint(_chunk_nll_sum, static_argnums=(4, 5))
+
+    def body(total, xs):
+        hidden_KxD, targets_K, weights_K = xs
+        return total + chunk_sum(hidden_KxD, head_DxV, targets_K, weights_K, softcap, dtype), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden_CxKxD, targets_CxK, weights_CxK))
+    return total, jnp.sum(weights_N)

@@ -2,9 +2,13 @@
 
 Weight decay applies to matrices only: never to norm scales or the embedding table
 (decaying an embedding pulls rare tokens towards zero, which is not regularisation).
+
+`optim.moments_dtype: bfloat16` stores both Adam moments in bf16 (half the optimizer
+bytes); the update itself is computed in float32 and only the stored moments are rounded.
 """
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxsft.config import OptimConfig
@@ -33,9 +37,28 @@ def decay_mask(params):
         lambda path, _: not any(n in _path_names(path) for n in NO_DECAY_NAMES), params)
 
 
+def scale_by_adam(cfg: OptimConfig) -> optax.GradientTransformation:
+    """optax's Adam scaling with both moments stored in `cfg.moments_dtype`, whatever the
+    params' dtype (float32 moments for bfloat16 params too).
+
+    optax takes `mu_dtype` only; its update keeps `nu` in the dtype `nu` was created with
+    (computing in float32 because the moment it reads is promoted), so creating `nu` in the
+    chosen dtype is all it takes. A test holds the dtypes after an update.
+    """
+    dtype = jnp.dtype(cfg.moments_dtype)
+    adam = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, mu_dtype=dtype)
+
+    def init(params):
+        state = adam.init(params)
+        return state._replace(nu=jax.tree.map(lambda v: v.astype(dtype), state.nu))
+    return optax.GradientTransformation(init, adam.update)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                    weight_decay=cfg.weight_decay, mask=decay_mask),
+    # The inner chain is optax.adamw spelled out (same state tree) to choose the moments' dtype.
+    adamw = optax.chain(
+        scale_by_adam(cfg),
+        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+        optax.scale_by_learning_rate(schedule(cfg, total_steps)),
     )
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)

@@ -37,8 +37,9 @@ class Setup:
     """A train state and compiled step on a mesh, for comparing meshes and batch splits."""
 
     def __init__(self, mesh_cfg: MeshConfig = MeshConfig(), devices=None, micro_batches: int = 1,
-                 model: ModelConfig = TINY_MODEL, steps: int = 10):
-        self.cfg = Config(model=model, mesh=mesh_cfg, optim=OptimConfig(learning_rate=1e-2, warmup_steps=0))
+                 model: ModelConfig = TINY_MODEL, steps: int = 10,
+                 optim: OptimConfig = OptimConfig(learning_rate=1e-2, warmup_steps=0)):
+        self.cfg = Config(model=model, mesh=mesh_cfg, optim=optim)
         self.mesh = sharding.make_mesh(mesh_cfg, devices)
         self.optimizer = make_optimizer(self.cfg.optim, steps)
         rules = self.cfg.mesh.rules
