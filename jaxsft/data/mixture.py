@@ -7,8 +7,8 @@ seed and block number), and the n-th draw of source j takes record
 `pools[j][perm_j,e[n % len]]`, where e = n // len is that source's epoch and perm is a
 fresh permutation per (seed, source, epoch). So small sources repeat, each epoch is
 reshuffled, and element k depends on k alone: Grain's iterator state (the next index)
-is the whole mixture state, slicing `[p::P]` gives each process its own samples, and
-a resume continues exactly.
+is the whole mixture state, slicing `[v::V]` gives each virtual shard (shards.py) its
+own samples, and a resume continues exactly.
 
 A probability is the expected share of sampled examples. `probabilities(weights,
 mean_tokens, weight_by)` turns source weights into them; under `weight_by=tokens`

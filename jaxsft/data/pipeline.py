@@ -13,13 +13,15 @@ land in per-source `DataReport`s, a dropped share above `data.max_dropped_fracti
 raises `DataError` before anything trains, and the indices of the records that make
 examples are kept (no tokens are). The train graph samples those indices:
 
-  Mixture(seed)[rank::ranks] -> read + parse -> Encoder -> to_iter_dataset
-    -> pack (best_fit: packing.py | first_fit, concat: Grain | none) -> batch(rows) -> thread prefetch | mp_prefetch
+  per virtual shard v (shards.py): Mixture(seed)[v::V] -> read + parse -> Encoder -> to_iter_dataset
+      -> pack (best_fit: packing.py | first_fit, concat: Grain | none) -> batch(rows / V)
+  -> Concat(the shards this process owns) -> thread prefetch | mp_prefetch -> Sharded (state per shard)
 
-and with `data.stages`, one such graph per stage behind `mixture.Staged`. Reading and
+and with `data.stages`, one Concat + prefetch per stage behind `mixture.Staged`. Reading and
 encoding run in Grain's worker processes under `worker_count > 0`. Every state (mixture
-position, packer bins, stage) is in the iterator's `get_state()`, which the trainer
-checkpoints, so a resume yields exactly the batches of an uninterrupted run. Close the
+position, packer bins, stage) is in the iterator's `get_state()`, keyed by virtual shard,
+which the trainer checkpoints, so a resume yields exactly the batches of an uninterrupted
+run, under any number of processes. Close the
 iterator when done: Grain's prefetchers print tracebacks if left to teardown.
 """
 
@@ -38,6 +40,7 @@ from jaxsft.data.formats import BadRecord, Conversation
 from jaxsft.data.mixture import Mixture, Staged, probabilities
 from jaxsft.data.packing import ConcatThenSplit, WindowBestFit
 from jaxsft.data.reading import DataReport, Split, count_split, resolve_sources, training_texts
+from jaxsft.data.shards import Concat, Sharded, shard_count
 from jaxsft.data.sources import DataError
 from jaxsft.data.templates import BUILTIN, MaskPolicy, Template, get_template
 from jaxsft.data.tokenizer import load_or_train
@@ -47,6 +50,7 @@ __all__ = ["DataError", "DataReport", "Encoder", "SFTData", "build_data"]
 PREFETCH_BATCHES = 2  # a background thread encodes and packs the next batches while the model steps
 MIN_PACKING_BINS = 16  # more open bins fill rows better when few rows are asked for
 PACK_WINDOW = 4096  # examples packed at once by best_fit (packing.py)
+SHARD_SEED = 1_000_003  # packer seed of virtual shard v: seed + stage + SHARD_SEED * v
 # Encoding is Python under the GIL: read threads would only contend with each other.
 READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 FEATURES = ("inputs", "targets", "loss_weights")
@@ -251,27 +255,32 @@ class SFTData:
             out.append((start, probabilities(usable, means, self.cfg.weight_by)))
         return out
 
-    def _pipeline(self, ds: grain.MapDataset, rows: int, seed: int) -> grain.IterDataset:
+    def _shard(self, ds: grain.MapDataset, rows: int, seed: int) -> grain.IterDataset:
         encoder = Encoder(self.cfg, self.tokenizer)
         it = ds.map(encoder).filter(is_example).to_iter_dataset(READ_OPTIONS)
-        it = pack_and_batch(it, self.cfg, rows, self.tokenizer.pad_id, seed=seed, shuffle_bins=True,
-                            drop_remainder=True)
+        return pack_and_batch(it, self.cfg, rows, self.tokenizer.pad_id, seed=seed, shuffle_bins=True,
+                              drop_remainder=True)
+
+    def _prefetch(self, it: grain.IterDataset) -> grain.IterDataset:
         if self.cfg.worker_count > 0:
             _mark_absl_flags_parsed()
             return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.cfg.worker_count))
         return grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=PREFETCH_BATCHES)
 
-    def train_dataset(self, rows: int, *, seed: int, process_index: int = 0,
-                      process_count: int = 1) -> grain.IterDataset:
-        """Infinite batches of `rows` rows; this process reads only its share of the samples."""
+    def train_dataset(self, rows: int, *, seed: int, shards: Sequence[int] | None = None) -> grain.IterDataset:
+        """Infinite global batches of `rows` rows, or only the row blocks of the virtual `shards`
+        (shards.py: the rows a process feeds its devices), which are the same whatever builds them."""
+        count = shard_count(self.cfg.virtual_shards, rows)
+        per_shard = rows // count
+        shards = list(range(count)) if shards is None else sorted(shards)
         stages = []
         for k, (start, probs) in enumerate(self.stage_probabilities()):
             mixture = Mixture(self.pools, probs, seed=seed * 1009 + k, shuffle=self.cfg.shuffle)
-            ds = mixture[process_index::process_count].map(Lookup(self.train))
-            stages.append((start, self._pipeline(ds, rows, seed + k)))
-        if len(stages) == 1:
-            return stages[0][1]
-        return Staged([d for _, d in stages], [s for s, _ in stages])
+            blocks = [self._shard(mixture[v::count].map(Lookup(self.train)), per_shard, seed + k + SHARD_SEED * v)
+                      for v in shards]
+            stages.append((start, self._prefetch(Concat(blocks, shards))))
+        stream = stages[0][1] if len(stages) == 1 else Staged([d for _, d in stages], [s for s, _ in stages])
+        return Sharded(stream, shards, count)
 
     def eval_batches(self, rows: int, n_batches: int) -> list[dict[str, np.ndarray]]:
         """The first `n_batches` packed batches of the eval examples, in order; the last

@@ -9,6 +9,7 @@ the current mesh.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grain
@@ -16,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxsft.config import CheckpointConfig
+from jaxsft.data import shards
 
 
 class Checkpointer:
@@ -46,17 +48,20 @@ class Checkpointer:
     def restore(self, step: int, abstract_state, data_iterator):
         """Restores the state onto the shardings of `abstract_state` and moves the iterator in place.
 
-        Grain keeps one iterator state per process (`process_i-of-n.json`). When the
-        checkpoint was written by another number of processes there is no exact data
-        position to return to: the train state is restored and the data stream starts
-        afresh, and the returned flag says so.
+        Grain writes one iterator state per process (`process_i-of-n.json`), each holding
+        the states of that process's virtual shards (data/shards.py). They are merged and
+        the iterator takes the shards it owns, so any process count resumes exactly.
+        Returns (state, whether the data position was restored): False only for a
+        checkpoint written before virtual shards, whose data state cannot be mapped.
         """
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        data_file = self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        same_layout = data_file.exists()
-        if same_layout:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        return self.manager.restore(step, args=ocp.args.Composite(**items)).state, same_layout
+        state = self.manager.restore(step, args=ocp.args.Composite(**items)).state
+        files = sorted((self.directory / str(step) / "data").glob("process_*-of-*.json"))
+        saved = [json.loads(f.read_text()) for f in files]
+        if not saved or any(not isinstance(s, dict) or shards.KEY not in s for s in saved):
+            return state, False
+        data_iterator.set_state(shards.merge_process_states(saved))
+        return state, True
 
     def close(self) -> None:
         self.manager.wait_until_finished()

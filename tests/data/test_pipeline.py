@@ -153,18 +153,14 @@ def _file_data(tmp_path, cache, train_lines, **cfg) -> SFTData:
                       seed=0, cache_dir=cache)
 
 
-def test_processes_read_disjoint_shards(tmp_path, cache):
-    data = _file_data(tmp_path, cache, [_qa(f"Say {i}", str(i)) for i in range(41)], packing="none")
-    per_process = data.report.examples // 2
-    seen = []
-    for rank in range(2):
-        it = iter(data.train_dataset(1, seed=5, process_index=rank, process_count=2))
-        # One example per row, in order: the first `per_process` rows are this rank's epoch.
-        rows = [b["inputs"][0][b["segment_ids"][0] > 0] for b in _take(it, per_process)]
-        seen.append({data.tokenizer.decode(r) for r in rows})
-        it.close()
-    assert len(seen[0]) == len(seen[1]) == per_process == 20
-    assert seen[0].isdisjoint(seen[1])
+def test_virtual_shards_read_disjoint_samples(tmp_path, cache):
+    data = _file_data(tmp_path, cache, [_qa(f"Say {i}", str(i)) for i in range(40)], packing="none",
+                      shuffle=False, virtual_shards=2)
+    it = iter(data.train_dataset(2, seed=5))  # row 0 from shard 0, row 1 from shard 1
+    batches = _take(it, 20)
+    it.close()
+    seen = [[data.tokenizer.decode(b["inputs"][r][b["segment_ids"][r] > 0]) for b in batches] for r in range(2)]
+    assert len(set(seen[0])) == len(set(seen[1])) == 20 and set(seen[0]).isdisjoint(seen[1])
 
 
 BAD_LINES = [b"{not json", {"msgs": []}, {"messages": [{"role": "robot", "content": "x"}]},
@@ -270,7 +266,8 @@ def test_worker_processes_give_the_same_batches(data):
 
 
 def test_concat_fills_every_row_with_the_example_stream(data):
-    it = iter(_with(data, packing="concat", shuffle=False).train_dataset(ROWS, seed=0))
+    # One virtual shard: one example stream (with V, each row block runs on its own stream).
+    it = iter(_with(data, packing="concat", shuffle=False, virtual_shards=1).train_dataset(ROWS, seed=0))
     batches = _take(it, 3)
     it.close()
     assert all((b["segment_ids"] > 0).all() for b in batches)  # no padding at all
