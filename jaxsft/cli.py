@@ -107,8 +107,8 @@ def _add_model_verbs(verbs) -> None:
     export.add_argument("run_dir")
     export.add_argument("out")
     export.add_argument("--format", choices=["hf", "peft"], default="hf",
-                        help="peft: a LoRA run's adapters (adapter_config.json + adapter_model.safetensors)")
-    export.add_argument("--merge", action="store_true", help="hf format of a LoRA run: adapters merged into the base")
+                        help="peft: a LoRA/DoRA run's adapters (adapter_config.json + adapter_model.safetensors)")
+    export.add_argument("--merge", action="store_true", help="hf format of a PEFT run: its trained part merged into the base")
     export.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: model.param_dtype")
     export.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
     export.set_defaults(run=_export)

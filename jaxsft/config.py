@@ -19,7 +19,9 @@ from typing import Any
 import yaml
 
 LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "layers")
-MESH_AXES = ("data", "fsdp", "tensor")
+# Outer to inner: `tensor` talks most, so it gets the fastest links; `sequence` splits the
+# length axis of activations (GSPMD gathers keys and values for attention).
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 
 class ConfigError(ValueError):
@@ -35,6 +37,28 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+    """Parameter-efficient fine-tuning (jaxsft/model/peft.py); method none is full fine-tuning."""
+
+    method: str = "none"  # none | lora | dora | freeze
+    # lora / dora: adapters on block projections
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapter branch's input (training only)
+    targets: tuple[str, ...] = ("q", "v")  # q k v o gate up down | all-linear | a regex over param paths
+    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+    init_from: str = ""  # a HF PEFT adapter directory to continue training from (same rank and targets)
+    # freeze: regexes over param paths ("embedding", "final_norm/scale", "blocks/3/attn/q_bias", ...);
+    # only what matches trains
+    trainable: tuple[str, ...] = ()
+    top_layers: int = 0  # freeze: also train every param of the top N blocks
+
+    @property
+    def adapters(self) -> bool:
+        return self.method in ("lora", "dora")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,25 +84,17 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"
     scan_layers: bool = True
-    remat: str = "none"  # none | full | dots_saveable
+    # none | full | dots_saveable | dots_with_no_batch_dims_saveable | offload (those dots saved to host memory)
+    remat: str = "none"
     rope_scaling: RopeScaling = RopeScaling()
     sliding_window: int = 0  # 0: full attention; mistral: every layer, gemma2: even layers
     attn_logit_softcap: float = 0.0  # 0: off (gemma2: 50)
     final_logit_softcap: float = 0.0  # 0: off (gemma2: 30)
     query_pre_attn_scalar: float = 0.0  # queries scaled by its -1/2 power; 0: head_dim
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-    """LoRA adapters on the block projections (jaxsft/model/lora.py); full fine-tuning while disabled."""
-
-    enabled: bool = False
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0  # only 0: adapters are merged per forward pass (see model/lora.py)
-    targets: tuple[str, ...] = ("q", "v")  # q k v o gate up down | all-linear | a regex over param paths
-    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
-    init_from: str = ""  # a HF PEFT adapter directory to continue training from (same rank and targets)
+    # xla (reference, any platform) | cudnn (GPU) | splash (TPU) | pallas_gpu (GPU Triton) | auto
+    # (tpu: splash, gpu: cudnn, else xla). Pallas kernels run interpreted on cpu. docs/models.md
+    attention: str = "xla"
+    peft: PeftConfig = PeftConfig()  # parameter-efficient fine-tuning; full fine-tuning by default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +149,11 @@ class DataConfig:
     on_bad_record: str = "skip"  # skip (count and report) | raise (stop at the first)
     max_dropped_fraction: float = 0.05
     worker_count: int = 0  # Grain worker processes; 0 = in the main process
+    # The train stream is V independent streams, each giving a fixed block of every global
+    # batch's rows; the batches are the same under any process count, and a process builds
+    # only the blocks its devices hold (V a multiple of the processes avoids duplicate work).
+    # Divides train.global_batch_size; 0: its largest divisor up to 8.
+    virtual_shards: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +161,10 @@ class LogicalRules:
     """Which mesh axes each logical axis is split over (empty: replicated)."""
 
     batch: tuple[str, ...] = ("data", "fsdp")
-    length: tuple[str, ...] = ()
-    embed: tuple[str, ...] = ("fsdp",)
+    # `sequence` splits the length of activations; weights are split over it as over fsdp
+    # (ZeRO-3 over every axis that splits the tokens), else each sequence group holds a copy.
+    length: tuple[str, ...] = ("sequence",)
+    embed: tuple[str, ...] = ("fsdp", "sequence")
     mlp: tuple[str, ...] = ("tensor",)
     heads: tuple[str, ...] = ("tensor",)
     kv_heads: tuple[str, ...] = ("tensor",)
@@ -152,9 +175,16 @@ class LogicalRules:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1  # -1: all devices not used by the other axes
+    data: int = -1  # -1: all devices not used by the other axes (of one slice when dcn_* > 1)
     fsdp: int = 1
+    sequence: int = 1
     tensor: int = 1
+    # Multi-slice / multi-node: each axis is also split this many ways over the slow network
+    # (DCN); the mesh axis is then ici * dcn long (docs/training.md, "Hybrid meshes").
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_sequence: int = 1
+    dcn_tensor: int = 1
     # A named rules table (see STRATEGIES); empty: `rules` as written.
     strategy: str = ""
     rules: LogicalRules = LogicalRules()
@@ -185,6 +215,7 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     clip_norm: float = 1.0
+    moments_dtype: str = "float32"  # Adam's two moments: float32 | bfloat16 (half the bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +224,8 @@ class TrainConfig:
     steps: int = 300
     global_batch_size: int = 16  # packed rows per optimizer step, over all devices
     micro_batches: int = 1  # gradient accumulation: rows are split into this many
+    # > 0: cross-entropy over chunks of this many tokens, never the full [B, T, V] logits
+    loss_chunk: int = 0
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 4
@@ -216,7 +249,6 @@ class LoggingConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
-    lora: LoraConfig = LoraConfig()
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
     optim: OptimConfig = OptimConfig()
@@ -227,11 +259,14 @@ class Config:
 
 CHOICES = {
     "mesh.strategy": ("", "dp", "fsdp", "tp", "fsdp_tp"),
+    "model.peft.method": ("none", "lora", "dora", "freeze"),
     "model.family": ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"),
     "model.rope_scaling.type": ("none", "llama3"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots_saveable"),
+    "optim.moments_dtype": ("float32", "bfloat16"),
+    "model.attention": ("xla", "cudnn", "splash", "pallas_gpu", "auto"),
+    "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload"),
     "data.template": ("chatml", "llama2", "llama3", "gemma", "alpaca", "xml", "json", "hf"),
     "data.overlong": ("truncate", "drop"),
     "data.packing": ("first_fit", "best_fit", "concat", "none"),
@@ -423,23 +458,40 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= d.max_dropped_fraction <= 1.0,
              f"data.max_dropped_fraction={d.max_dropped_fraction}: expected a value in [0, 1]")
     _validate_sources(d)
+    _require(d.virtual_shards == 0 or (d.virtual_shards > 0 and t.global_batch_size % d.virtual_shards == 0),
+             f"data.virtual_shards={d.virtual_shards}: expected 0 (auto) or a divisor of train.global_batch_size="
+             f"{t.global_batch_size}")
     _require(t.steps > 0, f"train.steps={t.steps}: expected a positive number")
+    _require(t.loss_chunk >= 0, f"train.loss_chunk={t.loss_chunk}: expected 0 (off) or a positive number of tokens")
     _require(t.micro_batches > 0 and t.global_batch_size % t.micro_batches == 0,
              f"train.global_batch_size={t.global_batch_size} must divide into train.micro_batches={t.micro_batches}")
     _require(cfg.checkpoint.every > 0 and cfg.checkpoint.keep > 0, "checkpoint.every and checkpoint.keep must be positive")
     _require(cfg.logging.log_every > 0, "logging.log_every must be positive")
-    sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+    # A bf16 second moment cannot move by less than ~0.4% per step: with b2 near 1 it stops
+    # decaying at all (0.999 * nu rounds back to nu).
+    _require(cfg.optim.moments_dtype == "float32" or cfg.optim.b2 <= 0.99,
+             f"optim.moments_dtype=bfloat16 needs optim.b2 <= 0.99 (got {cfg.optim.b2}): a bf16 second moment "
+             "cannot follow smaller steps; use float32 moments")
+    sizes = {axis: getattr(cfg.mesh, axis) for axis in MESH_AXES}
     _require(all(s == -1 or s > 0 for s in sizes.values()) and list(sizes.values()).count(-1) <= 1,
              f"mesh: axis sizes {sizes}: expected positive sizes and at most one -1")
+    for axis in MESH_AXES:
+        dcn = getattr(cfg.mesh, f"dcn_{axis}")
+        _require(dcn > 0, f"mesh.dcn_{axis}={dcn}: expected a positive size (no -1 over DCN)")
     for name in LOGICAL_AXES:
         axes = getattr(cfg.mesh.rules, name)
         for axis in axes:
             _require(axis in MESH_AXES, f"mesh.rules.{name}: unknown mesh axis {axis!r} (expected one of {', '.join(MESH_AXES)})")
         _require(len(set(axes)) == len(axes), f"mesh.rules.{name}: mesh axis listed twice in {list(axes)}")
-    lo = cfg.lora
-    _require(lo.rank > 0, f"lora.rank={lo.rank}: expected a positive number")
-    _require(lo.dropout == 0, f"lora.dropout={lo.dropout}: only 0 is supported (adapters are merged per forward pass)")
-    _require(bool(lo.targets), "lora.targets: expected at least one of q, k, v, o, gate, up, down, all-linear or a regex")
+    pe = m.peft
+    _require(pe.rank > 0, f"model.peft.rank={pe.rank}: expected a positive number")
+    _require(0.0 <= pe.dropout < 1.0, f"model.peft.dropout={pe.dropout}: expected a value in [0, 1)")
+    _require(bool(pe.targets) or not pe.adapters,
+             "model.peft.targets: expected at least one of q, k, v, o, gate, up, down, all-linear or a regex")
+    _require(pe.method != "freeze" or bool(pe.trainable) or pe.top_layers > 0,
+             "model.peft: method freeze needs model.peft.trainable patterns or model.peft.top_layers > 0")
+    _require(pe.top_layers >= 0, f"model.peft.top_layers={pe.top_layers}: expected 0 or more")
+    _require(not pe.init_from or pe.adapters, "model.peft.init_from: only for method lora or dora")
 
 
 def _validate_sources(d: DataConfig) -> None:

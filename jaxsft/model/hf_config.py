@@ -22,7 +22,7 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "
                  "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2"}
 _ARCH_OF = {family: arch for arch, family in ARCHITECTURES.items()}
 # Fields that describe how to train, not what the checkpoint is: kept from the run's config.
-_TRAINING_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "init_std", "init_from")
+_TRAINING_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "init_std", "init_from", "peft", "attention")
 
 
 def _family(hf: dict, where: str) -> str:

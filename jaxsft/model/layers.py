@@ -11,6 +11,8 @@ Job: one block of every supported family, its variant switches read from
   `q_proj.bias`), so the checkpoint mapping in hf.py is a rename plus a reshape.
 - Attention takes an `attend(q, k, v) -> (out, aux)` function: the packed training path
   and the KV-cache decode path differ only there.
+- Every block projection y = x @ W passes through an optional `adapt(path, x, W, y)` hook
+  before any bias or norm (LoRA/DoRA branches, lora.py); None leaves the projection as is.
 """
 
 from __future__ import annotations
@@ -93,6 +95,12 @@ def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array)
     return out.astype(x_BxTxNxH.dtype)
 
 
+def _linear(spec: str, x, w, dtype, adapt, path: str):
+    """x @ w in the compute dtype, then the adapter hook (if any) for the kernel at `path`."""
+    y = jnp.einsum(spec, x, w.astype(dtype))
+    return adapt(path, x, w, y) if adapt else y
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, n, k, h, pdt = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.param_dtype
@@ -116,23 +124,26 @@ class Attention(nnx.Module):
         self.qkv_bias, self.qk_norm = var.qkv_bias, var.qk_norm
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def _project(self, x_BxTxD, name: str):
+    def _project(self, x_BxTxD, name: str, adapt):
         dt = self.dtype
-        y_BxTxNxH = jnp.einsum("btd,dnh->btnh", x_BxTxD, getattr(self, f"{name}_proj")[...].astype(dt))
+        w_DxNxH = getattr(self, f"{name}_proj")[...]
+        y_BxTxNxH = jnp.einsum("btd,dnh->btnh", x_BxTxD, w_DxNxH.astype(dt))
+        if adapt:
+            y_BxTxNxH = adapt(f"attn/{name}_proj", x_BxTxD, w_DxNxH, y_BxTxNxH)
         if self.qkv_bias:
             y_BxTxNxH = y_BxTxNxH + getattr(self, f"{name}_bias")[...].astype(dt)
         if self.qk_norm and name in ("q", "k"):
             y_BxTxNxH = getattr(self, f"{name}_norm")(y_BxTxNxH)
         return y_BxTxNxH
 
-    def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, attend):
-        q_BxTxNxH = apply_rope(self._project(x_BxTxD, "q"), cos_BxTxH, sin_BxTxH)
-        k_BxTxKxH = apply_rope(self._project(x_BxTxD, "k"), cos_BxTxH, sin_BxTxH)
+    def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, attend, adapt=None):
+        q_BxTxNxH = apply_rope(self._project(x_BxTxD, "q", adapt), cos_BxTxH, sin_BxTxH)
+        k_BxTxKxH = apply_rope(self._project(x_BxTxD, "k", adapt), cos_BxTxH, sin_BxTxH)
         q_BxTxNxH = constrain(q_BxTxNxH, ("batch", "length", "heads", "head_dim"))
         k_BxTxKxH = constrain(k_BxTxKxH, ("batch", "length", "kv_heads", "head_dim"))
-        v_BxTxKxH = constrain(self._project(x_BxTxD, "v"), ("batch", "length", "kv_heads", "head_dim"))
+        v_BxTxKxH = constrain(self._project(x_BxTxD, "v", adapt), ("batch", "length", "kv_heads", "head_dim"))
         out_BxTxNxH, aux = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
-        return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_proj[...].astype(self.dtype)), aux
+        return _linear("btnh,nhd->btd", out_BxTxNxH, self.o_proj[...], self.dtype, adapt, "attn/o_proj"), aux
 
 
 class MLP(nnx.Module):
@@ -148,12 +159,12 @@ class MLP(nnx.Module):
         self.activation = variant(cfg.family).activation
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def __call__(self, x_BxTxD):
+    def __call__(self, x_BxTxD, adapt=None):
         dt = self.dtype
-        gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.gate_proj[...].astype(dt))
-        up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.up_proj[...].astype(dt))
+        gate_BxTxF = _linear("btd,df->btf", x_BxTxD, self.gate_proj[...], dt, adapt, "mlp/gate_proj")
+        up_BxTxF = _linear("btd,df->btf", x_BxTxD, self.up_proj[...], dt, adapt, "mlp/up_proj")
         hidden_BxTxF = constrain(_ACTIVATIONS[self.activation](gate_BxTxF) * up_BxTxF, ("batch", "length", "mlp"))
-        return jnp.einsum("btf,fd->btd", hidden_BxTxF, self.down_proj[...].astype(dt))
+        return _linear("btf,fd->btd", hidden_BxTxF, self.down_proj[...], dt, adapt, "mlp/down_proj")
 
 
 class Block(nnx.Module):
@@ -174,12 +185,12 @@ class Block(nnx.Module):
             self.post_mlp_norm = norm()
         self.post_norms = var.post_norms
 
-    def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, attend):
-        h_BxTxD, aux = self.attn(self.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, attend)
+    def __call__(self, x_BxTxD, cos_BxTxH, sin_BxTxH, attend, adapt=None):
+        h_BxTxD, aux = self.attn(self.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, attend, adapt)
         if self.post_norms:
             h_BxTxD = self.post_attn_norm(h_BxTxD)
         x_BxTxD = x_BxTxD + h_BxTxD
-        h_BxTxD = self.mlp(self.mlp_norm(x_BxTxD))
+        h_BxTxD = self.mlp(self.mlp_norm(x_BxTxD), adapt)
         if self.post_norms:
             h_BxTxD = self.post_mlp_norm(h_BxTxD)
         return constrain(x_BxTxD + h_BxTxD, ACTIVATION_AXES), aux

@@ -5,7 +5,8 @@ step at a time over a KV cache for generation.
 
 Contract:
     Transformer(cfg: ModelConfig, vocab_size: int, *, rngs: nnx.Rngs)
-    model(tokens_BxT, positions_BxT, segment_ids_BxT) -> logits_BxTxV (float32)
+    model(tokens_BxT, positions_BxT, segment_ids_BxT, blocks=None, key=None) -> logits_BxTxV (float32)
+    model.hidden_states(same arguments) -> h_BxTxD;  model.head() -> w_DxV;  model.logits(h_BxTxD) -> logits
     model.decode(tokens_BxT, positions_BxT, valid_BxT, cache, index) -> (logits_BxTxV, cache)
     init_cache(cfg, batch, length) -> cache;  param_count(cfg, vocab_size) -> int (no allocation)
 
@@ -17,6 +18,10 @@ Contract:
   independent of depth) or, with `scan_layers=False`, a python loop over the same params.
   Per-layer differences (Gemma 2's alternating sliding window) are data scanned along
   with the params, never a second block type.
+- Parameter-efficient fine-tuning (peft.py) hands the layer stack in as `blocks`: a list
+  of segments (stacked params of consecutive layers, LoRA/DoRA adapters or None), run
+  one scan each in order. Frozen segments below every trained param are then outside
+  the differentiated computation altogether.
 - Family switches live in families.py and layers.py; `cfg.preset` is applied here too.
 """
 
@@ -36,7 +41,13 @@ from jaxsft.model.layers import (ACTIVATION_AXES, RMSNorm, apply_rope, constrain
                                  rope_tables, Block)
 
 __all__ = ["Transformer", "param_count", "init_cache", "rope_tables", "apply_rope", "rope_frequencies"]
-_REMAT_POLICIES = {"full": None, "dots_saveable": jax.checkpoint_policies.dots_saveable}
+_REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The same matmul outputs, kept in host memory between forward and backward (TPU, GPU).
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
 
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -79,20 +90,26 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, init, (cfg.d_model, vocab_size), ("embed", "vocab"), cfg.param_dtype)
 
-    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, adapters=None, lora_cfg=None) -> jax.Array:
-        """`adapters`: LoRA adapters of the blocks (lora.py), merged one layer at a time inside the scan."""
+    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, blocks=None, key=None) -> jax.Array:
+        """`blocks`: [(stacked block params, adapters or None), ...] replacing the model's own layer
+        stack (peft.py); `key`: the adapters' dropout key (training only)."""
+        return self.logits(self.hidden_states(tokens_BxT, positions_BxT, segment_ids_BxT, blocks, key))
+
+    def hidden_states(self, tokens_BxT, positions_BxT, segment_ids_BxT, blocks=None, key=None) -> jax.Array:
+        """The final-normed hidden states [B, T, D] the head reads (chunked losses start here)."""
         cfg = self.cfg
         scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else cfg.head_dim ** -0.5
 
         def attend(window):
             def fn(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
                 return attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, scale=scale,
-                                 softcap=cfg.attn_logit_softcap, window=window), None
+                                 softcap=cfg.attn_logit_softcap, window=window,
+                                 implementation=cfg.attention), None
             return fn
 
         x_BxTxD, cos_BxTxH, sin_BxTxH = self._embed(tokens_BxT, positions_BxT)
-        x_BxTxD, _ = self._run_blocks(x_BxTxD, cos_BxTxH, sin_BxTxH, attend, None, adapters, lora_cfg)
-        return self._head(x_BxTxD)
+        x_BxTxD, _ = self._run_blocks(x_BxTxD, cos_BxTxH, sin_BxTxH, attend, None, blocks, key)
+        return self.final_norm(x_BxTxD)
 
     def decode(self, tokens_BxT, positions_BxT, valid_BxT, cache, index):
         """Runs T new tokens per row against the cache, writing them at slots [index, index + T).
@@ -124,7 +141,7 @@ class Transformer(nnx.Module):
 
         x_BxTxD, cos_BxTxH, sin_BxTxH = self._embed(tokens_BxT, positions_BxT)
         x_BxTxD, (k_L, v_L) = self._run_blocks(x_BxTxD, cos_BxTxH, sin_BxTxH, attend, (cache["k"], cache["v"]))
-        return self._head(x_BxTxD), {"k": k_L, "v": v_L, "positions": key_positions_BxS}
+        return self.logits(self.final_norm(x_BxTxD)), {"k": k_L, "v": v_L, "positions": key_positions_BxS}
 
     def _embed(self, tokens_BxT, positions_BxT):
         cfg = self.cfg
@@ -136,50 +153,60 @@ class Transformer(nnx.Module):
         cos_BxTxH, sin_BxTxH = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         return constrain(x_BxTxD, ACTIVATION_AXES), cos_BxTxH, sin_BxTxH
 
-    def _head(self, x_BxTxD):
+    def head(self) -> jax.Array:
+        """The output projection [D, V] in the compute dtype (the embedding's transpose when tied)."""
         dt = jnp.dtype(self.cfg.dtype)
-        x_BxTxD = self.final_norm(x_BxTxD)
-        if self.cfg.tie_embeddings:
-            logits_BxTxV = jnp.einsum("btd,vd->btv", x_BxTxD, self.embedding[...].astype(dt),
-                                      preferred_element_type=jnp.float32)
-        else:
-            logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, self.lm_head[...].astype(dt),
-                                      preferred_element_type=jnp.float32)
+        return self.embedding[...].astype(dt).T if self.cfg.tie_embeddings else self.lm_head[...].astype(dt)
+
+    def logits(self, h_BxTxD):
+        """float32 logits of final-normed hidden states, soft-capped where the family does."""
+        logits_BxTxV = jnp.einsum("btd,dv->btv", h_BxTxD, self.head(), preferred_element_type=jnp.float32)
         logits_BxTxV = logits_BxTxV.astype(jnp.float32)
         if self.cfg.final_logit_softcap:
             cap = self.cfg.final_logit_softcap
             logits_BxTxV = cap * jnp.tanh(logits_BxTxV / cap)
         return constrain(logits_BxTxV, ("batch", "length", "vocab"))
 
-    def _run_blocks(self, x_BxTxD, cos_BxTxH, sin_BxTxH, attend, caches, adapters=None, lora_cfg=None):
-        """Scan (or loop) one block's pure function over the stacked params.
+    def _run_blocks(self, x_BxTxD, cos_BxTxH, sin_BxTxH, attend, caches, blocks=None, key=None):
+        """Scan (or loop) one block's pure function over the stacked params, segment by segment.
 
         `attend(window, *layer_caches)` builds the layer's attention; `caches` is a tuple
-        of [L, ...] arrays scanned along with the params (None for the training path).
+        of [L, ...] arrays scanned along with the params (None for the training path, which
+        is the only one given `blocks`).
         """
         graphdef, stacked_state = nnx.split(self.blocks)
+        segments = blocks or [(stacked_state, None)]
         windows = layer_windows(self.cfg)
         windows_L = jnp.asarray(windows, jnp.int32) if any(windows) else None
+        peft_cfg = self.cfg.peft
 
         def body(x_BxTxD, xs):
-            layer_state, window, layer_caches, layer_adapters = xs
-            if layer_adapters is not None:  # one layer's W + s*A@B at a time, never the whole stack
-                layer_state = lora.merge_layer(layer_state.to_pure_dict(), layer_adapters, lora_cfg)
+            layer_state, window, layer_caches, layer_adapters, layer = xs
             block = nnx.merge(graphdef, layer_state)
-            return block(x_BxTxD, cos_BxTxH, sin_BxTxH, attend(window, *(layer_caches or ())))
+            adapt = lora.layer_hook(layer_adapters, peft_cfg, None if key is None else jax.random.fold_in(key, layer))
+            return block(x_BxTxD, cos_BxTxH, sin_BxTxH, attend(window, *(layer_caches or ())), adapt)
 
         if self.cfg.remat != "none":
             # prevent_cse only matters outside scan; inside it just blocks XLA optimisations.
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat],
                                   prevent_cse=not self.cfg.scan_layers)
-        xs = (stacked_state, windows_L, caches, adapters)
-        if self.cfg.scan_layers:
-            return jax.lax.scan(body, x_BxTxD, xs)
-        outs = []
-        for i in range(self.cfg.n_layers):
-            x_BxTxD, out = body(x_BxTxD, jax.tree.map(lambda a: a[i], xs))
-            outs.append(out)
-        return x_BxTxD, jax.tree.map(lambda *a: jnp.stack(a), *outs) if outs[0] is not None else None
+        start, outs = 0, []
+        for segment_state, segment_adapters in segments:
+            n = jax.tree.leaves(segment_state)[0].shape[0]
+            layers = slice(start, start + n)
+            xs = (segment_state, None if windows_L is None else windows_L[layers], caches,
+                  segment_adapters, jnp.arange(start, start + n, dtype=jnp.int32))
+            start += n
+            if self.cfg.scan_layers:
+                x_BxTxD, out = jax.lax.scan(body, x_BxTxD, xs)
+                outs.append(out)
+                continue
+            for i in range(n):
+                x_BxTxD, out = body(x_BxTxD, jax.tree.map(lambda a: a[i], xs))
+                outs.append(None if out is None else jax.tree.map(lambda a: a[None], out))
+        if outs[0] is None:
+            return x_BxTxD, None
+        return x_BxTxD, jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:

@@ -7,7 +7,9 @@ remat), and XLA's own memory and cost analyses say what each chip would hold and
 No array is ever allocated.
 
 Names follow Cloud TPU: `v4-32` and `v5p-32` count TensorCores (2 per chip), `v5e-16`
-and `v6e-16` count chips. `--slices K` asks for K such slices joined over DCN.
+and `v6e-16` count chips. `--slices K` asks for K such slices joined over DCN; the mesh is
+then the hybrid ICI x DCN mesh `jaxsft train` builds on a pod (`sharding.make_mesh`), with
+the slices on `mesh.dcn_*` (on `data` when those are all 1).
 """
 
 from __future__ import annotations
@@ -105,12 +107,14 @@ def model_flops(cfg: Config, vocab_size: int) -> tuple[float, float]:
     kernel computes). Hardware flops add the forward pass that remat recomputes: all of
     it under `full`, the non-matmul part (negligible) under `dots_saveable`.
     XLA's own cost analysis is not used: it counts a scanned layer once, not L times.
+    With PEFT the frozen weights get no weight gradient: 4 N per position instead of 6 N
+    (the adapters' own flops are negligible; counted the same for `freeze`, an upper bound).
     """
     m = cfg.model
     tokens = cfg.train.global_batch_size * cfg.data.max_length
     dense = 2 * param_count(m, vocab_size) * tokens
     attention = 4 * m.n_layers * m.n_heads * m.head_dim * cfg.data.max_length * tokens
-    model = 3 * (dense + attention)
+    model = (2 if m.peft.method != "none" else 3) * dense + 3 * attention
     recompute = dense + attention if m.remat == "full" else 0.0
     return model, model + recompute
 
@@ -128,12 +132,15 @@ def compile_for(cfg: Config, devices, chip: Chip, chips: int, label: str = "") -
     batch = {k: jax.ShapeDtypeStruct((rows, length), dtype, sharding=batch_sharding)
              for k, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("loss_weights", jnp.float32),
                               ("segment_ids", jnp.int32), ("positions", jnp.int32))}
-    step = make_train_step(plan.graphdef, optimizer, schedule(cfg.optim, cfg.train.steps), cfg.train.micro_batches)
+    step = make_train_step(plan.graphdef, optimizer, schedule(cfg.optim, cfg.train.steps), cfg.train.micro_batches,
+                           peft_cfg=cfg.model.peft, seed=cfg.train.seed, loss_chunk=cfg.train.loss_chunk)
+    # PEFT: the frozen params are a step argument outside the state, as in `jaxsft train`.
+    frozen_shardings, frozen = ((plan.frozen_shardings,), (plan.frozen_abstract,)) if plan.peft else ((), ())
     with jax.set_mesh(mesh), linen.logical_axis_rules(sharding.flax_rules(cfg.mesh.rules)):
         try:
-            compiled = jax.jit(step, in_shardings=(plan.shardings, batch_sharding),
+            compiled = jax.jit(step, in_shardings=(plan.shardings, batch_sharding, *frozen_shardings),
                                out_shardings=(plan.shardings, None), donate_argnums=0
-                               ).lower(plan.abstract, batch).compile()
+                               ).lower(plan.abstract, batch, *frozen).compile()
         except jax.errors.JaxRuntimeError as e:
             first = str(e).splitlines()[0][:300]
             if "RESOURCE_EXHAUSTED" in first and "HBM" in first:
@@ -145,7 +152,7 @@ def compile_for(cfg: Config, devices, chip: Chip, chips: int, label: str = "") -
         - memory.alias_size_in_bytes
     return Report(
         label=label, devices=len(devices),
-        params_bytes=_per_device_bytes(plan.abstract["params"]),
+        params_bytes=_per_device_bytes(plan.abstract["params"]) + _per_device_bytes(plan.frozen_abstract or {}),
         optimizer_bytes=_per_device_bytes(plan.abstract["opt_state"]),
         argument_bytes=memory.argument_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
         total_bytes=total, capacity_bytes=int(chip.hbm_bytes * chips / len(devices)),

@@ -6,9 +6,11 @@ Nothing is ever materialised on one device and then moved: the model is traced w
 with those shardings as outputs, so each device computes only its own shard. The same
 abstract tree (shapes + shardings) is the target when a checkpoint is restored.
 
-With LoRA the train state's `params` are the adapters only; the frozen base lives
-outside the state (`plan.base_shardings`), so it has no optimizer state and is never
-checkpointed: a run's config names its base (`model.init_from`, or the seed).
+With parameter-efficient fine-tuning (model/peft.py) the train state's `params` are the
+trainable part only (LoRA/DoRA adapters, or the params a `freeze` selection trains);
+the frozen rest lives outside the state (`plan.frozen_shardings`), has no optimizer
+state and is never checkpointed: a run's config names its base (`model.init_from`, or
+the seed), and the frozen tree is rebuilt from that base on resume.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxsft.config import LogicalRules, LoraConfig, ModelConfig
-from jaxsft.model import lora
+from jaxsft.config import LogicalRules, ModelConfig
+from jaxsft.model import peft
 from jaxsft.model.transformer import Transformer
 from jaxsft.train import sharding
 from jaxsft.train.step import init_state
@@ -33,9 +35,10 @@ class StatePlan:
     graphdef: Any
     shardings: Any  # NamedSharding tree matching the train state
     abstract: Any  # ShapeDtypeStruct tree with shardings (restore target)
-    base_shardings: Any = None  # LoRA: shardings of the frozen base params (not in the state)
-    base_abstract: Any = None  # LoRA: the base's ShapeDtypeStructs with those shardings
-    lora_cfg: LoraConfig | None = None
+    full_shardings: Any  # shardings of the whole model's params (what a base is loaded onto)
+    frozen_shardings: Any = None  # PEFT: shardings of the frozen params (not in the state)
+    frozen_abstract: Any = None  # PEFT: their ShapeDtypeStructs with those shardings
+    peft: bool = False
 
 
 def _abstract_model(cfg: ModelConfig, vocab_size: int, seed: int):
@@ -51,17 +54,20 @@ def _with_sharding(abstract, shardings):
 
 
 def plan(cfg: ModelConfig, vocab_size: int, optimizer: optax.GradientTransformation,
-         rules: LogicalRules, mesh: Mesh, seed: int, lora_cfg: LoraConfig = LoraConfig()) -> StatePlan:
-    graphdef, abstract_params, specs = _abstract_model(cfg, vocab_size, seed)
+         rules: LogicalRules, mesh: Mesh, seed: int) -> StatePlan:
+    graphdef, full_abstract, specs = _abstract_model(cfg, vocab_size, seed)
     specs = jax.tree.map(lambda s: s if isinstance(s, P) else P(), specs,
                          is_leaf=lambda s: isinstance(s, P) or s is None)
-    param_shardings = sharding.tree_shardings(abstract_params, specs, rules, mesh)
-    base_shardings, lora_used = None, lora_cfg if lora_cfg.enabled else None
-    if lora_used:
-        base_shardings, base_abstract = param_shardings, abstract_params
-        abstract_params = jax.eval_shape(lambda: lora.init_adapters(base_abstract, lora_cfg, jax.random.key(0)))
-        specs = lora.adapter_specs(specs, base_abstract, lora_cfg)
-        param_shardings = sharding.tree_shardings(abstract_params, specs, rules, mesh)
+    full_shardings = sharding.tree_shardings(full_abstract, specs, rules, mesh)
+    frozen_shardings = frozen_abstract = None
+    abstract_params, param_shardings = full_abstract, full_shardings
+    if peft.enabled(cfg.peft):
+        abstract_params, frozen_abstract = jax.eval_shape(lambda p: peft.init(cfg.peft, p, jax.random.key(0)),
+                                                          full_abstract)
+        trainable_specs, frozen_specs = peft.split_specs(cfg.peft, specs, full_abstract)
+        param_shardings = sharding.tree_shardings(abstract_params, trainable_specs, rules, mesh)
+        frozen_shardings = sharding.tree_shardings(frozen_abstract, frozen_specs, rules, mesh)
+        frozen_abstract = _with_sharding(frozen_abstract, frozen_shardings)
     abstract_state = jax.eval_shape(lambda p: init_state(p, optimizer), abstract_params)
     # Optimizer moments mirror the params they belong to; counters are replicated.
     state_shardings = {
@@ -70,9 +76,8 @@ def plan(cfg: ModelConfig, vocab_size: int, optimizer: optax.GradientTransformat
         "opt_state": optax.tree_map_params(optimizer, lambda _, s: s, abstract_state["opt_state"],
                                            param_shardings, transform_non_params=lambda _: NamedSharding(mesh, P())),
     }
-    base_abstract = _with_sharding(base_abstract, base_shardings) if lora_used else None
-    return StatePlan(graphdef, state_shardings, _with_sharding(abstract_state, state_shardings), base_shardings,
-                     base_abstract, lora_used)
+    return StatePlan(graphdef, state_shardings, _with_sharding(abstract_state, state_shardings), full_shardings,
+                     frozen_shardings, frozen_abstract, peft.enabled(cfg.peft))
 
 
 def init_params(cfg: ModelConfig, vocab_size: int, seed: int):
@@ -83,19 +88,23 @@ def init_params(cfg: ModelConfig, vocab_size: int, seed: int):
 
 def create(cfg: ModelConfig, vocab_size: int, optimizer: optax.GradientTransformation,
            state_plan: StatePlan, seed: int):
-    """Initialises params (LoRA: the adapters) and optimizer state, each device computing only its shard."""
-    def init():
-        if state_plan.lora_cfg is None:
-            return init_state(init_params(cfg, vocab_size, seed), optimizer)
-        base = jax.eval_shape(lambda: init_params(cfg, vocab_size, seed))
-        adapters = lora.init_adapters(base, state_plan.lora_cfg, jax.random.fold_in(jax.random.key(seed), 1))
-        return init_state(adapters, optimizer)
-    return jax.jit(init, out_shardings=state_plan.shardings)()
+    """Full fine-tuning: initialises params and optimizer state, each device computing only its shard."""
+    return jax.jit(lambda: init_state(init_params(cfg, vocab_size, seed), optimizer),
+                   out_shardings=state_plan.shardings)()
 
 
 def create_base(cfg: ModelConfig, vocab_size: int, state_plan: StatePlan, seed: int):
-    """LoRA's frozen base when no `model.init_from` names one: the seed's random init, on the mesh."""
-    return jax.jit(lambda: init_params(cfg, vocab_size, seed), out_shardings=state_plan.base_shardings)()
+    """A PEFT run's base when no `model.init_from` names one: the seed's random init, on the mesh."""
+    return jax.jit(lambda: init_params(cfg, vocab_size, seed), out_shardings=state_plan.full_shardings)()
+
+
+def split_base(cfg: ModelConfig, base, state_plan: StatePlan, seed: int):
+    """(fresh trainable params, frozen params) of a PEFT run from its base, each on its shardings.
+
+    LoRA/DoRA donate the base: the frozen tree is the base itself, in the same buffers."""
+    key = jax.random.fold_in(jax.random.key(seed), 1)
+    return jax.jit(lambda p: peft.init(cfg.peft, p, key), donate_argnums=0 if cfg.peft.adapters else (),
+                   out_shardings=(state_plan.shardings["params"], state_plan.frozen_shardings))(base)
 
 
 def from_params(params, optimizer: optax.GradientTransformation, state_plan: StatePlan):

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxsft.config import LoraConfig
-from jaxsft.train.loss import cross_entropy_sum
+from jaxsft.config import PeftConfig
+from jaxsft.model import peft
+from jaxsft.train.loss import chunked_cross_entropy_sum, cross_entropy_sum
 
 Batch = dict[str, jax.Array]
 
@@ -29,22 +30,28 @@ def init_state(params, optimizer: optax.GradientTransformation) -> dict[str, Any
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
 
 
-def logits_fn(graphdef, params, batch: Batch, adapters=None, lora_cfg: LoraConfig | None = None) -> jax.Array:
-    model = nnx.merge(graphdef, params)
-    blocks = None if adapters is None else adapters["blocks"]
-    return model(batch["inputs"], batch["positions"], batch["segment_ids"], blocks, lora_cfg)
+def logits_fn(graphdef, params, batch: Batch, frozen=None, peft_cfg: PeftConfig = PeftConfig(),
+              key: jax.Array | None = None) -> jax.Array:
+    """Logits of a batch; with PEFT `params` are the trainable part and `frozen` the rest."""
+    merged, blocks = peft.model_inputs(peft_cfg, params, frozen)
+    model = nnx.merge(graphdef, merged)
+    return model(batch["inputs"], batch["positions"], batch["segment_ids"], blocks, key)
 
 
-def loss_sums(graphdef, params, batch: Batch, adapters=None, lora_cfg: LoraConfig | None = None):
-    """(weighted loss sum, weight sum) of one (micro-)batch; with LoRA `params` is the frozen base."""
-    logits = logits_fn(graphdef, params, batch, adapters, lora_cfg)
-    return cross_entropy_sum(logits, batch["targets"], batch["loss_weights"])
+def loss_sums(graphdef, params, batch: Batch, frozen=None, peft_cfg: PeftConfig = PeftConfig(),
+              key: jax.Array | None = None, loss_chunk: int = 0):
+    """(weighted loss sum, weight sum) of one (micro-)batch.
 
-
-def _loss(graphdef, trainable, base, batch: Batch, lora_cfg: LoraConfig | None):
-    if lora_cfg is None:
-        return loss_sums(graphdef, trainable, batch)
-    return loss_sums(graphdef, base, batch, trainable, lora_cfg)
+    `loss_chunk` > 0 computes the cross-entropy from the hidden states `loss_chunk` tokens
+    at a time (loss.chunked_cross_entropy_sum): the [B, T, V] float32 logits never exist."""
+    if not loss_chunk:
+        logits = logits_fn(graphdef, params, batch, frozen, peft_cfg, key)
+        return cross_entropy_sum(logits, batch["targets"], batch["loss_weights"])
+    merged, blocks = peft.model_inputs(peft_cfg, params, frozen)
+    model = nnx.merge(graphdef, merged)
+    hidden_BxTxD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"], blocks, key)
+    return chunked_cross_entropy_sum(hidden_BxTxD, model.head(), batch["targets"], batch["loss_weights"], loss_chunk,
+                                     model.cfg.final_logit_softcap, dtype=jnp.dtype(model.cfg.dtype))
 
 
 def split_micro_batches(batch: Batch, micro_batches: int, constrain: Callable) -> Batch:
@@ -61,29 +68,38 @@ def split_micro_batches(batch: Batch, micro_batches: int, constrain: Callable) -
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     micro_batches: int = 1, constrain_micro: Callable = lambda x: x,
-                    lora_cfg: LoraConfig | None = None):
-    """`train_step(state, batch, base=None)`; with `lora_cfg`, state["params"] are the adapters and
-    `base` the frozen params: only the adapters are differentiated and updated."""
-    grad_fn = jax.value_and_grad(lambda p, base, b: _loss(graphdef, p, base, b, lora_cfg), has_aux=True)
+                    peft_cfg: PeftConfig = PeftConfig(), seed: int = 0, loss_chunk: int = 0):
+    """`train_step(state, batch, frozen=None)`; with PEFT (peft.py) state["params"] are the trainable
+    part and `frozen` the rest: only the trainable part is differentiated and updated.
 
-    def accumulate(params, base, batch: Batch):
+    Adapter dropout draws from a key that is a function of (seed, step, micro-batch), so a
+    resumed run drops exactly what the uninterrupted run would have."""
+    grad_fn = jax.value_and_grad(
+        lambda p, frozen, b, key: loss_sums(graphdef, p, b, frozen, peft_cfg, key, loss_chunk), has_aux=True)
+    dropout = peft_cfg.adapters and peft_cfg.dropout > 0
+
+    def accumulate(params, frozen, batch: Batch, step):
+        step_key = jax.random.fold_in(jax.random.key(seed), step) if dropout else None
+        key = lambda i: None if step_key is None else jax.random.fold_in(step_key, i)  # noqa: E731
         if micro_batches == 1:
-            (loss_sum, _), grads = grad_fn(params, base, batch)
+            (loss_sum, _), grads = grad_fn(params, frozen, batch, key(0))
             return loss_sum, grads
         micro = split_micro_batches(batch, micro_batches, constrain_micro)
 
-        def body(carry, mb):
+        def body(carry, xs):
             loss_acc, grads_acc = carry
-            (loss_sum, _), grads = grad_fn(params, base, mb)
+            i, mb = xs
+            (loss_sum, _), grads = grad_fn(params, frozen, mb, key(i))
             return (loss_acc + loss_sum, jax.tree.map(jnp.add, grads_acc, grads)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        (loss_sum, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+        (loss_sum, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                            (jnp.arange(micro_batches), micro))
         return loss_sum, grads
 
-    def train_step(state, batch: Batch, base=None):
+    def train_step(state, batch: Batch, frozen=None):
         weight = jnp.sum(batch["loss_weights"].astype(jnp.float32))
-        loss_sum, grads = accumulate(state["params"], base, batch)
+        loss_sum, grads = accumulate(state["params"], frozen, batch, state["step"])
         # A step with no trained target (cannot come from the pipeline, which drops such
         # examples) changes nothing rather than dividing by zero.
         denominator = jnp.maximum(weight, 1.0)
@@ -102,7 +118,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
     return train_step
 
 
-def make_eval_step(graphdef, lora_cfg: LoraConfig | None = None):
-    def eval_step(params, batch: Batch, base=None):
-        return _loss(graphdef, params, base, batch, lora_cfg)
+def make_eval_step(graphdef, peft_cfg: PeftConfig = PeftConfig(), loss_chunk: int = 0):
+    def eval_step(params, batch: Batch, frozen=None):
+        return loss_sums(graphdef, params, batch, frozen, peft_cfg, loss_chunk=loss_chunk)
     return eval_step

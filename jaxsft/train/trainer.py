@@ -20,7 +20,8 @@ import numpy as np
 from jaxsft import config as config_lib
 from jaxsft.config import Config, ConfigError
 from jaxsft.data.pipeline import SFTData, build_data
-from jaxsft.model import lora, pretrained
+from jaxsft.data.shards import rows_of_shards, shard_count, shards_for_rows
+from jaxsft.model import lora, peft, pretrained
 from jaxsft.train import distributed, sharding, state as state_lib
 from jaxsft.train.checkpoint import Checkpointer
 from jaxsft.train.metrics import MetricsWriter, ProgressLine, Throughput, console, format_status
@@ -64,10 +65,28 @@ def _evaluate(eval_step, params, batches, frozen=()) -> float:
 
 
 def _eval_batches(data: SFTData, cfg: Config, rows: int, batch_sharding) -> list:
-    start = jax.process_index() * rows
-    batches = data.eval_batches(cfg.train.global_batch_size, cfg.train.eval_batches)
-    local = [{k: v[start:start + rows] for k, v in b.items()} for b in batches]
-    return [sharding.global_batch(b, batch_sharding) for b in local]
+    """Every process builds the whole eval batches and places the rows of its devices."""
+    global_rows = cfg.train.global_batch_size
+    batches = data.eval_batches(global_rows, cfg.train.eval_batches)
+    every_row = np.arange(global_rows)
+    return [sharding.global_batch_of_rows(b, batch_sharding, every_row, global_rows) for b in batches]
+
+
+def _train_feed(data: SFTData, cfg: Config, batch_sharding):
+    """This process's train stream: (seed -> iterator over the virtual shards that hold its
+    devices' rows, all of them with one process; their batch -> global arrays; which of
+    their rows it feeds). The global batches are the same under any process count."""
+    global_rows, count = cfg.train.global_batch_size, cfg.data.virtual_shards
+    fed_rows = sharding.process_rows(batch_sharding, global_rows)
+    shards = shards_for_rows(fed_rows, global_rows, count)
+    row_ids = rows_of_shards(shards, global_rows, count)
+    if len(row_ids) > len(fed_rows):
+        console.print(f"{shard_count(count, global_rows)} virtual data shards: each process builds {len(row_ids)} "
+                      f"rows of a batch to feed {len(fed_rows)}; set data.virtual_shards to a multiple of the "
+                      f"process count to avoid the extra work")
+    stream = lambda seed: iter(data.train_dataset(global_rows, seed=seed, shards=shards))  # noqa: E731
+    to_global = lambda b: sharding.global_batch_of_rows(b, batch_sharding, row_ids, global_rows)  # noqa: E731
+    return stream, to_global, np.isin(row_ids, fed_rows)
 
 
 def _logged(metrics_path: Path, key: str) -> list[float]:
@@ -105,11 +124,10 @@ def train(cfg: Config) -> RunSummary:
     run_dir = _prepare_run_dir(cfg, data)
 
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-    plan = state_lib.plan(cfg.model, vocab_size, optimizer, cfg.mesh.rules, mesh, cfg.train.seed, cfg.lora)
+    plan = state_lib.plan(cfg.model, vocab_size, optimizer, cfg.mesh.rules, mesh, cfg.train.seed)
     _print_trainable(cfg, vocab_size)
     batch_sharding = sharding.batch_sharding(cfg.mesh.rules, mesh)
-    train_iterator = lambda seed: iter(data.train_dataset(  # noqa: E731
-        rows, seed=seed, process_index=jax.process_index(), process_count=jax.process_count()))
+    train_iterator, to_global, fed = _train_feed(data, cfg, batch_sharding)
     data_iterator = train_iterator(cfg.train.seed)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
     start = checkpointer.latest_step() or 0
@@ -121,25 +139,26 @@ def train(cfg: Config) -> RunSummary:
         return _summary(run_dir, metrics_path, start, start, [], 0.0, wall_start)
     if start:
         console.print(f"resuming from step {start} in {run_dir}")
-        train_state, same_layout = checkpointer.restore(start, plan.abstract, data_iterator)
-        if not same_layout:
-            console.print(f"the checkpoint was written by another number of processes: the data stream "
-                          f"restarts, reshuffled with seed {cfg.train.seed + start}")
+        train_state, data_restored = checkpointer.restore(start, plan.abstract, data_iterator)
+        if not data_restored:
+            console.print(f"the checkpoint holds no per-shard data state (written before data.virtual_shards): "
+                          f"the data stream restarts, reshuffled with seed {cfg.train.seed + start}")
             data_iterator.close()
             data_iterator = train_iterator(cfg.train.seed + start)
     else:
-        train_state = _initial_state(cfg, vocab_size, optimizer, plan)
-    # LoRA: the frozen base rides along as an argument of every step, never in the state.
-    frozen = (_frozen_base(cfg, vocab_size, plan),) if plan.lora_cfg else ()
+        train_state = None
+    # PEFT: the frozen params ride along as an argument of every step, never in the state.
+    train_state, frozen = _initial_state(cfg, vocab_size, optimizer, plan, train_state)
 
     micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
     step_fn = make_train_step(plan.graphdef, optimizer, schedule(cfg.optim, cfg.train.steps),
                               cfg.train.micro_batches,
-                              lambda x: jax.lax.with_sharding_constraint(x, micro_sharding), plan.lora_cfg)
+                              lambda x: jax.lax.with_sharding_constraint(x, micro_sharding), cfg.model.peft,
+                              cfg.train.seed, cfg.train.loss_chunk)
     rules = sharding.flax_rules(cfg.mesh.rules)
     compile_start = time.perf_counter()
-    train_step, eval_step = _compile(step_fn, make_eval_step(plan.graphdef, plan.lora_cfg), plan, batch_sharding,
-                                     rows, cfg, mesh, rules)
+    eval_fn = make_eval_step(plan.graphdef, cfg.model.peft, cfg.train.loss_chunk)
+    train_step, eval_step = _compile(step_fn, eval_fn, plan, batch_sharding, rows, cfg, mesh, rules)
     compile_seconds = time.perf_counter() - compile_start
     console.print(f"compiled the train step in {compile_seconds:.1f}s on {mesh.devices.size} device(s), "
                   f"mesh {dict(mesh.shape)}")
@@ -154,9 +173,8 @@ def train(cfg: Config) -> RunSummary:
     try:
         for step in range(start + 1, total + 1):
             local_batch = next(data_iterator)
-            throughput.add(float(np.count_nonzero(local_batch["segment_ids"])) * jax.process_count())
-            train_state, metrics = train_step(train_state, sharding.global_batch(local_batch, batch_sharding),
-                                              *frozen)
+            throughput.add(float(np.count_nonzero(local_batch["segment_ids"][fed])) * jax.process_count())
+            train_state, metrics = train_step(train_state, to_global(local_batch), *frozen)
             if step % cfg.logging.log_every == 0 or step == total:
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 last["tokens_per_second"] = throughput.rate()
@@ -175,14 +193,26 @@ def train(cfg: Config) -> RunSummary:
     return _summary(run_dir, metrics_path, start, total, rates, compile_seconds, wall_start)
 
 
-def _initial_state(cfg: Config, vocab_size: int, optimizer, plan):
-    """A fresh run's state: Hugging Face / Orbax weights, a PEFT adapter, or a seeded init."""
-    if cfg.model.init_from and not plan.lora_cfg:
-        params = pretrained.load_pretrained(cfg.model, vocab_size, plan.shardings["params"])
-        return state_lib.from_params(params, optimizer, plan)
-    if plan.lora_cfg and cfg.lora.init_from:
-        return state_lib.from_params(_peft_adapters(cfg, plan), optimizer, plan)
-    return state_lib.create(cfg.model, vocab_size, optimizer, plan, cfg.train.seed)
+def _initial_state(cfg: Config, vocab_size: int, optimizer, plan, restored=None):
+    """(train state, frozen-params argument tuple): the restored state or a fresh one (Hugging Face /
+    Orbax weights, a PEFT adapter, or a seeded init); PEFT's frozen part is built from the base."""
+    if not plan.peft:
+        if restored is not None:
+            return restored, ()
+        if cfg.model.init_from:
+            params = pretrained.load_pretrained(cfg.model, vocab_size, plan.shardings["params"])
+            return state_lib.from_params(params, optimizer, plan), ()
+        return state_lib.create(cfg.model, vocab_size, optimizer, plan, cfg.train.seed), ()
+    if cfg.model.init_from:
+        base = pretrained.load_pretrained(cfg.model, vocab_size, plan.full_shardings)
+    else:
+        base = state_lib.create_base(cfg.model, vocab_size, plan, cfg.train.seed)
+    trainable, frozen = state_lib.split_base(cfg.model, base, plan, cfg.train.seed)
+    if restored is not None:
+        return restored, (frozen,)
+    if cfg.model.peft.init_from:
+        trainable = _peft_adapters(cfg, plan)
+    return state_lib.from_params(trainable, optimizer, plan), (frozen,)
 
 
 def _summary(run_dir, metrics_path, start, final, rates, compile_seconds, wall_start) -> RunSummary:
@@ -197,29 +227,20 @@ def _summary(run_dir, metrics_path, start, final, rates, compile_seconds, wall_s
 
 
 def _print_trainable(cfg: Config, vocab_size: int) -> None:
-    if cfg.lora.enabled:
-        trainable, total = lora.count(cfg.model, vocab_size, cfg.lora)
-    else:
-        from jaxsft.model.transformer import param_count
-        trainable = total = param_count(cfg.model, vocab_size)
+    trainable, total = peft.count(cfg.model, vocab_size)
     console.print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: "
                   f"{100 * trainable / total:.4f}")
 
 
 def _peft_adapters(cfg: Config, plan):
-    """The adapters of `lora.init_from` (a HF PEFT directory), placed on the adapters' shardings."""
-    peft_cfg, adapters = lora.load_peft(cfg.lora.init_from, plan.base_abstract)
-    if (peft_cfg.rank, set(lora.target_paths(peft_cfg))) != (cfg.lora.rank, set(lora.target_paths(cfg.lora))):
-        raise ConfigError(f"lora.init_from={cfg.lora.init_from}: rank {peft_cfg.rank} on {list(peft_cfg.targets)}; "
-                          f"set lora.rank and lora.targets to match")
+    """The adapters of `model.peft.init_from` (a HF PEFT directory), placed on the adapters' shardings."""
+    pe = cfg.model.peft
+    peft_cfg, adapters = lora.load_peft(pe.init_from, plan.frozen_abstract)
+    if (peft_cfg.method, peft_cfg.rank, set(lora.target_paths(peft_cfg))) != (
+            pe.method, pe.rank, set(lora.target_paths(pe))):
+        raise ConfigError(f"model.peft.init_from={pe.init_from}: {peft_cfg.method} rank {peft_cfg.rank} on "
+                          f"{list(peft_cfg.targets)}; set model.peft.method, rank and targets to match")
     return jax.device_put(adapters, plan.shardings["params"])
-
-
-def _frozen_base(cfg: Config, vocab_size: int, plan):
-    """LoRA's base: `model.init_from`, else the seed's random init (what the run's config names)."""
-    if cfg.model.init_from:
-        return pretrained.load_pretrained(cfg.model, vocab_size, plan.base_shardings)
-    return state_lib.create_base(cfg.model, vocab_size, plan, cfg.train.seed)
 
 
 def _compile(step_fn, eval_fn, plan, batch_sharding, rows, cfg: Config, mesh, rules):
@@ -233,7 +254,7 @@ def _compile(step_fn, eval_fn, plan, batch_sharding, rows, cfg: Config, mesh, ru
         for k, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("loss_weights", jnp.float32),
                          ("segment_ids", jnp.int32), ("positions", jnp.int32))
     }
-    frozen_shardings, frozen = ((plan.base_shardings,), (plan.base_abstract,)) if plan.lora_cfg else ((), ())
+    frozen_shardings, frozen = ((plan.frozen_shardings,), (plan.frozen_abstract,)) if plan.peft else ((), ())
     with jax.set_mesh(mesh), linen.logical_axis_rules(rules):
         train_step = jax.jit(step_fn, in_shardings=(plan.shardings, batch_sharding, *frozen_shardings),
                              out_shardings=(plan.shardings, None), donate_argnums=0

@@ -1,4 +1,4 @@
-"""LoRA training: frozen base bit-identical, adapter-only optimizer state, sharding, exact resume."""
+"""LoRA/DoRA training: frozen base bit-identical, adapter-only optimizer state, sharding, exact resume, export."""
 
 import contextlib
 import dataclasses
@@ -14,7 +14,7 @@ from flax import linen, nnx
 
 from jaxsft import config as config_lib
 from jaxsft.cli import main
-from jaxsft.config import Config, ConfigError, LoraConfig, MeshConfig, OptimConfig
+from jaxsft.config import Config, ConfigError, MeshConfig, OptimConfig, PeftConfig
 from jaxsft.infer import runs
 from jaxsft.model import hf
 from jaxsft.train import sharding, state as state_lib
@@ -26,29 +26,32 @@ from jaxsft.train.trainer import train
 from train_helpers import TINY_MODEL, VOCAB, make_batch
 from test_trainer import TINY, _records
 
-LORA = LoraConfig(enabled=True, rank=4, alpha=8.0, targets=("q", "v", "down"))
+LORA = PeftConfig(method="lora", rank=4, alpha=8.0, targets=("q", "v", "down"))
 
 
 class LoraSetup:
-    def __init__(self, model=TINY_MODEL, lora_cfg=LORA, devices=None, mesh_cfg=MeshConfig(), batch=(8, 32),
+    def __init__(self, model=TINY_MODEL, peft_cfg=LORA, devices=None, mesh_cfg=MeshConfig(), batch=(8, 32),
                  compile=True):
+        model = dataclasses.replace(model, peft=peft_cfg)
         self.cfg = Config(model=model, mesh=mesh_cfg, optim=OptimConfig(learning_rate=1e-2, warmup_steps=0))
         self.mesh = sharding.make_mesh(mesh_cfg, devices)
         optimizer = make_optimizer(self.cfg.optim, 10)
-        self.plan = state_lib.plan(model, VOCAB, optimizer, mesh_cfg.rules, self.mesh, 0, lora_cfg)
-        self.state = state_lib.create(model, VOCAB, optimizer, self.plan, 0)
-        self.base = state_lib.create_base(model, VOCAB, self.plan, 0)
+        self.plan = state_lib.plan(model, VOCAB, optimizer, mesh_cfg.rules, self.mesh, 0)
+        trainable, self.base = state_lib.split_base(model, state_lib.create_base(model, VOCAB, self.plan, 0),
+                                                    self.plan, 0)
+        self.state = state_lib.from_params(trainable, optimizer, self.plan)
         self.batch_sharding = sharding.batch_sharding(mesh_cfg.rules, self.mesh)
         if not compile:
             return
-        step = make_train_step(self.plan.graphdef, optimizer, schedule(self.cfg.optim, 10), lora_cfg=lora_cfg)
+        step = make_train_step(self.plan.graphdef, optimizer, schedule(self.cfg.optim, 10), peft_cfg=peft_cfg)
         batch = {k: jax.ShapeDtypeStruct(batch, jnp.float32 if k == "loss_weights" else jnp.int32,
                                          sharding=self.batch_sharding)
                  for k in ("inputs", "targets", "loss_weights", "segment_ids", "positions")}
         with jax.set_mesh(self.mesh), linen.logical_axis_rules(sharding.flax_rules(mesh_cfg.rules)):
-            self.step = jax.jit(step, in_shardings=(self.plan.shardings, self.batch_sharding, self.plan.base_shardings),
+            self.step = jax.jit(step, in_shardings=(self.plan.shardings, self.batch_sharding,
+                                                    self.plan.frozen_shardings),
                                 out_shardings=(self.plan.shardings, None)
-                                ).lower(self.plan.abstract, batch, self.plan.base_abstract).compile()
+                                ).lower(self.plan.abstract, batch, self.plan.frozen_abstract).compile()
 
     def run(self, batches):
         for batch in batches:
@@ -84,7 +87,7 @@ def test_optimizer_state_and_compiled_arguments_hold_adapters_only(bf16_setup):
     # AdamW: mu and nu per adapter param, plus scalar counters.
     assert 2 * adapter_bytes <= opt_bytes <= 2 * adapter_bytes + 64
     batch_bytes = 5 * 8 * 32 * 4
-    expected = 3 * adapter_bytes + _bytes(setup.plan.base_abstract) + batch_bytes
+    expected = 3 * adapter_bytes + _bytes(setup.plan.frozen_abstract) + batch_bytes
     arguments = setup.step.memory_analysis().argument_size_in_bytes
     assert expected <= arguments <= expected + 64, (arguments, expected)
 
@@ -100,12 +103,13 @@ def test_adapters_shard_with_the_kernel_they_adapt():
 
 
 LORA_RUN = ["train.steps=6", "checkpoint.every=3", "train.eval_every=100", "mesh.fsdp=4", "mesh.data=2",
-            "lora.enabled=true", "lora.rank=4", "lora.targets=[q, v, gate]", "optim.learning_rate=0.01"]
+            "model.peft.method=lora", "model.peft.rank=4", "model.peft.targets=[q, v, gate]",
+            "model.peft.dropout=0.1", "optim.learning_rate=0.01"]
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    """A 6-step LoRA run on 8 fake devices (fsdp=4 x data=2), its stdout, and its config."""
+    """A 6-step LoRA run (adapter dropout 0.1) on 8 fake devices (fsdp=4 x data=2), and its stdout."""
     run = tmp_path_factory.mktemp("lora") / "run"
     cfg = config_lib.load(None, TINY + [f"train.run_dir={run}", *LORA_RUN])
     buffer = io.StringIO()
@@ -147,12 +151,12 @@ def test_export_peft_and_merged_hf_give_the_run_logits(lora_run, tmp_path):
     tokens = np.random.default_rng(0).integers(0, loaded.vocab_size, (2, 10)).astype(np.int32)
     positions = np.tile(np.arange(10, dtype=np.int32), (2, 1))
     ours = np.asarray(nnx.merge(loaded.graphdef, loaded.params)(tokens, positions, np.ones_like(tokens)))
-    with pytest.raises(ConfigError, match="LoRA run: export it with --format peft"):
+    with pytest.raises(ConfigError, match="lora run: export it with --format peft"):
         runs.export_hf(run, tmp_path / "x")
     main(["export", str(run), str(tmp_path / "peft"), "--format", "peft"])
     main(["export", str(run), str(tmp_path / "merged"), "--format", "hf", "--merge"])
     cfg = config_lib.load(run / "config.yaml")
-    base = runs._lora_base(cfg, loaded.model_cfg, loaded.vocab_size)
+    base = runs._peft_base(cfg, loaded.model_cfg, loaded.vocab_size)
     hf.save_pretrained(base, loaded.model_cfg, loaded.vocab_size, tmp_path / "base")
 
     def logits(model):
@@ -170,8 +174,87 @@ def test_export_peft_and_merged_hf_give_the_run_logits(lora_run, tmp_path):
 def test_training_continues_from_an_exported_peft_adapter(lora_run, tmp_path):
     run = lora_run[0]
     main(["export", str(run), str(tmp_path / "peft"), "--format", "peft"])
-    args = [a for a in LORA_RUN if not a.startswith("lora.targets")] + [
-        "lora.targets=[q, v, gate_proj]", f"lora.init_from={tmp_path / 'peft'}", "train.steps=1"]
+    args = [a for a in LORA_RUN if not a.startswith("model.peft.targets")] + [
+        "model.peft.targets=[q, v, gate_proj]", f"model.peft.init_from={tmp_path / 'peft'}", "train.steps=1"]
     train(config_lib.load(None, TINY + [f"train.run_dir={tmp_path / 'next'}", *args]))
     source_final = [r["eval_loss"] for r in _records(run) if "eval_loss" in r][-1]
     assert abs(_records(tmp_path / "next")[0]["eval_loss"] - source_final) < 1e-6
+
+
+def _hf_base(path):
+    """A tiny random Llama saved in Hugging Face format, shaped like the TINY runs (vocab 512)."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    return path
+
+
+def _run_logits(run, tokens):
+    loaded = runs.load(run)
+    positions = np.tile(np.arange(tokens.shape[1], dtype=np.int32), (tokens.shape[0], 1))
+    return np.asarray(nnx.merge(loaded.graphdef, loaded.params)(tokens, positions, np.ones_like(tokens)))
+
+
+def _torch_logits(model, tokens):
+    import torch
+
+    with torch.no_grad():
+        return model.eval()(input_ids=torch.as_tensor(tokens.astype(np.int64))).logits.numpy()
+
+
+HF_RUN = [a for a in TINY if not a.startswith("model.")] + [
+    "train.steps=3", "train.eval_every=100", "checkpoint.every=3", "optim.learning_rate=0.01", "mesh.fsdp=2"]
+
+
+def test_dora_run_on_a_hugging_face_base_exports_to_peft(tmp_path):
+    import transformers
+    from peft import PeftModel
+
+    base = _hf_base(tmp_path / "base")
+    run = tmp_path / "run"
+    train(config_lib.load(None, HF_RUN + [f"train.run_dir={run}", f"model.init_from=hf:{base}",
+                                          "model.peft.method=dora", "model.peft.targets=[q, v, up]"]))
+    main(["export", str(run), str(tmp_path / "peft"), "--format", "peft"])
+    tokens = np.random.default_rng(0).integers(0, 512, (2, 10)).astype(np.int32)
+    ours = _run_logits(run, tokens)
+    auto = transformers.AutoModelForCausalLM.from_pretrained
+    theirs = _torch_logits(PeftModel.from_pretrained(auto(base), tmp_path / "peft"), tokens)
+    assert np.abs(ours - _torch_logits(auto(base), tokens)).max() > 1e-4  # training moved the adapters
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
+    assert set(read_state(run, 3)["params"]["blocks"]["attn"]["q_proj"]) == {"a", "b", "m"}
+
+
+def test_freeze_run_trains_its_selection_and_exports_merged(tmp_path):
+    import transformers
+    from safetensors.numpy import load_file
+
+    base = _hf_base(tmp_path / "base")
+    run = tmp_path / "run"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        train(config_lib.load(None, HF_RUN + [f"train.run_dir={run}", f"model.init_from=hf:{base}",
+                                              "model.peft.method=freeze", "model.peft.trainable=[norm]",
+                                              "model.peft.top_layers=1"]))
+    # norms: 2 x 2 x 32 in layer 0, the final 32; all of layer 1 (4 x 32 x 32 attention... counted by shapes).
+    layer = 2 * 32 + 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64
+    assert f"trainable params: {2 * 32 + layer + 32:,} ||" in printed.getvalue()
+    with pytest.raises(ConfigError, match="freeze run: export it with --format hf --merge"):
+        runs.export_hf(run, tmp_path / "x")
+    main(["export", str(run), str(tmp_path / "merged"), "--format", "hf", "--merge"])
+    tokens = np.random.default_rng(0).integers(0, 512, (2, 10)).astype(np.int32)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    np.testing.assert_allclose(_torch_logits(merged, tokens), _run_logits(run, tokens), rtol=1e-4, atol=1e-4)
+    before, after = load_file(base / "model.safetensors"), load_file(
+        tmp_path / "merged" / "model-00001-of-00001.safetensors")
+    for name in before:
+        trained = "norm" in name or "layers.1." in name
+        assert np.array_equal(before[name], after[name]) != trained, name

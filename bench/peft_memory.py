@@ -1,0 +1,78 @@
+"""Device memory of one train step: full fine-tuning against LoRA, DoRA, freeze and a chunked loss.
+
+Compiles (does not run) the real train step of `jaxsft train` for a ~110M-parameter
+Llama-shaped model on one device and prints the compiled `memory_analysis()`:
+arguments (params, optimizer state, frozen params, batch) and temporaries (activations,
+gradients, workspace).
+
+    python bench/peft_memory.py [--rows 8] [--length 512] [--remat full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import linen  # noqa: E402
+
+from jaxsft.config import MeshConfig, ModelConfig, OptimConfig, PeftConfig  # noqa: E402
+from jaxsft.model import peft  # noqa: E402
+from jaxsft.train import sharding, state as state_lib  # noqa: E402
+from jaxsft.train.optim import make_optimizer, schedule  # noqa: E402
+from jaxsft.train.step import make_train_step  # noqa: E402
+
+MODEL = ModelConfig(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=64, d_ff=2048,
+                    tie_embeddings=True)
+VOCAB = 32000
+METHODS = {  # name: (method, train.loss_chunk)
+    "full fine-tuning": (PeftConfig(), 0),
+    "full, loss_chunk 1024": (PeftConfig(), 1024),
+    "LoRA r8 q,v": (PeftConfig(method="lora", rank=8, targets=("q", "v")), 0),
+    "LoRA r8 q,v, loss_chunk 1024": (PeftConfig(method="lora", rank=8, targets=("q", "v")), 1024),
+    "LoRA r16 all-linear": (PeftConfig(method="lora", rank=16, targets=("all-linear",)), 0),
+    "DoRA r8 q,v": (PeftConfig(method="dora", rank=8, targets=("q", "v")), 0),
+    "freeze: top 2 layers + norms": (PeftConfig(method="freeze", trainable=("norm",), top_layers=2), 0),
+}
+
+
+def measure(model: ModelConfig, rows: int, length: int, loss_chunk: int = 0) -> tuple[int, int, int]:
+    mesh = sharding.make_mesh(MeshConfig(), jax.devices()[:1])
+    optim = OptimConfig()
+    optimizer = make_optimizer(optim, 100)
+    plan = state_lib.plan(model, VOCAB, optimizer, MeshConfig().rules, mesh, 0)
+    batch_sharding = sharding.batch_sharding(MeshConfig().rules, mesh)
+    batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.float32 if k == "loss_weights" else jnp.int32,
+                                     sharding=batch_sharding)
+             for k in ("inputs", "targets", "loss_weights", "segment_ids", "positions")}
+    step = make_train_step(plan.graphdef, optimizer, schedule(optim, 100), peft_cfg=model.peft, loss_chunk=loss_chunk)
+    frozen_shardings, frozen = ((plan.frozen_shardings,), (plan.frozen_abstract,)) if plan.peft else ((), ())
+    with jax.set_mesh(mesh), linen.logical_axis_rules(sharding.flax_rules(MeshConfig().rules)):
+        compiled = jax.jit(step, in_shardings=(plan.shardings, batch_sharding, *frozen_shardings),
+                           out_shardings=(plan.shardings, None), donate_argnums=0
+                           ).lower(plan.abstract, batch, *frozen).compile()
+    memory = compiled.memory_analysis()
+    return peft.count(model, VOCAB)[0], memory.argument_size_in_bytes, memory.temp_size_in_bytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--remat", default="full")
+    args = parser.parse_args()
+    total = peft.count(MODEL, VOCAB)[1]
+    print(f"model: {total / 1e6:.1f}M params, {args.rows} x {args.length} tokens, remat {args.remat}, one device")
+    print(f"{'method':<30} {'trainable':>12} {'arguments MiB':>14} {'temporaries MiB':>16}")
+    for name, (method, loss_chunk) in METHODS.items():
+        model = dataclasses.replace(MODEL, remat=args.remat, peft=method)
+        trainable, arguments, temp = measure(model, args.rows, args.length, loss_chunk)
+        print(f"{name:<30} {trainable:>12,} {arguments / 2**20:>14.1f} {temp / 2**20:>16.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Parameter-efficient fine-tuning: which params train, and how the model sees the rest.
+
+Job: split a model's params into a trainable tree (what the optimizer and checkpoints
+hold) and a frozen tree (a step argument that is never differentiated), and hand both
+back to the model.
+
+Methods (`model.peft.method`):
+- `none`: full fine-tuning; everything trains, nothing is frozen.
+- `lora` / `dora`: trainable = the adapters (lora.py), frozen = the whole base.
+- `freeze`: trainable = the params whose path matches `trainable` (regexes searched in
+  "embedding", "lm_head", "final_norm/scale", and per layer "blocks/7/attn/q_bias",
+  "blocks/7/mlp_norm/scale", ...) plus every param of the `top_layers` top blocks; the
+  rest is frozen. BitFit (`_bias`), norms only (`norm`) and top-N layers are all this.
+
+Design
+------
+- Block params are stacked over layers, so a freeze selection may take some layers of
+  a stacked param and not others. The layer range is cut into segments inside which
+  every param is either wholly trained or wholly frozen; each param is stored per
+  segment (`blocks/<start>_<stop>/...`), and the model runs one scan per segment.
+  Slices are made once, when the state is built; nothing is concatenated per step, and
+  the backward pass never reaches below the lowest trained segment.
+- Trained slices of `freeze` are float32 (master weights) whatever `param_dtype`; the
+  frozen tree keeps `param_dtype` (bf16 storage of a frozen base is fine).
+- Every function here works on arrays, on abstract shapes and on logical spec trees
+  (whose leaves are PartitionSpec tuples: a segment keeps the spec of its param).
+
+Contract:
+    enabled(cfg) -> bool
+    init(cfg, params, key) -> (trainable, frozen)      from full params (lora/dora: fresh adapters)
+    frozen_of(cfg, params) -> frozen                   the frozen tree alone
+    split_specs(cfg, specs, abstract) -> (trainable specs, frozen specs)
+    model_inputs(cfg, trainable, frozen) -> (params for nnx.merge, blocks for Transformer.__call__)
+    merged(cfg, trainable, frozen, dtype) -> full params (export, generation)
+    count(model_cfg, vocab_size) -> (trainable, total), without allocating anything
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+from jax.sharding import PartitionSpec
+
+from jaxsft.config import ConfigError, ModelConfig, PeftConfig
+from jaxsft.model import lora
+
+_SEP = "/"
+
+
+def enabled(cfg: PeftConfig) -> bool:
+    return cfg.method != "none"
+
+
+def _flat(tree) -> dict[str, object]:
+    return traverse_util.flatten_dict(tree, sep=_SEP, is_leaf=lambda _, x: isinstance(x, PartitionSpec))
+
+
+def _unflat(flat: dict) -> dict:
+    return traverse_util.unflatten_dict(flat, sep=_SEP)
+
+
+def _n_layers(params) -> int:
+    return int(jax.tree.leaves(params["blocks"])[0].shape[0])
+
+
+# ---------------------------------------------------------------------------- freeze
+
+
+def _patterns(cfg: PeftConfig) -> list[re.Pattern]:
+    out = []
+    for pattern in cfg.trainable:
+        try:
+            out.append(re.compile(pattern))
+        except re.error as e:
+            raise ConfigError(f"model.peft.trainable: {pattern!r} is not a valid regex ({e})") from None
+    return out
+
+
+def _selection(cfg: PeftConfig, paths: list[str], n_layers: int) -> dict[str, tuple[bool, ...] | bool]:
+    """Per param path: trained or not (block params: per layer)."""
+    patterns = _patterns(cfg)
+    hit = lambda path: any(p.search(path) for p in patterns)  # noqa: E731
+    top = n_layers - min(cfg.top_layers, n_layers)
+    out = {}
+    for path in paths:
+        if path.startswith("blocks" + _SEP):
+            rest = path[len("blocks" + _SEP):]
+            out[path] = tuple(i >= top or hit(f"blocks/{i}/{rest}") for i in range(n_layers))
+        else:
+            out[path] = hit(path)
+    if not any(any(v) if isinstance(v, tuple) else v for v in out.values()):
+        raise ConfigError(f"model.peft.trainable: {list(cfg.trainable)} match no parameter (paths look like "
+                          f"embedding, final_norm/scale, blocks/0/attn/q_proj, blocks/0/mlp_norm/scale)")
+    return out
+
+
+def _segments(selection: dict, n_layers: int) -> list[tuple[int, int]]:
+    """Maximal layer ranges inside which every block param is wholly trained or wholly frozen."""
+    cuts = [0] + [i for i in range(1, n_layers)
+                  if any(v[i] != v[i - 1] for v in selection.values() if isinstance(v, tuple))] + [n_layers]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _freeze_split(cfg: PeftConfig, tree, n_layers: int, take):
+    """(trainable, frozen) flat dicts; `take(leaf, start, stop)` slices a block param's layers."""
+    flat = _flat(tree)
+    selection = _selection(cfg, list(flat), n_layers)
+    trainable, frozen = {}, {}
+    for path, leaf in flat.items():
+        if not path.startswith("blocks" + _SEP):
+            (trainable if selection[path] else frozen)[path] = leaf
+            continue
+        rest = path[len("blocks" + _SEP):]
+        for start, stop in _segments(selection, n_layers):
+            side = trainable if selection[path][start] else frozen
+            side[f"blocks/{start}_{stop}/{rest}"] = take(leaf, start, stop)
+    return _unflat(trainable), _unflat(frozen)
+
+
+def _slice(leaf, start, stop):
+    return leaf[start:stop]
+
+
+# ---------------------------------------------------------------------------- contract
+
+
+def init(cfg: PeftConfig, params, key: jax.Array):
+    """(trainable, frozen) from the full params (arrays or abstract, inside jit for placement)."""
+    if cfg.adapters:
+        return lora.init_adapters(params, cfg, key), params
+    if cfg.method == "freeze":
+        trainable, frozen = _freeze_split(cfg, params, _n_layers(params), _slice)
+        return jax.tree.map(lambda x: x.astype(jnp.float32), trainable), frozen
+    return params, None
+
+
+def frozen_of(cfg: PeftConfig, params):
+    if cfg.method == "freeze":
+        return _freeze_split(cfg, params, _n_layers(params), _slice)[1]
+    return params if cfg.adapters else None
+
+
+def split_specs(cfg: PeftConfig, specs, abstract):
+    """Logical specs of (trainable, frozen): adapters per lora.py, freeze slices keep their param's spec."""
+    if cfg.adapters:
+        return lora.adapter_specs(specs, abstract, cfg), specs
+    if cfg.method == "freeze":
+        return _freeze_split(cfg, specs, _n_layers(abstract), lambda leaf, *_: leaf)
+    return specs, None
+
+
+def _segment_key(key: str) -> tuple[int, int]:
+    start, stop = key.split("_")
+    return int(start), int(stop)
+
+
+def model_inputs(cfg: PeftConfig, trainable, frozen):
+    """(params for `nnx.merge`, `blocks` for the model call) from the two trees."""
+    if cfg.adapters:
+        return frozen, [(frozen["blocks"], trainable["blocks"])]
+    if cfg.method != "freeze":
+        return trainable, None
+    both = {**_flat(trainable), **_flat(frozen)}
+    params = _unflat({p: v for p, v in both.items() if not p.startswith("blocks" + _SEP)})
+    by_segment: dict[tuple[int, int], dict] = {}
+    for path, value in both.items():
+        if path.startswith("blocks" + _SEP):
+            _, segment, rest = path.split(_SEP, 2)
+            by_segment.setdefault(_segment_key(segment), {})[rest] = value
+    blocks = [(_unflat(by_segment[k]), None) for k in sorted(by_segment)]
+    # The graph needs *a* layer stack to merge into; the call runs `blocks`, not this one.
+    params["blocks"] = blocks[0][0]
+    return params, blocks
+
+
+def merged(cfg: PeftConfig, trainable, frozen, dtype=None):
+    """The full params the run's model computes with (adapters merged, segments joined)."""
+    if cfg.adapters:
+        return lora.merge(frozen, trainable, cfg, dtype=dtype)
+    if cfg.method != "freeze":
+        return trainable
+    params, blocks = model_inputs(cfg, trainable, frozen)
+    params["blocks"] = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[b for b, _ in blocks])
+    return jax.tree.map(lambda x: x.astype(dtype), params) if dtype else params
+
+
+def count(model_cfg: ModelConfig, vocab_size: int) -> tuple[int, int]:
+    """(trainable, total) parameters as PEFT prints them, from shapes only."""
+    from jaxsft.model.hf import abstract_params
+
+    cfg = model_cfg.peft
+    if cfg.adapters:
+        return lora.count(model_cfg, vocab_size, cfg)
+    flat = abstract_params(model_cfg, vocab_size)
+    total = sum(math.prod(x.shape) for x in flat.values())
+    if cfg.method != "freeze":
+        return total, total
+    params = traverse_util.unflatten_dict({tuple(k.split(".")): v for k, v in flat.items()})
+    trainable = jax.eval_shape(lambda p: init(cfg, p, jax.random.key(0))[0], params)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(trainable)), total

@@ -1,0 +1,71 @@
+"""`train.loss_chunk` in the real train step: the same update, without the [B, T, V] logits."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen
+
+from jaxsft.config import MeshConfig, OptimConfig, PeftConfig
+from jaxsft.train import sharding, state as state_lib
+from jaxsft.train.optim import make_optimizer, schedule
+from jaxsft.train.step import make_train_step
+
+from train_helpers import TINY_MODEL
+
+VOCAB, ROWS, LENGTH = 8192, 8, 256
+
+
+def _compiled(model, loss_chunk: int, devices):
+    mesh_cfg = MeshConfig(data=1, fsdp=len(devices))
+    mesh = sharding.make_mesh(mesh_cfg, devices)
+    optim = OptimConfig(learning_rate=1e-2, warmup_steps=0)
+    optimizer = make_optimizer(optim, 10)
+    plan = state_lib.plan(model, VOCAB, optimizer, mesh_cfg.rules, mesh, 0)
+    batch_sharding = sharding.batch_sharding(mesh_cfg.rules, mesh)
+    batch = {k: jax.ShapeDtypeStruct((ROWS, LENGTH), jnp.float32 if k == "loss_weights" else jnp.int32,
+                                     sharding=batch_sharding)
+             for k in ("inputs", "targets", "loss_weights", "segment_ids", "positions")}
+    step = make_train_step(plan.graphdef, optimizer, schedule(optim, 10), peft_cfg=model.peft, loss_chunk=loss_chunk)
+    frozen_shardings, frozen = ((plan.frozen_shardings,), (plan.frozen_abstract,)) if plan.peft else ((), ())
+    with jax.set_mesh(mesh), linen.logical_axis_rules(sharding.flax_rules(mesh_cfg.rules)):
+        compiled = jax.jit(step, in_shardings=(plan.shardings, batch_sharding, *frozen_shardings),
+                           out_shardings=(plan.shardings, None)).lower(plan.abstract, batch, *frozen).compile()
+    return compiled, plan, batch_sharding
+
+
+def _batch(rng):
+    tokens = rng.integers(0, VOCAB, (ROWS, LENGTH + 1)).astype(np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_weights": (rng.random((ROWS, LENGTH)) < 0.5)
+            .astype(np.float32), "segment_ids": np.ones((ROWS, LENGTH), np.int32),
+            "positions": np.tile(np.arange(LENGTH, dtype=np.int32), (ROWS, 1))}
+
+
+@pytest.mark.parametrize("peft_cfg", [PeftConfig(), PeftConfig(method="lora", targets=("q", "v"))], ids=["full", "lora"])
+def test_chunked_step_equals_the_full_logits_step_with_far_less_temporary_memory(peft_cfg):
+    model = dataclasses.replace(TINY_MODEL, peft=peft_cfg, final_logit_softcap=30.0)
+    devices = jax.devices()[:2]
+    full, plan, batch_sharding = _compiled(model, 0, devices)
+    chunked, _, _ = _compiled(model, 256, devices)
+    logits_bytes = ROWS * LENGTH * VOCAB * 4 // len(devices)  # one f32 logits tensor, per device
+    full_temp, chunked_temp = (c.memory_analysis().temp_size_in_bytes for c in (full, chunked))
+    # Measured: 157.0 MB (LoRA 124.5) for the logits step, 37.1 MB (37.7) chunked.
+    assert full_temp > 3 * logits_bytes  # logits, their softmax and their gradient
+    assert chunked_temp < full_temp - 2 * logits_bytes, (full_temp, chunked_temp)
+
+    batch = sharding.global_batch(_batch(np.random.default_rng(0)), batch_sharding)
+    optimizer = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0), 10)
+    frozen = ()
+    if plan.peft:
+        trainable, base = state_lib.split_base(model, state_lib.create_base(model, VOCAB, plan, 0), plan, 0)
+        states = [state_lib.from_params(jax.tree.map(jnp.copy, trainable), optimizer, plan) for _ in range(2)]
+        frozen = (base,)
+    else:
+        states = [state_lib.create(model, VOCAB, optimizer, plan, 0) for _ in range(2)]
+    (a, metrics_a), (b, metrics_b) = full(states[0], batch, *frozen), chunked(states[1], batch, *frozen)
+    np.testing.assert_allclose(float(metrics_a["loss"]), float(metrics_b["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(metrics_a["grad_norm"]), float(metrics_b["grad_norm"]), rtol=1e-5)
+    # After one AdamW step (lr 1e-2): measured max difference 2.6e-6 (tiny gradients, normalised).
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=2e-5), a["params"], b["params"])
