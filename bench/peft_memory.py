@@ -17,7 +17,6 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from flax import linen  # noqa: E402
 
 from jaxsft.config import MeshConfig, ModelConfig, OptimConfig, PeftConfig  # noqa: E402
@@ -46,15 +45,9 @@ def measure(model: ModelConfig, rows: int, length: int, loss_chunk: int = 0) -> 
     optimizer = make_optimizer(optim, 100)
     plan = state_lib.plan(model, VOCAB, optimizer, MeshConfig().rules, mesh, 0)
     batch_sharding = sharding.batch_sharding(MeshConfig().rules, mesh)
-    batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.float32 if k == "loss_weights" else jnp.int32,
-                                     sharding=batch_sharding)
-             for k in ("inputs", "targets", "loss_weights", "segment_ids", "positions")}
     step = make_train_step(plan.graphdef, optimizer, schedule(optim, 100), peft_cfg=model.peft, loss_chunk=loss_chunk)
-    frozen_shardings, frozen = ((plan.frozen_shardings,), (plan.frozen_abstract,)) if plan.peft else ((), ())
     with jax.set_mesh(mesh), linen.logical_axis_rules(sharding.flax_rules(MeshConfig().rules)):
-        compiled = jax.jit(step, in_shardings=(plan.shardings, batch_sharding, *frozen_shardings),
-                           out_shardings=(plan.shardings, None), donate_argnums=0
-                           ).lower(plan.abstract, batch, *frozen).compile()
+        compiled = state_lib.compile_step(step, plan, batch_sharding, rows, length)
     memory = compiled.memory_analysis()
     return peft.count(model, VOCAB)[0], memory.argument_size_in_bytes, memory.temp_size_in_bytes
 

@@ -128,19 +128,13 @@ def compile_for(cfg: Config, devices, chip: Chip, chips: int, label: str = "") -
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     plan = state_lib.plan(cfg.model, vocab_size, optimizer, cfg.mesh.rules, mesh, cfg.train.seed)
     batch_sharding = sharding.batch_sharding(cfg.mesh.rules, mesh)
-    rows, length = cfg.train.global_batch_size, cfg.data.max_length
-    batch = {k: jax.ShapeDtypeStruct((rows, length), dtype, sharding=batch_sharding)
-             for k, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("loss_weights", jnp.float32),
-                              ("segment_ids", jnp.int32), ("positions", jnp.int32))}
     step = make_train_step(plan.graphdef, optimizer, schedule(cfg.optim, cfg.train.steps), cfg.train.micro_batches,
                            peft_cfg=cfg.model.peft, seed=cfg.train.seed, loss_chunk=cfg.train.loss_chunk)
-    # PEFT: the frozen params are a step argument outside the state, as in `jaxsft train`.
-    frozen_shardings, frozen = ((plan.frozen_shardings,), (plan.frozen_abstract,)) if plan.peft else ((), ())
     with jax.set_mesh(mesh), linen.logical_axis_rules(sharding.flax_rules(cfg.mesh.rules)):
         try:
-            compiled = jax.jit(step, in_shardings=(plan.shardings, batch_sharding, *frozen_shardings),
-                               out_shardings=(plan.shardings, None), donate_argnums=0
-                               ).lower(plan.abstract, batch, *frozen).compile()
+            # PEFT: the frozen params are a step argument outside the state, as in `jaxsft train`.
+            compiled = state_lib.compile_step(step, plan, batch_sharding, cfg.train.global_batch_size,
+                                              cfg.data.max_length)
         except jax.errors.JaxRuntimeError as e:
             first = str(e).splitlines()[0][:300]
             if "RESOURCE_EXHAUSTED" in first and "HBM" in first:

@@ -19,6 +19,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -111,3 +112,25 @@ def from_params(params, optimizer: optax.GradientTransformation, state_plan: Sta
     """The train state around params already on the mesh (e.g. imported from Hugging Face)."""
     return jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_plan.shardings,
                    donate_argnums=0)(params)
+
+
+BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "loss_weights": jnp.float32,
+                "segment_ids": jnp.int32, "positions": jnp.int32}
+
+
+def compile_step(fn, state_plan: StatePlan, batch_sharding, rows: int, length: int, *, train: bool = True):
+    """`fn` compiled ahead of time against abstract arguments with their shardings.
+
+    train: `fn(state, batch, *frozen) -> (state, metrics)`, the state donated; else an
+    eval step `fn(params, batch, *frozen)`. `frozen` is the PEFT frozen tree when there is
+    one. Call under the mesh and the logical axis rules the step was traced for.
+    """
+    batch = {k: jax.ShapeDtypeStruct((rows, length), dtype, sharding=batch_sharding) for k, dtype in BATCH_DTYPES.items()}
+    frozen_shardings, frozen = ((state_plan.frozen_shardings,), (state_plan.frozen_abstract,)) if state_plan.peft \
+        else ((), ())
+    if train:
+        return jax.jit(fn, in_shardings=(state_plan.shardings, batch_sharding, *frozen_shardings),
+                       out_shardings=(state_plan.shardings, None), donate_argnums=0
+                       ).lower(state_plan.abstract, batch, *frozen).compile()
+    return jax.jit(fn, in_shardings=(state_plan.shardings["params"], batch_sharding, *frozen_shardings)
+                   ).lower(state_plan.abstract["params"], batch, *frozen).compile()

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxsft import config as config_lib
@@ -247,18 +246,7 @@ def _compile(step_fn, eval_fn, plan, batch_sharding, rows, cfg: Config, mesh, ru
     """Compiles both steps ahead of time against abstract inputs with their shardings."""
     from flax import linen
 
-    length = cfg.data.max_length
-    global_rows = rows * jax.process_count()
-    abstract_batch = {
-        k: jax.ShapeDtypeStruct((global_rows, length), dtype, sharding=batch_sharding)
-        for k, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("loss_weights", jnp.float32),
-                         ("segment_ids", jnp.int32), ("positions", jnp.int32))
-    }
-    frozen_shardings, frozen = ((plan.frozen_shardings,), (plan.frozen_abstract,)) if plan.peft else ((), ())
+    global_rows, length = rows * jax.process_count(), cfg.data.max_length
     with jax.set_mesh(mesh), linen.logical_axis_rules(rules):
-        train_step = jax.jit(step_fn, in_shardings=(plan.shardings, batch_sharding, *frozen_shardings),
-                             out_shardings=(plan.shardings, None), donate_argnums=0
-                             ).lower(plan.abstract, abstract_batch, *frozen).compile()
-        eval_step = jax.jit(eval_fn, in_shardings=(plan.shardings["params"], batch_sharding, *frozen_shardings)
-                            ).lower(plan.abstract["params"], abstract_batch, *frozen).compile()
-    return train_step, eval_step
+        return (state_lib.compile_step(step_fn, plan, batch_sharding, global_rows, length),
+                state_lib.compile_step(eval_fn, plan, batch_sharding, global_rows, length, train=False))

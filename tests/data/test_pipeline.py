@@ -115,7 +115,8 @@ def test_report_counts_the_synthetic_data(data):
     assert data.eval_report.examples == 150
 
 
-@pytest.mark.parametrize("packing", ["first_fit", "best_fit", "concat"])
+@pytest.mark.parametrize("packing", ["first_fit", pytest.param("best_fit", marks=pytest.mark.slow),
+                                     pytest.param("concat", marks=pytest.mark.slow)])
 def test_same_seed_same_batches_and_resume(data, cache, packing):
     data = _with(data, packing=packing)
     rebuilt = build_data(data.cfg, seed=0, cache_dir=cache)  # cached tokenizer, counted again

@@ -1,7 +1,6 @@
 """Hugging Face import/export: errors name the problem, sharded placement, exact round trips."""
 
 import json
-import shutil
 
 import numpy as np
 import optax

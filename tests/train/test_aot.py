@@ -76,6 +76,7 @@ def test_lora_pre_flight_counts_the_frozen_base_and_adapter_only_moments():
     assert report.model_flops == pytest.approx(4 * n * tokens + 12 * 2 * 4 * 64 * 256 * tokens)
 
 
+@pytest.mark.slow
 def test_host_offload_remat_moves_saved_activations_out_of_hbm():
     """remat=offload keeps the same matmul outputs as dots_with_no_batch_dims_saveable, in host memory."""
     devices, chip, chips = aot.topology("v5p-8")

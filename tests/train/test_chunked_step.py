@@ -25,14 +25,9 @@ def _compiled(model, loss_chunk: int, devices):
     optimizer = make_optimizer(optim, 10)
     plan = state_lib.plan(model, VOCAB, optimizer, mesh_cfg.rules, mesh, 0)
     batch_sharding = sharding.batch_sharding(mesh_cfg.rules, mesh)
-    batch = {k: jax.ShapeDtypeStruct((ROWS, LENGTH), jnp.float32 if k == "loss_weights" else jnp.int32,
-                                     sharding=batch_sharding)
-             for k in ("inputs", "targets", "loss_weights", "segment_ids", "positions")}
     step = make_train_step(plan.graphdef, optimizer, schedule(optim, 10), peft_cfg=model.peft, loss_chunk=loss_chunk)
-    frozen_shardings, frozen = ((plan.frozen_shardings,), (plan.frozen_abstract,)) if plan.peft else ((), ())
     with jax.set_mesh(mesh), linen.logical_axis_rules(sharding.flax_rules(mesh_cfg.rules)):
-        compiled = jax.jit(step, in_shardings=(plan.shardings, batch_sharding, *frozen_shardings),
-                           out_shardings=(plan.shardings, None)).lower(plan.abstract, batch, *frozen).compile()
+        compiled = state_lib.compile_step(step, plan, batch_sharding, ROWS, LENGTH)
     return compiled, plan, batch_sharding
 
 
@@ -43,7 +38,8 @@ def _batch(rng):
             "positions": np.tile(np.arange(LENGTH, dtype=np.int32), (ROWS, 1))}
 
 
-@pytest.mark.parametrize("peft_cfg", [PeftConfig(), PeftConfig(method="lora", targets=("q", "v"))], ids=["full", "lora"])
+@pytest.mark.parametrize("peft_cfg", [PeftConfig(), pytest.param(PeftConfig(method="lora", targets=("q", "v")),
+                                                      marks=pytest.mark.slow)], ids=["full", "lora"])
 def test_chunked_step_equals_the_full_logits_step_with_far_less_temporary_memory(peft_cfg):
     model = dataclasses.replace(TINY_MODEL, peft=peft_cfg, final_logit_softcap=30.0)
     devices = jax.devices()[:2]

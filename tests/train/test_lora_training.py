@@ -23,7 +23,7 @@ from jaxsft.train.optim import make_optimizer, schedule
 from jaxsft.train.step import make_train_step
 from jaxsft.train.trainer import train
 
-from train_helpers import TINY_MODEL, VOCAB, make_batch
+from train_helpers import TINY_MODEL, VOCAB
 from test_trainer import TINY, _records
 
 LORA = PeftConfig(method="lora", rank=4, alpha=8.0, targets=("q", "v", "down"))
@@ -44,14 +44,8 @@ class LoraSetup:
         if not compile:
             return
         step = make_train_step(self.plan.graphdef, optimizer, schedule(self.cfg.optim, 10), peft_cfg=peft_cfg)
-        batch = {k: jax.ShapeDtypeStruct(batch, jnp.float32 if k == "loss_weights" else jnp.int32,
-                                         sharding=self.batch_sharding)
-                 for k in ("inputs", "targets", "loss_weights", "segment_ids", "positions")}
         with jax.set_mesh(self.mesh), linen.logical_axis_rules(sharding.flax_rules(mesh_cfg.rules)):
-            self.step = jax.jit(step, in_shardings=(self.plan.shardings, self.batch_sharding,
-                                                    self.plan.frozen_shardings),
-                                out_shardings=(self.plan.shardings, None)
-                                ).lower(self.plan.abstract, batch, self.plan.frozen_abstract).compile()
+            self.step = state_lib.compile_step(step, self.plan, self.batch_sharding, *batch)
 
     def run(self, batches):
         for batch in batches:
@@ -171,6 +165,7 @@ def test_export_peft_and_merged_hf_give_the_run_logits(lora_run, tmp_path):
     np.testing.assert_allclose(peft_logits, ours, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_training_continues_from_an_exported_peft_adapter(lora_run, tmp_path):
     run = lora_run[0]
     main(["export", str(run), str(tmp_path / "peft"), "--format", "peft"])
@@ -215,6 +210,7 @@ HF_RUN = [a for a in TINY if not a.startswith("model.")] + [
     "train.steps=3", "train.eval_every=100", "checkpoint.every=3", "optim.learning_rate=0.01", "mesh.fsdp=2"]
 
 
+@pytest.mark.slow
 def test_dora_run_on_a_hugging_face_base_exports_to_peft(tmp_path):
     import transformers
     from peft import PeftModel
@@ -233,6 +229,7 @@ def test_dora_run_on_a_hugging_face_base_exports_to_peft(tmp_path):
     assert set(read_state(run, 3)["params"]["blocks"]["attn"]["q_proj"]) == {"a", "b", "m"}
 
 
+@pytest.mark.slow
 def test_freeze_run_trains_its_selection_and_exports_merged(tmp_path):
     import transformers
     from safetensors.numpy import load_file

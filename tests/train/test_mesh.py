@@ -113,6 +113,7 @@ def test_sequence_and_hybrid_meshes_train_like_one_device(one_device_run, mesh_c
     _close(sharded.state["params"], reference_params, 2e-5)
 
 
+@pytest.mark.slow
 def test_trainer_with_a_sequence_axis_equals_data_parallel(tmp_path, monkeypatch):
     """`jaxsft train` end to end (data pipeline, batch assembly, eval) under mesh.sequence=2."""
     monkeypatch.setenv("JAXSFT_CACHE", str(tmp_path / "cache"))

@@ -45,6 +45,7 @@ def _argument_bytes(setup: Setup, batch) -> int:
     return compiled.memory_analysis().argument_size_in_bytes
 
 
+@pytest.mark.slow
 def test_bf16_moments_halve_optimizer_bytes_and_train_close(batches):
     f32, bf16 = Setup(optim=F32, **ONE_DEVICE), Setup(optim=BF16, **ONE_DEVICE)
     assert all(x.dtype == jnp.bfloat16 for x in _moments(bf16.state["opt_state"]))

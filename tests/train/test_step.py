@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from jaxsft.config import STRATEGIES, MeshConfig
 from jaxsft.train import sharding
