@@ -160,12 +160,17 @@ def _compile(args) -> None:
     from jaxsft.train import aot
 
     base = _load(args)
-    devices, chip, chips = aot.topology(args.topology, args.slices)
+    if args.gpu:
+        devices, chip, chips = aot.gpu_topology(args.gpu, args.hosts)
+        target = f"{args.hosts} x {args.gpu}"
+    else:
+        devices, chip, chips = aot.topology(args.topology, args.slices)
+        target = args.topology
     variants = [("", [])] + [(v, [kv for kv in v.split(",") if kv]) for v in args.sweep]
     reports = []
     for label, overrides in variants[1:] if args.sweep else variants:
         cfg = config_lib.from_dict(config_lib.apply_overrides(config_lib.to_dict(base), overrides))
-        reports.append(aot.compile_for(cfg, devices, chip, chips, label or args.topology))
+        reports.append(aot.compile_for(cfg, devices, chip, chips, label or target))
         if not args.sweep:
             print("\n".join(aot.format_report(reports[-1])))
     if args.sweep:
@@ -174,14 +179,18 @@ def _compile(args) -> None:
     if misfits and not args.sweep:
         r = misfits[0]
         raise config_lib.ConfigError(f"does not fit: needs {r.total_bytes / aot.GIB:.1f} GiB of "
-                                     f"{r.capacity_bytes / aot.GIB:.1f} GiB per device on {args.topology}")
+                                     f"{r.capacity_bytes / aot.GIB:.1f} GiB per device on {target}")
 
 
 def _add_compile_verb(verbs) -> None:
-    compile_ = verbs.add_parser("compile", help="compile the train step for a TPU topology on this host (pre-flight)")
+    compile_ = verbs.add_parser("compile", help="compile the train step for a TPU slice or GPU cluster on this host "
+                                                "(pre-flight)")
     _config_args(compile_)
-    compile_.add_argument("--topology", required=True, help="Cloud TPU slice, e.g. v5p-32, v5e-16, v6e-8, v4-16")
-    compile_.add_argument("--slices", type=int, default=1, help="number of such slices joined over DCN")
+    target = compile_.add_mutually_exclusive_group(required=True)
+    target.add_argument("--topology", help="Cloud TPU slice, e.g. v5p-32, v5e-16, v6e-8, v4-16")
+    target.add_argument("--gpu", help="GPUs per host, e.g. h100x8 (compile-only CUDA devices)")
+    compile_.add_argument("--slices", type=int, default=1, help="TPU: number of such slices joined over DCN")
+    compile_.add_argument("--hosts", type=int, default=1, help="GPU: number of such hosts")
     compile_.add_argument("--sweep", nargs="+", default=[], metavar="K=V,K=V",
                           help="compile each variant (comma-separated overrides) and print one table")
     compile_.set_defaults(run=_compile)

@@ -1,4 +1,4 @@
-"""TPU pre-flight: compile the real train step for a TPU topology on a CPU host.
+"""Pre-flight: compile the real train step for a TPU slice or a GPU cluster on a CPU host.
 
 `jax.experimental.topologies` (with libtpu installed, the `tpu` extra) describes a TPU
 slice without any TPU attached; the train step is lowered and compiled against those
@@ -10,6 +10,11 @@ Names follow Cloud TPU: `v4-32` and `v5p-32` count TensorCores (2 per chip), `v5
 and `v6e-16` count chips. `--slices K` asks for K such slices joined over DCN; the mesh is
 then the hybrid ICI x DCN mesh `jaxsft train` builds on a pod (`sharding.make_mesh`), with
 the slices on `mesh.dcn_*` (on `data` when those are all 1).
+
+GPU clusters: `--gpu h100x8 --hosts N` compiles for N hosts of 8 H100s with compile-only
+CUDA devices (the CUDA PJRT plugin, `pip install -e '.[gpu-aot]'`, described by XLA's
+H100 target config in gpu_specs/); no GPU, CUDA runtime or ptxas is needed. Without a
+device XLA cannot autotune its GEMMs: memory is the default kernels', an estimate.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +52,8 @@ CHIPS = {
     "v5e": Chip(1, 16 * GIB, 197e12),
     "v6e": Chip(1, 32 * GIB, 918e12),
 }
+# name: (XLA target config in gpu_specs/, dense bf16 peak per GPU)
+GPUS = {"h100": ("h100_sxm.txtpb", 989e12)}
 SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
              512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
 SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
@@ -97,6 +106,27 @@ def _per_device_bytes(abstract_tree) -> int:
         shape = x.sharding.shard_shape(x.shape)
         return math.prod(shape) * jnp.dtype(x.dtype).itemsize
     return sum(shard_bytes(x) for x in jax.tree.leaves(abstract_tree))
+
+
+def gpu_topology(name: str, hosts: int = 1):
+    """(devices, Chip, GPUs) for `h100x8` (GPUs per host) on `hosts` hosts: compile-only CUDA devices."""
+    kind, _, per_host = name.partition("x")
+    if kind not in GPUS or not per_host.isdigit() or int(per_host) < 1 or hosts < 1:
+        raise ConfigError(f"--gpu {name} (--hosts {hosts}): expected <gpu>x<GPUs per host> with gpu one of "
+                          f"{', '.join(GPUS)} (e.g. h100x8) and at least one host")
+    spec_file, peak = GPUS[kind]
+    spec = (Path(__file__).parent / "gpu_specs" / spec_file).read_text()
+    # The plugin refuses to register on a host without CUDA unless told this is compile-only work.
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    from jax.experimental import topologies
+    try:
+        topo = topologies.get_topology_desc(platform="cuda", target_config=spec, topology=f"1x{hosts}x{per_host}")
+    except Exception as e:  # no CUDA PJRT plugin, or one that cannot read this description
+        raise ConfigError(f"--gpu {name}: GPU compiler unavailable ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}); install it: pip install -e '.[gpu-aot]'") from None
+    hbm = int(re.search(r"device_memory_size: (\d+)", spec).group(1))
+    devices = list(topo.devices)
+    return devices, Chip(1, hbm, peak), len(devices)
 
 
 def model_flops(cfg: Config, vocab_size: int) -> tuple[float, float]:
@@ -157,7 +187,7 @@ def compile_for(cfg: Config, devices, chip: Chip, chips: int, label: str = "") -
 def format_report(r: Report) -> list[str]:
     g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
     return [
-        f"{r.label or 'step'} on {r.devices} TPU devices, per device:",
+        f"{r.label or 'step'} on {r.devices} devices, per device:",
         f"  parameters      {g(r.params_bytes)}",
         f"  optimizer state {g(r.optimizer_bytes)}",
         f"  arguments       {g(r.argument_bytes)} (parameters, optimizer state, batch)",
@@ -176,4 +206,5 @@ def sweep_table(reports: list[Report]) -> list[str]:
     return [header + "   (GiB per device)"] + rows
 
 
-__all__ = ["CHIPS", "Report", "compile_for", "format_report", "model_flops", "sweep_table", "topology"]
+__all__ = ["CHIPS", "GPUS", "Report", "compile_for", "format_report", "gpu_topology", "model_flops", "sweep_table",
+           "topology"]
