@@ -135,30 +135,11 @@ def batch_axes_size(rules: LogicalRules, mesh: Mesh) -> int:
     return math.prod(mesh.shape.get(a, 1) for a in rules.batch)
 
 
-def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Assembles this process's rows into global arrays (each process passes only its own).
-
-    Each process passes whole rows: the rows its devices hold. The global shape is stated
-    so that a length axis split over `sequence` takes each device's slice of those rows
-    (an inferred shape would count the length as split across processes too).
-    """
-    share = _process_row_share(sharding)
-
-    def assemble(rows_BxT: np.ndarray) -> jax.Array:
-        global_shape = (rows_BxT.shape[0] * share,) + rows_BxT.shape[1:]
-        return jax.make_array_from_process_local_data(sharding, rows_BxT, global_shape)
-    return {k: assemble(v) for k, v in local_batch.items()}
-
-
-def _process_row_share(sharding: NamedSharding) -> int:
-    """Global rows per row of this process: row blocks in all / row blocks its devices hold."""
-    axes = sharding.spec[0] if sharding.spec else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    mesh = sharding.mesh
-    where = [mesh.axis_names.index(a) for a in axes]
-    mine = {tuple(index[i] for i in where) for index, device in np.ndenumerate(mesh.devices)
-            if device.process_index == jax.process_index()}
-    return math.prod(mesh.shape[a] for a in axes) // len(mine)
+def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """The whole global batch, held by every process, as global arrays (each device takes its
+    rows and length slice). A process that holds only some rows uses `global_batch_of_rows`."""
+    rows = len(next(iter(batch.values())))
+    return global_batch_of_rows(batch, sharding, np.arange(rows), rows)
 
 
 def process_rows(sharding: NamedSharding, global_rows: int) -> np.ndarray:

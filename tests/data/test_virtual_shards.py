@@ -77,6 +77,20 @@ def _reference(data: SFTData, steps: int) -> list[dict[str, np.ndarray]]:
     return batches
 
 
+def _assert_resumes(data: SFTData, before: int, after: int, stop: int, steps: int) -> None:
+    """`before` processes take `stop` batches and save; `after` processes restore and go on to `steps`:
+    every batch equals the uninterrupted single-stream run's."""
+    expected = _reference(data, steps)
+    run = Processes(data, before)
+    _assert_equal(run.take(stop), expected[:stop])
+    saved = run.states()
+    run.close()
+    resumed = Processes(data, after)
+    resumed.restore(saved)
+    _assert_equal(resumed.take(steps - stop), expected[stop:])
+    resumed.close()
+
+
 @pytest.mark.parametrize("processes", [2, 4, 8])
 def test_global_batches_do_not_depend_on_the_process_count(data, processes):
     expected = _reference(data, 5)
@@ -90,16 +104,7 @@ def test_global_batches_do_not_depend_on_the_process_count(data, processes):
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (4, 2)])
 @pytest.mark.parametrize("packing", ["first_fit", "best_fit", "concat"])
 def test_data_state_resumes_under_another_process_count(data, before, after, packing):
-    data = _with(data, packing=packing)
-    expected = _reference(data, 6)
-    run = Processes(data, before)
-    _assert_equal(run.take(3), expected[:3])
-    saved = run.states()
-    run.close()
-    resumed = Processes(data, after)
-    resumed.restore(saved)
-    _assert_equal(resumed.take(3), expected[3:])
-    resumed.close()
+    _assert_resumes(_with(data, packing=packing), before, after, stop=3, steps=6)
 
 
 def test_curriculum_resumes_under_another_process_count(tmp_path):
@@ -113,30 +118,12 @@ def test_curriculum_resumes_under_another_process_count(tmp_path):
     from jaxsft.config import SourceConfig
     cfg = DataConfig(sources=tuple(SourceConfig(name=n, path=p) for n, p in files.items()), max_length=32,
                      stages=(StageConfig(0, {"a": 1.0}), StageConfig(2, {"b": 1.0})), virtual_shards=SHARDS)
-    data = build_data(cfg, seed=0, cache_dir=tmp_path / "cache")
-    expected = _reference(data, 5)
-    run = Processes(data, 2)
-    _assert_equal(run.take(1), expected[:1])
-    saved = run.states()
-    run.close()
-    resumed = Processes(data, 1)
-    resumed.restore(saved)
-    _assert_equal(resumed.take(4), expected[1:])
-    resumed.close()
+    _assert_resumes(build_data(cfg, seed=0, cache_dir=tmp_path / "cache"), 2, 1, stop=1, steps=5)
 
 
 def test_worker_processes_resume_under_another_process_count(data):
     # Two workers each take every other sample of every shard the process owns.
-    workers = _with(data, worker_count=2)
-    expected = _reference(workers, 4)
-    run = Processes(workers, 2)
-    _assert_equal(run.take(2), expected[:2])
-    saved = run.states()
-    run.close()
-    resumed = Processes(workers, 1)
-    resumed.restore(saved)
-    _assert_equal(resumed.take(2), expected[2:])
-    resumed.close()
+    _assert_resumes(_with(data, worker_count=2), 2, 1, stop=2, steps=4)
 
 
 def test_a_state_of_other_virtual_shards_is_refused(data):
