@@ -30,28 +30,20 @@ def init_state(params, optimizer: optax.GradientTransformation) -> dict[str, Any
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
 
 
-def logits_fn(graphdef, params, batch: Batch, frozen=None, peft_cfg: PeftConfig = PeftConfig(),
-              key: jax.Array | None = None) -> jax.Array:
-    """Logits of a batch; with PEFT `params` are the trainable part and `frozen` the rest."""
-    merged, blocks = peft.model_inputs(peft_cfg, params, frozen)
-    model = nnx.merge(graphdef, merged)
-    return model(batch["inputs"], batch["positions"], batch["segment_ids"], blocks, key)
-
-
 def loss_sums(graphdef, params, batch: Batch, frozen=None, peft_cfg: PeftConfig = PeftConfig(),
               key: jax.Array | None = None, loss_chunk: int = 0):
-    """(weighted loss sum, weight sum) of one (micro-)batch.
+    """(weighted loss sum, weight sum) of one (micro-)batch; with PEFT `params` are the trainable
+    part and `frozen` the rest.
 
     `loss_chunk` > 0 computes the cross-entropy from the hidden states `loss_chunk` tokens
     at a time (loss.chunked_cross_entropy_sum): the [B, T, V] float32 logits never exist."""
-    if not loss_chunk:
-        logits = logits_fn(graphdef, params, batch, frozen, peft_cfg, key)
-        return cross_entropy_sum(logits, batch["targets"], batch["loss_weights"])
     merged, blocks = peft.model_inputs(peft_cfg, params, frozen)
     model = nnx.merge(graphdef, merged)
     hidden_BxTxD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"], blocks, key)
-    return chunked_cross_entropy_sum(hidden_BxTxD, model.head(), batch["targets"], batch["loss_weights"], loss_chunk,
-                                     model.cfg.final_logit_softcap, dtype=jnp.dtype(model.cfg.dtype))
+    if loss_chunk:
+        return chunked_cross_entropy_sum(hidden_BxTxD, model.head(), batch["targets"], batch["loss_weights"],
+                                         loss_chunk, model.cfg.final_logit_softcap, dtype=jnp.dtype(model.cfg.dtype))
+    return cross_entropy_sum(model.logits(hidden_BxTxD), batch["targets"], batch["loss_weights"])
 
 
 def split_micro_batches(batch: Batch, micro_batches: int, constrain: Callable) -> Batch:
