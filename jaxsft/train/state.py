@@ -108,6 +108,13 @@ def split_base(cfg: ModelConfig, base, state_plan: StatePlan, seed: int):
                    out_shardings=(state_plan.shardings["params"], state_plan.frozen_shardings))(base)
 
 
+def frozen_part(cfg: ModelConfig, base, state_plan: StatePlan):
+    """The frozen params alone, on their shardings: a run whose trainable part comes from elsewhere
+    (a checkpoint, a PEFT adapter) builds no fresh one."""
+    return jax.jit(lambda p: peft.frozen_of(cfg.peft, p), donate_argnums=0 if cfg.peft.adapters else (),
+                   out_shardings=state_plan.frozen_shardings)(base)
+
+
 def from_params(params, optimizer: optax.GradientTransformation, state_plan: StatePlan):
     """The train state around params already on the mesh (e.g. imported from Hugging Face)."""
     return jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_plan.shardings,

@@ -206,11 +206,12 @@ def _initial_state(cfg: Config, vocab_size: int, optimizer, plan, restored=None)
         base = pretrained.load_pretrained(cfg.model, vocab_size, plan.full_shardings)
     else:
         base = state_lib.create_base(cfg.model, vocab_size, plan, cfg.train.seed)
-    trainable, frozen = state_lib.split_base(cfg.model, base, plan, cfg.train.seed)
     if restored is not None:
-        return restored, (frozen,)
+        return restored, (state_lib.frozen_part(cfg.model, base, plan),)
     if cfg.model.peft.init_from:
-        trainable = _peft_adapters(cfg, plan)
+        frozen = state_lib.frozen_part(cfg.model, base, plan)
+        return state_lib.from_params(_peft_adapters(cfg, plan), optimizer, plan), (frozen,)
+    trainable, frozen = state_lib.split_base(cfg.model, base, plan, cfg.train.seed)
     return state_lib.from_params(trainable, optimizer, plan), (frozen,)
 
 
