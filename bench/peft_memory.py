@@ -17,13 +17,10 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-from flax import linen  # noqa: E402
 
-from jaxsft.config import MeshConfig, ModelConfig, OptimConfig, PeftConfig  # noqa: E402
+from jaxsft.config import Config, DataConfig, ModelConfig, PeftConfig, TrainConfig  # noqa: E402
 from jaxsft.model import peft  # noqa: E402
-from jaxsft.train import sharding, state as state_lib  # noqa: E402
-from jaxsft.train.optim import make_optimizer, schedule  # noqa: E402
-from jaxsft.train.step import make_train_step  # noqa: E402
+from jaxsft.train import program as program_lib, sharding  # noqa: E402
 
 MODEL = ModelConfig(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=64, d_ff=2048,
                     tie_embeddings=True)
@@ -40,14 +37,9 @@ METHODS = {  # name: (method, train.loss_chunk)
 
 
 def measure(model: ModelConfig, rows: int, length: int, loss_chunk: int = 0) -> tuple[int, int, int]:
-    mesh = sharding.make_mesh(MeshConfig(), jax.devices()[:1])
-    optim = OptimConfig()
-    optimizer = make_optimizer(optim, 100)
-    plan = state_lib.plan(model, VOCAB, optimizer, MeshConfig().rules, mesh, 0)
-    batch_sharding = sharding.batch_sharding(MeshConfig().rules, mesh)
-    step = make_train_step(plan.graphdef, optimizer, schedule(optim, 100), peft_cfg=model.peft, loss_chunk=loss_chunk)
-    with jax.set_mesh(mesh), linen.logical_axis_rules(sharding.flax_rules(MeshConfig().rules)):
-        compiled = state_lib.compile_step(step, plan, batch_sharding, rows, length)
+    cfg = Config(model=model, data=DataConfig(max_length=length),
+                 train=TrainConfig(steps=100, global_batch_size=rows, loss_chunk=loss_chunk))
+    compiled = program_lib.build(cfg, VOCAB, sharding.make_mesh(cfg.mesh, jax.devices()[:1])).compile_train()
     memory = compiled.memory_analysis()
     return peft.count(model, VOCAB)[0], memory.argument_size_in_bytes, memory.temp_size_in_bytes
 

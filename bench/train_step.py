@@ -7,17 +7,17 @@ bench/data_throughput.py for the pipeline side.
 """
 
 import argparse
+import dataclasses
 import time
 
 import jax
 import numpy as np
 
-from jaxsft import config as config_lib
+from jaxsft import config_load
 from jaxsft.cli import DEMO_CONFIG
+from jaxsft.model import pretrained
 from jaxsft.model.transformer import param_count
-from jaxsft.train import sharding, state as state_lib
-from jaxsft.train.optim import make_optimizer, schedule
-from jaxsft.train.step import make_train_step
+from jaxsft.train import program as program_lib, sharding, state as state_lib
 
 
 def random_batch(rng, rows, length, vocab):
@@ -34,32 +34,28 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--vocab", type=int, default=512)
     args = parser.parse_args()
-    cfg = config_lib.load(args.config, args.overrides)
+    cfg = config_load.load(args.config, args.overrides)
+    cfg = dataclasses.replace(cfg, model=pretrained.resolve_config(cfg.model))  # presets
     vocab = cfg.model.vocab_size or args.vocab
     mesh = sharding.make_mesh(cfg.mesh)
-    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-    plan = state_lib.plan(cfg.model, vocab, optimizer, cfg.mesh.rules, mesh, 0)
-    train_state = state_lib.create(cfg.model, vocab, optimizer, plan, 0)
-    batch_sharding = sharding.batch_sharding(cfg.mesh.rules, mesh)
-    step = jax.jit(make_train_step(plan.graphdef, optimizer, schedule(cfg.optim, cfg.train.steps),
-                                   cfg.train.micro_batches),
-                   in_shardings=(plan.shardings, batch_sharding), out_shardings=(plan.shardings, None),
-                   donate_argnums=0)
-    rows, length = cfg.train.global_batch_size, cfg.data.max_length
-    batch = sharding.global_batch(random_batch(np.random.default_rng(0), rows, length, vocab), batch_sharding)
+    program = program_lib.build(cfg, vocab, mesh)
+    train_state, frozen = state_lib.initial_state(cfg, vocab, program.optimizer, program.plan)
     start = time.perf_counter()
-    train_state, metrics = step(train_state, batch)
-    jax.block_until_ready(metrics)
+    step = program.compile_train()  # what `jaxsft train` runs
     compile_s = time.perf_counter() - start
+    rows, length = cfg.train.global_batch_size, cfg.data.max_length
+    batch = sharding.global_batch(random_batch(np.random.default_rng(0), rows, length, vocab), program.batch_sharding)
+    train_state, metrics = step(train_state, batch, *frozen)  # warm-up
+    jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(args.steps):
-        train_state, metrics = step(train_state, batch)
+        train_state, metrics = step(train_state, batch, *frozen)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / args.steps
     n_params = param_count(cfg.model, vocab)
     print(f"model {n_params:,} params, {rows}x{length} tokens/step on {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s)")
-    print(f"first step (compile) {compile_s:.1f} s; {seconds * 1e3:.1f} ms/step; "
+    print(f"compile {compile_s:.1f} s; {seconds * 1e3:.1f} ms/step; "
           f"{rows * length / seconds:,.0f} tokens/s; ~{6 * n_params * rows * length / seconds / 1e9:.1f} GFLOP/s (6N)")
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from jaxsft import config as config_lib
+from jaxsft import config_load
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -23,7 +24,7 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 def _load(args) -> config_lib.Config:
     path = args.config or (DEMO_CONFIG if DEMO_CONFIG.is_file() else None)
-    return config_lib.load(path, args.overrides)
+    return config_load.load(path, args.overrides)
 
 
 def _train(args) -> None:
@@ -34,7 +35,7 @@ def _train(args) -> None:
 
 
 def _config_show(args) -> None:
-    print(config_lib.dump(_load(args)), end="")
+    print(config_load.dump(_load(args)), end="")
 
 
 def _model_info(args) -> None:
@@ -143,6 +144,37 @@ def _data_stats(args) -> None:
     print(stats(_load(args)))
 
 
+def _data_check_template(args) -> int:
+    from jaxsft.data.check_template import check_template
+
+    lines, ok = check_template(args.tokenizer_dir)
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
+def _eval(args) -> None:
+    from jaxsft.eval.evaluate import run
+
+    run(args.source, args.config, args.overrides, args.data, args.out, args.compare)
+
+
+def _add_eval_verb(verbs) -> None:
+    eval_ = verbs.add_parser("eval", help="loss and generation scores of a run, a checkpoint or hf:/dir "
+                                          "(docs/evaluation.md)")
+    eval_.add_argument("source", help="a run directory, RUN/checkpoints/STEP, or hf:/path")
+    eval_.add_argument("config", nargs="?", help="YAML config for the data, template and eval.* "
+                                                 "(default: the run's config.yaml)")
+    eval_.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config key, e.g. --set eval.max_new_tokens=32 (repeatable)")
+    eval_.add_argument("--data", action="append", default=[], metavar="FILE",
+                       help="score this file (JSONL messages, repeatable) instead of the config's eval splits")
+    eval_.add_argument("--out", default=None, help="the JSON report (default: RUN/eval/report.json, or "
+                                                   "eval/report.json); samples.jsonl goes beside it")
+    eval_.add_argument("--compare", default=None, metavar="OTHER_SOURCE",
+                       help="score this source on the same data too, and print both side by side")
+    eval_.set_defaults(run=_eval)
+
+
 def _add_data_verbs(verbs) -> None:
     data = verbs.add_parser("data", help="inspect the data a config trains on")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
@@ -154,6 +186,10 @@ def _add_data_verbs(verbs) -> None:
     stats = data_verbs.add_parser("stats", help="per-source counts, drops, epochs, packing efficiency, lengths")
     _config_args(stats)
     stats.set_defaults(run=_data_stats)
+    check = data_verbs.add_parser("check-template", help="render a battery of conversations with a model's chat "
+                                                         "template: ids equal transformers', masks sane, or refused")
+    check.add_argument("tokenizer_dir", help="a Hugging Face model or tokenizer directory (tokenizer.json + template)")
+    check.set_defaults(run=_data_check_template)
 
 
 def _compile(args) -> None:
@@ -169,7 +205,7 @@ def _compile(args) -> None:
     variants = [("", [])] + [(v, [kv for kv in v.split(",") if kv]) for v in args.sweep]
     reports = []
     for label, overrides in variants[1:] if args.sweep else variants:
-        cfg = config_lib.from_dict(config_lib.apply_overrides(config_lib.to_dict(base), overrides))
+        cfg = config_load.from_dict(config_load.apply_overrides(config_load.to_dict(base), overrides))
         reports.append(aot.compile_for(cfg, devices, chip, chips, label or target))
         if not args.sweep:
             print("\n".join(aot.format_report(reports[-1])))
@@ -208,6 +244,7 @@ def parser() -> argparse.ArgumentParser:
     _config_args(show)
     show.set_defaults(run=_config_show)
     _add_model_verbs(verbs)
+    _add_eval_verb(verbs)
     _add_data_verbs(verbs)
     _add_compile_verb(verbs)
     return root
@@ -215,17 +252,21 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from jaxsft.data.pipeline import DataError
+    from jaxsft.data.formats import DataError
+    from jaxsft.train.faults import RunStopped
 
     try:
-        args.run(args)
+        status = args.run(args)  # a verb returns a status of its own only when it fails a check
     except (config_lib.ConfigError, DataError) as e:
         print(f"jaxsft: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:  # exit codes: jaxsft/train/faults.py, docs/reliability.md
+        print(f"jaxsft: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("jaxsft: interrupted; the latest checkpoint is kept, run the same command to resume", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

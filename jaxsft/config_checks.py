@@ -1,11 +1,12 @@
 """Cross-field checks of a config: each failure is one `ConfigError` line naming the keys.
 
-Field types and choices are checked while the tree is built (config.py); what needs more
+Field types and choices are checked while the tree is built (config_load.py); what needs more
 than one field at a time is checked here, before any data is read or anything compiled.
 """
 
 from __future__ import annotations
 
+from jaxsft import config_ranges
 from jaxsft.config import LOGICAL_AXES, MESH_AXES, Config, ConfigError, DataConfig
 
 
@@ -16,6 +17,7 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks; every message names the keys involved."""
+    config_ranges.check(cfg)  # every number within its range first
     m, d, t = cfg.model, cfg.data, cfg.train
     _require(m.d_model > 0 and m.n_layers > 0 and m.d_ff > 0, "model: d_model, n_layers, d_ff must be positive")
     _require(m.n_heads > 0 and m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0,

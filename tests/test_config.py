@@ -5,23 +5,24 @@ from pathlib import Path
 import pytest
 
 from jaxsft import config as config_lib
+from jaxsft import config_load
 from jaxsft.cli import DEMO_CONFIG, main
 
 
 def test_demo_config_loads_and_round_trips(tmp_path):
-    cfg = config_lib.load(DEMO_CONFIG)
+    cfg = config_load.load(DEMO_CONFIG)
     assert cfg.train.steps == 300 and cfg.model.d_model == 128
-    config_lib.save(cfg, tmp_path / "config.yaml")
-    assert config_lib.load(tmp_path / "config.yaml") == cfg
+    config_load.save(cfg, tmp_path / "config.yaml")
+    assert config_load.load(tmp_path / "config.yaml") == cfg
 
 
 def test_overrides_are_typed():
-    cfg = config_lib.load(DEMO_CONFIG, ["train.steps=50", "optim.learning_rate=3e-4", "mesh.rules.batch=[data]",
+    cfg = config_load.load(DEMO_CONFIG, ["train.steps=50", "optim.learning_rate=3e-4", "mesh.rules.batch=[data]",
                                         "data.train_files=[a.jsonl, b.jsonl]", "model.vocab_size=1024"])
     assert cfg.train.steps == 50 and cfg.optim.learning_rate == 3e-4
     assert cfg.mesh.rules.batch == ("data",) and cfg.data.train_files == ("a.jsonl", "b.jsonl")
     assert cfg.model.vocab_size == 1024
-    assert isinstance(config_lib.load(None, ["optim.learning_rate=1"]).optim.learning_rate, float)
+    assert isinstance(config_load.load(None, ["optim.learning_rate=1"]).optim.learning_rate, float)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -41,7 +42,7 @@ def test_overrides_are_typed():
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(config_lib.ConfigError) as info:
-        config_lib.load(DEMO_CONFIG, [override])
+        config_load.load(DEMO_CONFIG, [override])
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -51,7 +52,7 @@ def test_unknown_key_in_yaml_file(tmp_path):
     path.write_text("optim:\n  learning_rat: 0.1\n")
     with pytest.raises(config_lib.ConfigError, match="unknown config key optim.learning_rat; did you mean "
                                                      "optim.learning_rate"):
-        config_lib.load(path)
+        config_load.load(path)
 
 
 def test_cli_prints_one_line_and_exits_2(capsys):
@@ -67,16 +68,16 @@ def test_cli_config_show_shows_every_default(capsys):
 
 
 def test_strategy_presets_set_the_rules_and_round_trip(tmp_path):
-    cfg = config_lib.load(None, ["mesh.strategy=tp"])
+    cfg = config_load.load(None, ["mesh.strategy=tp"])
     assert cfg.mesh.rules == config_lib.STRATEGIES["tp"] and cfg.mesh.rules.embed == ()
-    config_lib.save(cfg, tmp_path / "run.yaml")
-    assert config_lib.load(tmp_path / "run.yaml") == cfg
+    config_load.save(cfg, tmp_path / "run.yaml")
+    assert config_load.load(tmp_path / "run.yaml") == cfg
     with pytest.raises(config_lib.ConfigError, match="mesh.strategy=tp and mesh.rules disagree"):
-        config_lib.load(None, ["mesh.strategy=tp", "mesh.rules.embed=[fsdp]"])
+        config_load.load(None, ["mesh.strategy=tp", "mesh.rules.embed=[fsdp]"])
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parent.parent / "configs").glob("*.yaml")))
 def test_shipped_configs_validate_and_round_trip(name, tmp_path):
-    cfg = config_lib.load(Path(__file__).parent.parent / "configs" / name)
-    config_lib.save(cfg, tmp_path / "config.yaml")
-    assert config_lib.load(tmp_path / "config.yaml") == cfg
+    cfg = config_load.load(Path(__file__).parent.parent / "configs" / name)
+    config_load.save(cfg, tmp_path / "config.yaml")
+    assert config_load.load(tmp_path / "config.yaml") == cfg

@@ -3,12 +3,15 @@
 Contract: `parse_record(record, format, columns)` returns `list[Message]` or raises
 `BadRecord`. A `BadRecord` carries a short, fixed `reason` (the key drop counts are
 grouped by, e.g. "unknown role") and a free-form `detail` for the per-line report.
+`DataError` is the other kind: the data as a whole cannot be used as configured.
 Extra keys are ignored. `columns` maps a format's field name to the record's (e.g.
 `{"messages": "conv"}`); unmapped fields keep their names.
 
 Formats:
   messages           {"messages": [{"role": system|user|assistant|tool, "content": str,
-                      "train"?: bool, "reasoning"?: str, "tool_calls"?: [...], "name"?: str}]}
+                      "train"?: bool, "reasoning"?: str, "tool_calls"?: [{"id"?, "type"?, "function":
+                      {"name", "arguments": str | object}}], "tool_call_id"?: str, "name"?: str}],
+                      "tools"?: [schema, ...]}  (tools also in prompt_completion records)
   alpaca             {"instruction", "input"?, "output", "system"?}
   sharegpt           {"conversations": [{"from": system|human|gpt|tool, "value"}]}
   prompt_completion  {"prompt": str | messages, "completion": str | messages}
@@ -24,7 +27,6 @@ from typing import Any, Callable, Mapping
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "tool": "tool", "function_call": "assistant", "observation": "tool"}
-FORMATS = ("messages", "alpaca", "sharegpt", "prompt_completion", "text")
 
 
 class BadRecord(ValueError):
@@ -36,6 +38,10 @@ class BadRecord(ValueError):
         self.detail = detail
 
 
+class DataError(RuntimeError):
+    """The data cannot be used as configured; the message is one line, fit to print."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Message:
     role: str  # system | user | assistant | tool | text
@@ -44,10 +50,24 @@ class Message:
     reasoning: str | None = None  # assistant chain of thought (data.reasoning: train | mask | drop)
     tool_calls: str | None = None  # the assistant's tool calls, as compact JSON text
     input: str | None = None  # alpaca's optional input, kept apart for the alpaca template
+    # The tool calls as given (OpenAI style: id, type, function.name, function.arguments as a
+    # string or an object), JSON text: what Hugging Face chat templates read.
+    calls: str | None = None
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None  # a tool message: the tool's name
 
 
-# A conversation is its messages in order; a plain list keeps it cheap to build and slice.
-Conversation = list[Message]
+class Conversation(list):
+    """A conversation is its messages in order (a plain list: cheap to build and slice),
+    plus `tools`: the tool schemas offered to the model (JSON text), if the record has any."""
+
+    def __init__(self, messages=(), tools: str | None = None):
+        super().__init__(messages)
+        self.tools = tools
+
+    def __getitem__(self, k):  # a slice (a prompt for generation) keeps the tools
+        out = super().__getitem__(k)
+        return Conversation(out, self.tools) if isinstance(k, slice) else out
 
 
 def _field(record: Mapping, name: str, columns: Mapping[str, str]) -> Any:
@@ -100,7 +120,38 @@ def _parse_message(i: int, raw: Any) -> Message:
     if role == "assistant" and not content and not calls:
         # An empty answer would train only the end marker: a silent near-zero-loss example.
         raise BadRecord("empty assistant content", where)
-    return Message(role, content, train, reasoning if role == "assistant" else None, calls)
+    given = _calls_as_given(raw.get("tool_calls"), where) if calls else None
+    ids = {k: _optional_string(raw.get(k), f"{where}.{k}") for k in ("tool_call_id", "name")} if role == "tool" else {}
+    return Message(role, content, train, reasoning if role == "assistant" else None, calls, calls=given, **ids)
+
+
+def _optional_string(value: Any, where: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise BadRecord("not a string", f"{where} is {type(value).__name__}")
+    return value
+
+
+def _calls_as_given(raw: list, where: str) -> str:
+    """OpenAI-style calls with `id`, `type` and `function` kept; arguments stay as given."""
+    out = []
+    for k, call in enumerate(raw):
+        function = call.get("function", {k: v for k, v in call.items() if k in ("name", "arguments")})
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadRecord("tool_calls without a function name", f"{where}.tool_calls[{k}]")
+        given = {"type": call.get("type", "function"), "function": function}
+        if call.get("id") is not None:
+            given = {"id": _optional_string(call["id"], f"{where}.tool_calls[{k}].id"), **given}
+        out.append(given)
+    return json.dumps(out, ensure_ascii=False)
+
+
+def _tools(record: Mapping, columns: Mapping[str, str]) -> str | None:
+    tools = record.get(columns.get("tools", "tools"))
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise BadRecord("tools not a list of objects", f"tools is {type(tools).__name__}")
+    return json.dumps(tools, ensure_ascii=False) if tools else None
 
 
 def _messages(raw: Any, name: str = "messages") -> list[Message]:
@@ -116,7 +167,7 @@ def _require_assistant(messages: list[Message]) -> list[Message]:
 
 
 def from_messages(record: Mapping, columns: Mapping[str, str]) -> Conversation:
-    return _require_assistant(_messages(_field(record, "messages", columns)))
+    return Conversation(_require_assistant(_messages(_field(record, "messages", columns))), _tools(record, columns))
 
 
 def from_alpaca(record: Mapping, columns: Mapping[str, str]) -> Conversation:
@@ -154,7 +205,7 @@ def from_prompt_completion(record: Mapping, columns: Mapping[str, str]) -> Conve
         raise BadRecord("no assistant turn", "completion has no assistant message")
     # Only the completion trains; an explicit per-message `train` still wins.
     head = [m if m.train is not None else dataclasses.replace(m, train=False) for m in head]
-    return _require_assistant(head + tail)
+    return Conversation(_require_assistant(head + tail), _tools(record, columns))
 
 
 def from_text(record: Mapping, columns: Mapping[str, str]) -> Conversation:

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from jaxsft.data.sources import DataError
+from jaxsft.data.formats import DataError
 
 FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
@@ -113,6 +113,20 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_offsets(self, text: str, specials: bool) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character offsets; `specials`: special tokens in the text become their ids
+        (for rendered templates, whose every special token the template wrote)."""
+        tok = self._tok
+        if specials:
+            if getattr(self, "_tok_specials", None) is None:
+                import tokenizers
+
+                self._tok_specials = tokenizers.Tokenizer.from_str(self._tok.to_str())
+                self._tok_specials.encode_special_tokens = False
+            tok = self._tok_specials
+        encoding = tok.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -2,7 +2,8 @@
 `stats` counts every source and measures packing. Both return text (the CLI prints it).
 
 Preview marks trained tokens with ANSI green in a terminal (`color=True`) and with
-`[[...]]` otherwise; special tokens are shown by name (`<|im_end|>`). Stats packs real batches of the configured train
+`[[...]]` otherwise; special tokens are shown by name (`<|im_end|>`); then each turn's trained
+tokens on a line of their own (any template, `hf` included). Stats packs real batches of the configured train
 graph to measure packing efficiency (non-pad tokens / all tokens) and examples per
 row, and from those estimates each source's epochs at `train.steps`.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxsft.config import Config
+from jaxsft.data.model_tokenizer import with_model_tokenizer
 from jaxsft.data.pipeline import SFTData, build_data
 from jaxsft.data.reading import DataReport
 
@@ -47,8 +49,21 @@ def highlight(tokenizer, tokens: np.ndarray, weights: np.ndarray, color: bool) -
     return "".join(parts)
 
 
+def trained_by_turn(tokenizer, messages, tokens: np.ndarray, weights: np.ndarray, ends: dict[int, int]) -> list[str]:
+    """One line per message with trained tokens: its index, role and the trained text (repr)."""
+    lines, start = [], 0
+    for i in sorted(ends):
+        end = max(ends[i], start)
+        picked = tokens[start:end][weights[start:end] > 0]
+        if len(picked):
+            lines.append(f"  messages[{i}] {messages[i].role}: trained {''.join(_pieces(tokenizer, picked))!r}")
+        start = end
+    return lines
+
+
 def preview(cfg: Config, n: int = 3, color: bool = False, cache_dir: Path | None = None) -> str:
     """The first `n` train examples of each source as the model sees them."""
+    cfg = with_model_tokenizer(cfg)  # as training chooses it
     data = build_data(cfg.data, seed=cfg.train.seed, cache_dir=cache_dir or _cache())
     from jaxsft.data.pipeline import Encoder
 
@@ -57,12 +72,13 @@ def preview(cfg: Config, n: int = 3, color: bool = False, cache_dir: Path | None
              f"loss_on {cfg.data.loss_on}; trained tokens {'in green' if color else 'in [[...]]'}"]
     for split, pool in zip(data.train, data.pools):
         for i in pool[:n]:
-            tokens, weights, _ = encoder.render(split.conversation(int(i)))
+            tokens, weights, ends = encoder.render(split.conversation(int(i)))
             out = encoder.encode(split.conversation(int(i)))
             trained = int(np.count_nonzero(weights[1:]))
             note = f", truncated ({out[1]}) to {len(out[0]['inputs']) + 1}" if not isinstance(out, str) and out[1] else ""
             lines.append(f"--- {split.name} {split.source.where(int(i))}: {len(tokens)} tokens, {trained} trained{note}")
             lines.append(highlight(data.tokenizer, tokens, weights, color))
+            lines += trained_by_turn(data.tokenizer, split.conversation(int(i)), tokens, weights, ends)
     return "\n".join(lines)
 
 
@@ -115,6 +131,7 @@ def expected_epochs(data: SFTData, steps: int, examples_per_step: float) -> list
 
 
 def stats(cfg: Config, cache_dir: Path | None = None) -> str:
+    cfg = with_model_tokenizer(cfg)  # as training chooses it
     data = build_data(cfg.data, seed=cfg.train.seed, cache_dir=cache_dir or _cache())
     rows = cfg.train.global_batch_size
     efficiency, per_row = measure_packing(data, rows, seed=cfg.train.seed)

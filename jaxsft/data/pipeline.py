@@ -36,12 +36,11 @@ import grain
 import numpy as np
 
 from jaxsft.config import DataConfig
-from jaxsft.data.formats import BadRecord, Conversation
+from jaxsft.data.formats import BadRecord, Conversation, DataError
 from jaxsft.data.mixture import Mixture, Staged, probabilities
 from jaxsft.data.packing import ConcatThenSplit, WindowBestFit
 from jaxsft.data.reading import DataReport, Split, count_split, resolve_sources, training_texts
 from jaxsft.data.shards import Concat, Sharded, shard_count
-from jaxsft.data.sources import DataError
 from jaxsft.data.templates import BUILTIN, MaskPolicy, Template, get_template
 from jaxsft.data.tokenizer import load_or_train
 
@@ -68,7 +67,7 @@ class Encoder:
 
     def __init__(self, cfg: DataConfig, tokenizer):
         self.template_name, self.max_length, self.overlong = cfg.template, cfg.max_length, cfg.overlong
-        self.policy = MaskPolicy(cfg.loss_on, cfg.train_on_eot, cfg.reasoning)
+        self.policy = MaskPolicy(cfg.loss_on, cfg.train_on_eot, cfg.reasoning, cfg.reasoning_history)
         self.tokenizer = tokenizer
         self._template: Template | None = None
 

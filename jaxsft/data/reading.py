@@ -22,9 +22,9 @@ import numpy as np
 
 from jaxsft.config import DataConfig, SourceConfig
 from jaxsft.data import synthetic
-from jaxsft.data.formats import BadRecord, Conversation, parse_record
-from jaxsft.data.sources import (ArrayRecordSource, BadLine, DataError, JsonlSource, MemorySource, ParquetSource,
-                                 Source, TfdsSource)
+from jaxsft.data.formats import BadRecord, Conversation, DataError, parse_record
+from jaxsft.data.sources import (ArrayRecordSource, BadLine, JsonlSource, MemorySource, ParquetSource, Source,
+                                 TfdsSource)
 
 MAX_REPORTED = 10
 LEGACY_EVAL_FRACTION = 0.02  # train_files without eval_files: every 50th record is eval

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
-from jaxsft.data.sources import DataError
+from jaxsft.data.formats import DataError
 
 KEY = "virtual_shards"
 

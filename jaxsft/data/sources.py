@@ -28,11 +28,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from jaxsft.data.formats import BadRecord
-
-
-class DataError(RuntimeError):
-    """The data cannot be used as configured; the message is one line, fit to print."""
+from jaxsft.data.formats import BadRecord, DataError
 
 
 @dataclasses.dataclass(frozen=True)

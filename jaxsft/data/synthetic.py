@@ -1,6 +1,7 @@
 """Built-in instruction tasks with checkable answers: the demo data and a small eval suite.
 
-Contract: `generate(n, seed, split)` returns `n` records in the `messages` format,
+Contract: `generate(n, seed, split)` returns `n` records in the `messages` format (with a
+`task` field: the task of the last answer),
 the same for the same arguments on any machine (only `random.Random(seed)` and a
 sha256 bucket are used). Splits are held out by prompt: every user prompt is put in a
 bucket by the hash of its text, and `"eval"` uses only bucket 0 of 10 while `"train"`
@@ -122,12 +123,14 @@ def in_split(prompt: str, split: str) -> bool:
     return (bucket(prompt) == 0) == (split == "eval")
 
 
-def _exchange(rng: random.Random, split: str) -> Exchange:
+def _exchange(rng: random.Random, split: str) -> tuple[str, str, str]:
+    """(prompt, answer, task name)."""
     # Rejection sampling: about 1.1 tries for train and 10 for eval, each a few µs.
     while True:
-        prompt, answer = rng.choice(TASKS)(rng)
+        task = rng.choice(TASKS)
+        prompt, answer = task(rng)
         if in_split(prompt, split):
-            return prompt, answer
+            return prompt, answer, task.__name__
 
 
 def _record(rng: random.Random, split: str) -> dict:
@@ -135,9 +138,9 @@ def _record(rng: random.Random, split: str) -> dict:
     if rng.random() < SYSTEM_SHARE:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     for _ in range(2 if rng.random() < MULTI_TURN_SHARE else 1):
-        prompt, answer = _exchange(rng, split)
+        prompt, answer, task = _exchange(rng, split)
         messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-    return {"messages": messages}
+    return {"messages": messages, "task": task}  # the task of the last answer (the one `jaxsft eval` scores)
 
 
 def generate(n: int, seed: int, split: str) -> list[dict]:

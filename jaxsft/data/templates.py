@@ -28,8 +28,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from jaxsft.data.formats import BadRecord, Message
-from jaxsft.data.sources import DataError
+from jaxsft.data.formats import BadRecord, DataError, Message
 from jaxsft.data.tokenizer import Tokenizer
 
 EOS = "\x00eos"  # a special part standing for the tokenizer's own end-of-sequence token
@@ -48,6 +47,7 @@ class MaskPolicy:
     loss_on: str = "assistant"  # assistant | last | all
     train_eot: bool = True
     reasoning: str = "train"  # train | mask | drop
+    reasoning_history: str = "drop_as_template"  # hf templates that drop reasoning: accept | keep (refuse)
 
 
 def trained_messages(messages: Sequence[Message], policy: MaskPolicy) -> list[bool]:
@@ -79,6 +79,10 @@ class Template:
     special_pieces: tuple[str, ...] = ()  # control pieces a trained tokenizer needs (not EOS)
     eot = EOS
     reasoning_open, reasoning_close = "<think>\n", "\n</think>\n\n"
+    # The same rendering as a Hugging Face chat template (Jinja), written into exports so the
+    # exported model renders prompts in transformers as it was trained (`reasoning_content`
+    # and content; tool calls are not written).
+    jinja = ""
 
     def __init__(self):
         # Constant texts are encoded once per tokenizer. Weak keys: an id()-keyed cache
@@ -142,7 +146,9 @@ class Template:
             try:
                 i = tokenizer.piece_id(piece)
             except KeyError:
-                raise DataError(f"data.template={self.name}: the tokenizer has no piece {piece!r}") from None
+                hint = ("; data.template=hf renders the tokenizer's own chat template"
+                        if getattr(tokenizer, "chat_template", None) else "")
+                raise DataError(f"data.template={self.name}: the tokenizer has no piece {piece!r}{hint}") from None
             is_control = getattr(tokenizer, "is_control", None)
             if is_control is not None and not is_control(i):
                 raise DataError(f"data.template={self.name}: tokenizer piece {piece!r} is not a control symbol, "
@@ -166,6 +172,13 @@ class Template:
             out.append(Part(escape(f"{chr(10) if content else ''}<tool_call>{m.tool_calls}</tool_call>"),
                             message=i, kind="body"))
         return out
+
+
+def _jinja_body(escape: bool = False) -> str:
+    """Jinja for `Template.body` of message `m`: reasoning, then content (JSON-escaped if `escape`)."""
+    esc = (lambda x: f"(({x}) | tojson)[1:-1]") if escape else (lambda x: x)
+    reasoning, content = esc("'<think>\\n' + m['reasoning_content'] + '\\n</think>\\n\\n'"), esc("m['content'] or ''")
+    return f"{{% if m.get('reasoning_content') %}}{{{{ {reasoning} }}}}{{% endif %}}{{{{ {content} }}}}"
 
 
 class Turns(Template):
@@ -201,6 +214,8 @@ class ChatML(Turns):
     start, end = "<|im_start|>", "<|im_end|>"
     special_pieces = (start, end)
     eot = end
+    jinja = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}" + _jinja_body() +
+             "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
     def open(self, role):
         return [Part(self.start, special=True), Part(f"{role}\n")]
@@ -215,6 +230,9 @@ class Llama3(Turns):
     special_pieces = (bos, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
     eot = "<|eot_id|>"
     roles = {"tool": "ipython"}
+    jinja = ("{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + ('ipython' if m['role'] == "
+             "'tool' else m['role']) + '<|end_header_id|>\\n\\n' }}" + _jinja_body() + "{{ '<|eot_id|>' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
 
     def open(self, role):
         return [Part("<|start_header_id|>", True), Part(self.roles.get(role, role)),
@@ -232,6 +250,11 @@ class Gemma(Turns):
     bos = "<bos>"
     special_pieces = (bos, "<start_of_turn>", "<end_of_turn>")
     eot = "<end_of_turn>"
+    jinja = ("{{ '<bos>' }}{% set system = messages[0]['content'] + '\\n\\n' if messages and messages[0]['role'] == "
+             "'system' else '' %}{% for m in (messages[1:] if system else messages) %}{{ '<start_of_turn>' + ('model' "
+             "if m['role'] == 'assistant' else 'user') + '\\n' }}{% if loop.first %}{{ system }}{% endif %}"
+             + _jinja_body() + "{{ '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+             "{{ '<start_of_turn>model\\n' }}{% endif %}")
 
     def open(self, role):
         return [Part("<start_of_turn>", True), Part(("model" if role == "assistant" else "user") + "\n")]
@@ -256,6 +279,11 @@ class Llama2(Template):
 
     name = "llama2"
     special_pieces = ("<s>",)
+    jinja = ("{% set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else none %}"
+             "{% for m in (messages if system is none else messages[1:]) %}{% if m['role'] == 'user' %}"
+             "{{ '<s>[INST] ' }}{% if loop.first and system is not none %}{{ '<<SYS>>\\n' + system + "
+             "'\\n<</SYS>>\\n\\n' }}{% endif %}" + _jinja_body() + "{{ ' [/INST] ' }}{% else %}" + _jinja_body()
+             + "{{ eos_token }}{% endif %}{% endfor %}")
 
     def parts(self, messages, tokenizer):
         if len(messages) == 1 and messages[0].role == "text":
@@ -283,6 +311,13 @@ class Tagged(Turns):
 
     heads: dict[str, str] = {}
     tails: dict[str, str] = {}
+
+    @property
+    def jinja(self) -> str:
+        return (f"{{% set heads = {json.dumps(self.heads)} %}}{{% set tails = {json.dumps(self.tails)} %}}"
+                "{% for m in messages %}{{ heads[m['role']] }}" + _jinja_body(escape=self.name == "json")
+                + "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ tails[m['role']] }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ heads['assistant'] }}{% endif %}")
 
     def open(self, role):
         return [Part(self.heads[role])]

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Protocol, Sequence
 import sentencepiece as spm
 
 from jaxsft.config import DataConfig
-from jaxsft.data.sources import DataError
+from jaxsft.data.formats import DataError
 
 # At most this many texts (message segments) train a tokenizer: 20k give a 512-piece BPE
 # vocabulary in well under a second, and more would only slow the first run.

@@ -5,7 +5,8 @@ directory, with its tokenizer and template; export a run as a Hugging Face direc
 
 Contract:
     load(source) -> Loaded(graphdef, params, model_cfg, vocab_size, tokenizer, template_name)
-        source: a run directory (config.yaml + checkpoints/), `hf:/dir` or `orbax:/dir`
+        source: a run directory (config.yaml + checkpoints/), one step of it (`RUN/checkpoints/STEP`),
+                `hf:/dir` or `orbax:/dir`
     export_hf(run_dir, out_dir, *, dtype, max_shard_bytes, merge) -> list of written files
     export_peft(run_dir, out_dir) -> list of written files (a LoRA/DoRA run's adapters, HF PEFT format)
 
@@ -27,9 +28,11 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jaxsft import config as config_lib
+from jaxsft import config_load
 from jaxsft.config import ConfigError, ModelConfig
-from jaxsft.model import hf, lora, peft, pretrained
-from jaxsft.model.transformer import Transformer
+from jaxsft.infer import hf_files
+from jaxsft.model import hf, hf_peft, peft, pretrained
+from jaxsft.model.transformer import abstract_model, abstract_params
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -45,7 +48,7 @@ class Loaded:
 
 
 def _graphdef(cfg: ModelConfig, vocab_size: int):
-    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, vocab_size, rngs=nnx.Rngs(0))))[0]
+    return nnx.graphdef(abstract_model(cfg, vocab_size))
 
 
 def _tokenizer(spec: str):
@@ -56,10 +59,7 @@ def _tokenizer(spec: str):
 
 def _replicated(cfg: ModelConfig, vocab_size: int) -> dict:
     mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
-    from flax import traverse_util
-
-    flat = {path: NamedSharding(mesh, P()) for path in hf.abstract_params(cfg, vocab_size)}
-    return traverse_util.unflatten_dict(flat, sep=".")
+    return jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_params(cfg, vocab_size))
 
 
 def _load_pretrained(source: str) -> Loaded:
@@ -67,18 +67,21 @@ def _load_pretrained(source: str) -> Loaded:
     cfg = pretrained.resolve_config(ModelConfig(init_from=source))
     vocab = cfg.vocab_size
     params = pretrained.load_pretrained(cfg, vocab, _replicated(cfg, vocab))
-    directory = source.split(":", 1)[1]
-    return Loaded(_graphdef(cfg, vocab), params, cfg, vocab, _tokenizer(f"hf:{directory}"), "hf")
+    directory = Path(source.split(":", 1)[1])
+    # A jaxsft export of a SentencePiece run carries tokenizer.model, not tokenizer.json.
+    spm_only = not (directory / "tokenizer.json").is_file() and (directory / "tokenizer.model").is_file()
+    tokenizer = _tokenizer(str(directory / "tokenizer.model") if spm_only else f"hf:{directory}")
+    return Loaded(_graphdef(cfg, vocab), params, cfg, vocab, tokenizer, "hf")
 
 
-def _load_run(run_dir: Path) -> Loaded:
+def _load_run(run_dir: Path, step: int | None = None) -> Loaded:
     from jaxsft.train.checkpoint import read_state
 
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: no config.yaml (expected a jaxsft run directory or hf:/path)")
-    cfg = config_lib.load(run_dir / "config.yaml")
+    cfg = config_load.load(run_dir / "config.yaml")
     try:
-        params = read_state(run_dir)["params"]
+        params = read_state(run_dir, step)["params"]
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     method = cfg.model.peft
@@ -93,12 +96,10 @@ def _load_run(run_dir: Path) -> Loaded:
 
 
 def _peft_base(cfg, model_cfg: ModelConfig, vocab: int) -> dict:
-    """The base a PEFT run trained on, as the trainer built it."""
-    if cfg.model.init_from:
-        return pretrained.load_pretrained(cfg.model, vocab, _replicated(model_cfg, vocab))
-    from jaxsft.train.state import init_params
+    """The base a PEFT run trained on: the trainer's own choice of base (`state.base_params`)."""
+    from jaxsft.train.state import base_params
 
-    return jax.jit(lambda: init_params(model_cfg, vocab, cfg.train.seed))()
+    return base_params(cfg.model, vocab, _replicated(model_cfg, vocab), cfg.train.seed)
 
 
 def _tokenizer_spec(run_dir: Path, cfg) -> str:
@@ -109,11 +110,19 @@ def _tokenizer_spec(run_dir: Path, cfg) -> str:
         return f"hf:{run_dir / 'tokenizer'}"
     return cfg.data.tokenizer
 
+def run_and_step(source: str | Path) -> tuple[Path, int | None]:
+    """`RUN/checkpoints/STEP` -> (RUN, STEP); a run directory -> (it, None: the latest step)."""
+    path = Path(source)
+    if path.parent.name == "checkpoints" and path.name.isdigit():
+        return path.parent.parent, int(path.name)
+    return path, None
+
+
 def load(source: str | Path) -> Loaded:
     source = str(source)
     if source.startswith(pretrained.PREFIXES):
         return _load_pretrained(source)
-    return _load_run(Path(source))
+    return _load_run(*run_and_step(source))
 
 
 def export_peft(run_dir: str | Path, out_dir: str | Path) -> list[str]:
@@ -121,12 +130,12 @@ def export_peft(run_dir: str | Path, out_dir: str | Path) -> list[str]:
     from jaxsft.train.checkpoint import read_state
 
     run_dir = Path(run_dir)
-    cfg = config_lib.load(run_dir / "config.yaml")
+    cfg = config_load.load(run_dir / "config.yaml")
     if not cfg.model.peft.adapters:
         raise ConfigError(f"{run_dir}: not a LoRA/DoRA run (model.peft.method is {cfg.model.peft.method}); "
                           f"export it with --format hf")
     base = cfg.model.init_from.split(":", 1)[1] if cfg.model.init_from.startswith("hf:") else ""
-    return lora.save_peft(read_state(run_dir)["params"], cfg.model.peft, out_dir, base_model=base)
+    return hf_peft.save_peft(read_state(run_dir)["params"], cfg.model.peft, out_dir, base_model=base)
 
 
 def export_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None,
@@ -135,7 +144,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = N
 
     A PEFT run needs `merge` (its trained part is merged into the base it names)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    method = config_lib.load(run_dir / "config.yaml").model.peft.method if (run_dir / "config.yaml").is_file() else ""
+    method = config_load.load(run_dir / "config.yaml").model.peft.method if (run_dir / "config.yaml").is_file() else ""
     if method not in ("", "none") and not merge:
         hint = "--format peft, or --format hf --merge" if method in ("lora", "dora") else "--format hf --merge"
         raise ConfigError(f"{run_dir} is a {method} run: export it with {hint}")
@@ -148,4 +157,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = N
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, out_dir / name)
                 files.append(name)
+    init_from = config_load.load(run_dir / "config.yaml").model.init_from
+    base_dir = init_from.split(":", 1)[1] if init_from.startswith(pretrained.PREFIXES) else None
+    files += [f for f in hf_files.write_chat_files(out_dir, loaded.tokenizer, loaded.template_name, base_dir)
+              if f not in files]  # chat template, eos ids, generation_config.json: it chats in transformers
     return files

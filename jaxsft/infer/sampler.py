@@ -68,7 +68,7 @@ def _generate(graphdef, params, tokens_BxP, lengths_B, stop_ids, sampling: Sampl
     valid_BxP = positions_BxP < lengths_B[:, None]
     logits_BxPxV, cache = model.decode(tokens_BxP, positions_BxP, valid_BxP, cache, 0)
     last_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-    out_BxN = jnp.zeros((batch, steps), jnp.int32)
+    out_BxU = jnp.zeros((batch, steps), jnp.int32)
     done_B = jnp.zeros((batch,), bool)
     key = jax.random.key(sampling.seed)
 
@@ -77,16 +77,16 @@ def _generate(graphdef, params, tokens_BxP, lengths_B, stop_ids, sampling: Sampl
         return (t < steps) & ~jnp.all(done_B)
 
     def body(carry):
-        t, last_BxV, cache, done_B, out_BxN, key = carry
+        t, last_BxV, cache, done_B, out_BxU, key = carry
         key, step_key = jax.random.split(key)
         token_B = sample_logits(last_BxV, step_key, sampling)
-        out_BxN = out_BxN.at[:, t].set(jnp.where(done_B, -1, token_B))
+        out_BxU = out_BxU.at[:, t].set(jnp.where(done_B, -1, token_B))
         done_B = done_B | jnp.isin(token_B, stop_ids)
         logits_Bx1xV, cache = model.decode(token_B[:, None], (lengths_B + t)[:, None], ~done_B[:, None],
                                            cache, prompt_len + t)
-        return t + 1, logits_Bx1xV[:, 0], cache, done_B, out_BxN, key
+        return t + 1, logits_Bx1xV[:, 0], cache, done_B, out_BxU, key
 
-    carry = jax.lax.while_loop(cond, body, (0, last_BxV, cache, done_B, out_BxN, key))
+    carry = jax.lax.while_loop(cond, body, (0, last_BxV, cache, done_B, out_BxU, key))
     return carry[4]
 
 
@@ -101,9 +101,9 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], stop_ids: Seque
         row[:len(prompt)] = prompt
     lengths_B = np.array([len(p) for p in prompts], np.int32)
     stops = np.array(list(stop_ids) or [-1], np.int32)
-    out_BxN = np.asarray(_generate(graphdef, params, tokens_BxP, lengths_B, stops, sampling))
+    out_BxU = np.asarray(_generate(graphdef, params, tokens_BxP, lengths_B, stops, sampling))
     results = []
-    for row in out_BxN:
+    for row in out_BxU:
         tokens = [int(t) for t in row if t >= 0]
         cut = next((i for i, t in enumerate(tokens) if t in set(stops.tolist())), len(tokens))
         results.append(tokens[:cut])

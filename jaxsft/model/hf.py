@@ -9,9 +9,10 @@ Contract:
     check(model_dir, cfg, vocab_size) -> TensorIndex     all errors, before any compilation
     load_params(model_dir, cfg, vocab_size, shardings) -> params (pure dict of jax.Arrays)
     save_pretrained(params, cfg, vocab_size, out_dir, *, dtype, max_shard_bytes) -> files
+    MODULES: block kernel path ("attn/q_proj") -> Hugging Face module ("self_attn.q_proj")
 
 Layouts: Hugging Face linears are [out, in]; ours are [in, out] with heads split out
-((d, n, h) for q/k/v, (n, h, d) for o). Our `blocks.*` params are stacked [L, ...]; each
+((d, n, h) for q/k/v, (n, h, d) for o). Our `blocks/*` params are stacked [L, ...]; each
 layer comes from its own `model.layers.{i}.*` tensor and is written into the stacked
 device buffer in place (donated), so host memory holds about one tensor at a time.
 """
@@ -26,46 +27,50 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, traverse_util
 
 from jaxsft.config import ConfigError, ModelConfig
-from jaxsft.model import hf_config
+from jaxsft.model import hf_config, paths
 from jaxsft.model.families import resolve, variant
 from jaxsft.model.safetensors_io import DTYPES, TensorIndex, TensorSpec, write_sharded
-from jaxsft.model.transformer import Transformer
+from jaxsft.model.transformer import abstract_params
 
 _LAYER = "model.layers.{i}."
+# Each block kernel (path inside a block) and the Hugging Face module it is; hf_peft.py
+# names adapters by the same modules.
+MODULES = {"attn/q_proj": "self_attn.q_proj", "attn/k_proj": "self_attn.k_proj", "attn/v_proj": "self_attn.v_proj",
+           "attn/o_proj": "self_attn.o_proj", "mlp/gate_proj": "mlp.gate_proj", "mlp/up_proj": "mlp.up_proj",
+           "mlp/down_proj": "mlp.down_proj"}
+_KERNEL_LAYOUTS = {"attn/q_proj": "in_heads", "attn/k_proj": "in_heads", "attn/v_proj": "in_heads",
+                   "attn/o_proj": "out_heads"}  # the MLP's are plain linears
 
 
 def _block_names(cfg: ModelConfig) -> dict[str, tuple[str, str]]:
     """Stacked param path -> (HF name inside a layer, layout kind)."""
     var = variant(cfg.family)
-    names = {f"attn.{p}_proj": (f"self_attn.{p}_proj.weight", "in_heads") for p in "qkv"}
-    names["attn.o_proj"] = ("self_attn.o_proj.weight", "out_heads")
-    names.update({f"mlp.{p}_proj": (f"mlp.{p}_proj.weight", "linear") for p in ("gate", "up", "down")})
-    names["attn_norm.scale"] = ("input_layernorm.weight", "vector")
+    names = {path: (f"{module}.weight", _KERNEL_LAYOUTS.get(path, "linear")) for path, module in MODULES.items()}
+    names["attn_norm/scale"] = ("input_layernorm.weight", "vector")
     if var.qkv_bias:
-        names.update({f"attn.{p}_bias": (f"self_attn.{p}_proj.bias", "vector") for p in "qkv"})
+        names.update({f"attn/{p}_bias": (f"self_attn.{p}_proj.bias", "vector") for p in "qkv"})
     if var.qk_norm:
-        names.update({f"attn.{p}_norm.scale": (f"self_attn.{p}_norm.weight", "vector") for p in "qk"})
+        names.update({f"attn/{p}_norm/scale": (f"self_attn.{p}_norm.weight", "vector") for p in "qk"})
     if var.post_norms:
-        names["post_attn_norm.scale"] = ("post_attention_layernorm.weight", "vector")
-        names["mlp_norm.scale"] = ("pre_feedforward_layernorm.weight", "vector")
-        names["post_mlp_norm.scale"] = ("post_feedforward_layernorm.weight", "vector")
+        names["post_attn_norm/scale"] = ("post_attention_layernorm.weight", "vector")
+        names["mlp_norm/scale"] = ("pre_feedforward_layernorm.weight", "vector")
+        names["post_mlp_norm/scale"] = ("post_feedforward_layernorm.weight", "vector")
     else:
-        names["mlp_norm.scale"] = ("post_attention_layernorm.weight", "vector")
+        names["mlp_norm/scale"] = ("post_attention_layernorm.weight", "vector")
     return names
 
 
 def tensor_map(cfg: ModelConfig) -> dict[str, tuple[str, str, int | None]]:
     """HF tensor name -> (our param path, layout kind, layer index or None)."""
     out = {"model.embed_tokens.weight": ("embedding", "same", None),
-           "model.norm.weight": ("final_norm.scale", "vector", None)}
+           "model.norm.weight": ("final_norm/scale", "vector", None)}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = ("lm_head", "linear", None)
     for path, (name, kind) in _block_names(cfg).items():
         for i in range(cfg.n_layers):
-            out[_LAYER.format(i=i) + name] = ("blocks." + path, kind, i)
+            out[_LAYER.format(i=i) + name] = ("blocks/" + path, kind, i)
     return out
 
 
@@ -91,14 +96,6 @@ def to_hf(kind: str, array: np.ndarray) -> np.ndarray:
     return array.T if kind == "linear" else array.reshape(hf_shape(kind, array.shape))
 
 
-def abstract_params(cfg: ModelConfig, vocab_size: int) -> dict:
-    """{path: ShapeDtypeStruct} of the model's params, without allocating them."""
-    with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: Transformer(cfg, vocab_size, rngs=nnx.Rngs(0)))
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return {".".join(map(str, path)): jax.ShapeDtypeStruct(v.shape, v.dtype) for path, v in flat}
-
-
 def load_config(model_dir: str | Path, base: ModelConfig = ModelConfig()) -> tuple[ModelConfig, int]:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
@@ -108,7 +105,7 @@ def load_config(model_dir: str | Path, base: ModelConfig = ModelConfig()) -> tup
 
 def _layer_shape(path: str, shapes: dict) -> tuple[int, ...]:
     shape = tuple(shapes[path].shape)
-    return shape[1:] if path.startswith("blocks.") else shape
+    return shape[1:] if path.startswith("blocks/") else shape
 
 
 def check(model_dir: str | Path, cfg: ModelConfig, vocab_size: int) -> TensorIndex:
@@ -118,7 +115,7 @@ def check(model_dir: str | Path, cfg: ModelConfig, vocab_size: int) -> TensorInd
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     cfg = resolve(cfg)
-    expected, shapes = tensor_map(cfg), abstract_params(cfg, vocab_size)
+    expected, shapes = tensor_map(cfg), paths.flatten(abstract_params(cfg, vocab_size))
     present = set(index.tensors)
     if cfg.tie_embeddings:
         present.discard("lm_head.weight")  # some tied checkpoints still carry a copy
@@ -148,15 +145,18 @@ def _place(array: np.ndarray, sharding) -> jax.Array:
 
 
 def _layer_sharding(sharding):
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    """Where one layer of a stacked param goes: its param's sharding less the 'layers' entry."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+    return sharding  # one device (jaxsft convert): every slice lives there
 
 
 def load_params(model_dir: str | Path, cfg: ModelConfig, vocab_size: int, shardings: dict) -> dict:
     """Params as a pure dict (the train state's layout), each placed on `shardings` (same tree)."""
     cfg = resolve(cfg)
     index = check(model_dir, cfg, vocab_size)
-    shapes = abstract_params(cfg, vocab_size)
-    flat_shardings = traverse_util.flatten_dict(shardings, sep=".")
+    shapes = paths.flatten(abstract_params(cfg, vocab_size))
+    flat_shardings = paths.flatten(shardings)
     dtype = jnp.dtype(cfg.param_dtype)
     placed: dict[str, jax.Array] = {}
     for name, (path, kind, layer) in tensor_map(cfg).items():
@@ -169,7 +169,7 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, vocab_size: int, shardi
             placed[path] = jax.jit(lambda: jnp.zeros(shapes[path].shape, dtype), out_shardings=sharding)()
         placed[path] = _set_layer(placed[path], _place(host, _layer_sharding(sharding)), layer, dtype)
         del host
-    return traverse_util.unflatten_dict(placed, sep=".")
+    return paths.unflatten(placed)
 
 
 def save_pretrained(params: dict, cfg: ModelConfig, vocab_size: int, out_dir: str | Path, *,
@@ -178,7 +178,7 @@ def save_pretrained(params: dict, cfg: ModelConfig, vocab_size: int, out_dir: st
     cfg = resolve(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    flat = traverse_util.flatten_dict(params, sep=".")
+    flat = paths.flatten(params)
     np_dtype = np.dtype(jnp.dtype(dtype))
     mapping = tensor_map(cfg)
     specs = [TensorSpec(name, hf_shape(kind, _layer_shape(path, {path: flat[path]})), np_dtype)

@@ -13,8 +13,6 @@ Only numbers and flags are read from config.json; nothing in it is executed.
 
 from __future__ import annotations
 
-import dataclasses
-
 from jaxsft.config import ConfigError, ModelConfig, RopeScaling
 from jaxsft.model.families import resolve
 
@@ -110,7 +108,3 @@ def to_hf(cfg: ModelConfig, vocab_size: int, dtype: str) -> dict:
     if cfg.family in ("qwen2", "qwen3"):
         out["use_sliding_window"] = False
     return out
-
-
-def merge_training_fields(checkpoint: ModelConfig, run: ModelConfig) -> ModelConfig:
-    return dataclasses.replace(checkpoint, **{k: getattr(run, k) for k in _TRAINING_FIELDS})

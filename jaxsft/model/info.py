@@ -11,8 +11,9 @@ import math
 from pathlib import Path
 
 from jaxsft.config import ConfigError, ModelConfig
-from jaxsft.model import hf
-from jaxsft.model.families import PRESETS, resolve
+from jaxsft.model import hf, paths
+from jaxsft.model.families import PRESETS
+from jaxsft.model.transformer import abstract_params
 
 GROUPS = ("embedding", "attention", "mlp", "norms", "lm_head")
 
@@ -20,16 +21,16 @@ GROUPS = ("embedding", "attention", "mlp", "norms", "lm_head")
 def _group(path: str) -> str:
     if "norm" in path:
         return "norms"
-    if path.startswith("blocks.attn."):
+    if path.startswith("blocks/attn/"):
         return "attention"
-    if path.startswith("blocks.mlp."):
+    if path.startswith("blocks/mlp/"):
         return "mlp"
     return path  # embedding, lm_head
 
 
 def param_groups(cfg: ModelConfig, vocab_size: int) -> dict[str, int]:
     counts = dict.fromkeys(GROUPS, 0)
-    for path, shape in hf.abstract_params(resolve(cfg), vocab_size).items():
+    for path, shape in paths.flatten(abstract_params(cfg, vocab_size)).items():
         counts[_group(path)] += math.prod(shape.shape)
     return counts
 

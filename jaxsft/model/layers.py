@@ -64,25 +64,25 @@ class RMSNorm(nnx.Module):
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()) -> np.ndarray:
     """Inverse frequencies (float32), with Llama 3.1's smooth long-wavelength scaling if asked."""
-    inv_freq_F = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    inv_freq_A = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
     if scaling.type != "llama3":
-        return inv_freq_F.astype(np.float32)
+        return inv_freq_A.astype(np.float32)
     s = scaling
     low_wavelen, high_wavelen = s.original_max_position / s.low_freq_factor, s.original_max_position / s.high_freq_factor
-    wavelen_F = 2 * math.pi / inv_freq_F
-    scaled_F = np.where(wavelen_F > low_wavelen, inv_freq_F / s.factor, inv_freq_F)
-    smooth_F = (s.original_max_position / wavelen_F - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    smoothed_F = (1 - smooth_F) * scaled_F / s.factor + smooth_F * scaled_F
-    medium_F = (wavelen_F >= high_wavelen) & (wavelen_F <= low_wavelen)
-    return np.where(medium_F, smoothed_F, scaled_F).astype(np.float32)
+    wavelen_A = 2 * math.pi / inv_freq_A
+    scaled_A = np.where(wavelen_A > low_wavelen, inv_freq_A / s.factor, inv_freq_A)
+    smooth_A = (s.original_max_position / wavelen_A - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed_A = (1 - smooth_A) * scaled_A / s.factor + smooth_A * scaled_A
+    medium_A = (wavelen_A >= high_wavelen) & (wavelen_A <= low_wavelen)
+    return np.where(medium_A, smoothed_A, scaled_A).astype(np.float32)
 
 
 def rope_tables(positions_BxT: jax.Array, head_dim: int, theta: float,
                 scaling: RopeScaling = RopeScaling()) -> tuple[jax.Array, jax.Array]:
     """cos/sin of the rotary angles, float32, in the rotate_half layout (halves repeated)."""
-    inv_freq_F = jnp.asarray(rope_frequencies(head_dim, theta, scaling))
-    angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_F
-    angles_BxTxH = jnp.concatenate([angles_BxTxF, angles_BxTxF], axis=-1)
+    inv_freq_A = jnp.asarray(rope_frequencies(head_dim, theta, scaling))
+    angles_BxTxA = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_A
+    angles_BxTxH = jnp.concatenate([angles_BxTxA, angles_BxTxA], axis=-1)
     return jnp.cos(angles_BxTxH), jnp.sin(angles_BxTxH)
 
 

@@ -42,25 +42,14 @@ import re
 
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
-from jax.sharding import PartitionSpec
 
 from jaxsft.config import ConfigError, ModelConfig, PeftConfig
-from jaxsft.model import lora
-
-_SEP = "/"
+from jaxsft.model import lora, paths
+from jaxsft.model.transformer import abstract_params
 
 
 def enabled(cfg: PeftConfig) -> bool:
     return cfg.method != "none"
-
-
-def _flat(tree) -> dict[str, object]:
-    return traverse_util.flatten_dict(tree, sep=_SEP, is_leaf=lambda _, x: isinstance(x, PartitionSpec))
-
-
-def _unflat(flat: dict) -> dict:
-    return traverse_util.unflatten_dict(flat, sep=_SEP)
 
 
 def _n_layers(params) -> int:
@@ -87,8 +76,8 @@ def _selection(cfg: PeftConfig, paths: list[str], n_layers: int) -> dict[str, tu
     top = n_layers - min(cfg.top_layers, n_layers)
     out = {}
     for path in paths:
-        if path.startswith("blocks" + _SEP):
-            rest = path[len("blocks" + _SEP):]
+        if path.startswith("blocks/"):
+            rest = path[len("blocks/"):]
             out[path] = tuple(i >= top or hit(f"blocks/{i}/{rest}") for i in range(n_layers))
         else:
             out[path] = hit(path)
@@ -107,18 +96,18 @@ def _segments(selection: dict, n_layers: int) -> list[tuple[int, int]]:
 
 def _freeze_split(cfg: PeftConfig, tree, n_layers: int, take):
     """(trainable, frozen) flat dicts; `take(leaf, start, stop)` slices a block param's layers."""
-    flat = _flat(tree)
+    flat = paths.flatten(tree)
     selection = _selection(cfg, list(flat), n_layers)
     trainable, frozen = {}, {}
     for path, leaf in flat.items():
-        if not path.startswith("blocks" + _SEP):
+        if not path.startswith("blocks/"):
             (trainable if selection[path] else frozen)[path] = leaf
             continue
-        rest = path[len("blocks" + _SEP):]
+        rest = path[len("blocks/"):]
         for start, stop in _segments(selection, n_layers):
             side = trainable if selection[path][start] else frozen
             side[f"blocks/{start}_{stop}/{rest}"] = take(leaf, start, stop)
-    return _unflat(trainable), _unflat(frozen)
+    return paths.unflatten(trainable), paths.unflatten(frozen)
 
 
 def _slice(leaf, start, stop):
@@ -164,14 +153,14 @@ def model_inputs(cfg: PeftConfig, trainable, frozen):
         return frozen, [(frozen["blocks"], trainable["blocks"])]
     if cfg.method != "freeze":
         return trainable, None
-    both = {**_flat(trainable), **_flat(frozen)}
-    params = _unflat({p: v for p, v in both.items() if not p.startswith("blocks" + _SEP)})
+    both = {**paths.flatten(trainable), **paths.flatten(frozen)}
+    params = paths.unflatten({p: v for p, v in both.items() if not p.startswith("blocks/")})
     by_segment: dict[tuple[int, int], dict] = {}
     for path, value in both.items():
-        if path.startswith("blocks" + _SEP):
-            _, segment, rest = path.split(_SEP, 2)
+        if path.startswith("blocks/"):
+            _, segment, rest = path.split("/", 2)
             by_segment.setdefault(_segment_key(segment), {})[rest] = value
-    blocks = [(_unflat(by_segment[k]), None) for k in sorted(by_segment)]
+    blocks = [(paths.unflatten(by_segment[k]), None) for k in sorted(by_segment)]
     # The graph needs *a* layer stack to merge into; the call runs `blocks`, not this one.
     params["blocks"] = blocks[0][0]
     return params, blocks
@@ -190,15 +179,12 @@ def merged(cfg: PeftConfig, trainable, frozen, dtype=None):
 
 def count(model_cfg: ModelConfig, vocab_size: int) -> tuple[int, int]:
     """(trainable, total) parameters as PEFT prints them, from shapes only."""
-    from jaxsft.model.hf import abstract_params
-
     cfg = model_cfg.peft
     if cfg.adapters:
         return lora.count(model_cfg, vocab_size, cfg)
-    flat = abstract_params(model_cfg, vocab_size)
-    total = sum(math.prod(x.shape) for x in flat.values())
+    params = abstract_params(model_cfg, vocab_size)
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     if cfg.method != "freeze":
         return total, total
-    params = traverse_util.unflatten_dict({tuple(k.split(".")): v for k, v in flat.items()})
     trainable = jax.eval_shape(lambda p: init(cfg, p, jax.random.key(0))[0], params)
     return sum(math.prod(x.shape) for x in jax.tree.leaves(trainable)), total

@@ -19,16 +19,15 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
-from flax import traverse_util
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jaxsft.config import ConfigError, ModelConfig
 from jaxsft.model import hf
 from jaxsft.model.families import resolve
+from jaxsft.model.transformer import abstract_params
 
 PREFIXES = ("hf:", "orbax:")
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "tokenizer.model")
+                "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
 
 
 def _source(init_from: str) -> tuple[str, Path]:
@@ -59,10 +58,8 @@ def load_pretrained(cfg: ModelConfig, vocab_size: int, shardings: dict) -> dict:
     prefix, directory = _source(cfg.init_from)
     if prefix == "hf:":
         return hf.load_params(directory, cfg, vocab_size, shardings)
-    shapes = hf.abstract_params(cfg, vocab_size)
-    flat = traverse_util.flatten_dict(shardings, sep=".")
-    target = traverse_util.unflatten_dict(
-        {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=flat[k]) for k, v in shapes.items()}, sep=".")
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract_params(cfg, vocab_size), shardings)
     if not (directory / "params").is_dir():
         raise ConfigError(f"model.init_from={cfg.init_from}: no params/ checkpoint (made by `jaxsft convert`)")
     with ocp.StandardCheckpointer() as checkpointer:
@@ -70,12 +67,13 @@ def load_pretrained(cfg: ModelConfig, vocab_size: int, shardings: dict) -> dict:
 
 
 def convert(model_dir: str | Path, out_dir: str | Path, param_dtype: str = "float32") -> Path:
-    """A Hugging Face directory -> an Orbax checkpoint in our layout (held once in host memory)."""
+    """A Hugging Face directory -> an Orbax checkpoint in our layout (held once in host memory).
+
+    The params go to one device, no mesh: where a run later places them is its restore's business."""
     model_dir, out_dir = Path(str(model_dir).removeprefix("hf:")), Path(out_dir)
     cfg, vocab = hf.load_config(model_dir, ModelConfig(param_dtype=param_dtype))
-    mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
-    shardings = traverse_util.unflatten_dict(
-        {k: NamedSharding(mesh, P()) for k in hf.abstract_params(cfg, vocab)}, sep=".")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract_params(cfg, vocab))
     params = hf.load_params(model_dir, cfg, vocab, shardings)
     out_dir.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
@@ -83,4 +81,21 @@ def convert(model_dir: str | Path, out_dir: str | Path, param_dtype: str = "floa
     for name in COPIED_FILES:
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, out_dir / name)
+    _write_chat_files(model_dir, out_dir)
     return out_dir
+
+
+def _write_chat_files(model_dir: Path, out_dir: Path) -> None:
+    """The chat template in both layouts and the stop ids, so `orbax:OUT` and its exports chat."""
+    from jaxsft.data.hf_tokenizer import HFTokenizer
+    from jaxsft.infer.hf_files import write_chat_files
+
+    from jaxsft.data.formats import DataError
+
+    if (out_dir / "tokenizer.json").is_file():
+        tokenizer = HFTokenizer(out_dir)
+        try:
+            if tokenizer.chat_template:
+                write_chat_files(out_dir, tokenizer, "hf", base_dir=model_dir)
+        except DataError:
+            pass  # a tokenizer naming no eos: the copied files are all there is

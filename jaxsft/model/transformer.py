@@ -8,7 +8,10 @@ Contract:
     model(tokens_BxT, positions_BxT, segment_ids_BxT, blocks=None, key=None) -> logits_BxTxV (float32)
     model.hidden_states(same arguments) -> h_BxTxD;  model.head() -> w_DxV;  model.logits(h_BxTxD) -> logits
     model.decode(tokens_BxT, positions_BxT, valid_BxT, cache, index) -> (logits_BxTxV, cache)
-    init_cache(cfg, batch, length) -> cache;  param_count(cfg, vocab_size) -> int (no allocation)
+    init_cache(cfg, batch, length) -> cache
+    abstract_model(cfg, vocab_size) -> Transformer whose params are ShapeDtypeStructs (no allocation)
+    abstract_params(cfg, vocab_size) -> the params' tree (`nnx.state(model, nnx.Param).to_pure_dict()`
+        layout) of ShapeDtypeStructs;  param_count(cfg, vocab_size) -> int
 
 - Packed rows: `positions` restart at 0 in every segment and drive the rotary embedding;
   `segment_ids` (0 = padding) keep attention inside a segment. A packed row gives each
@@ -23,6 +26,7 @@ Contract:
   one scan each in order. Frozen segments below every trained param are then outside
   the differentiated computation altogether.
 - Family switches live in families.py and layers.py; `cfg.preset` is applied here too.
+- Shape suffixes (`x_BxTxD`) follow the one key in jaxsft/model/__init__.py.
 """
 
 from __future__ import annotations
@@ -34,13 +38,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsft.config import ModelConfig
-from jaxsft.model import lora
+from jaxsft.model import lora_branch
 from jaxsft.model.attention import attention, masked_attention
 from jaxsft.model.families import layer_windows, resolve, variant
 from jaxsft.model.layers import (ACTIVATION_AXES, RMSNorm, apply_rope, constrain, param, rope_frequencies,
                                  rope_tables, Block)
 
-__all__ = ["Transformer", "param_count", "init_cache", "rope_tables", "apply_rope", "rope_frequencies"]
+__all__ = ["Transformer", "abstract_model", "abstract_params", "param_count", "init_cache", "rope_tables", "apply_rope", "rope_frequencies"]
 _REMAT_POLICIES = {
     "full": None,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
@@ -183,7 +187,7 @@ class Transformer(nnx.Module):
         def body(x_BxTxD, xs):
             layer_state, window, layer_caches, layer_adapters, layer = xs
             block = nnx.merge(graphdef, layer_state)
-            adapt = lora.layer_hook(layer_adapters, peft_cfg, None if key is None else jax.random.fold_in(key, layer))
+            adapt = lora_branch.layer_hook(layer_adapters, peft_cfg, None if key is None else jax.random.fold_in(key, layer))
             return block(x_BxTxD, cos_BxTxH, sin_BxTxH, attend(window, *(layer_caches or ())), adapt)
 
         if self.cfg.remat != "none":
@@ -217,7 +221,18 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> 
             "positions": jnp.full((batch, length), -1, jnp.int32)}
 
 
+def abstract_model(cfg: ModelConfig, vocab_size: int) -> Transformer:
+    """The model with ShapeDtypeStruct params (shapes, dtypes, logical axes): its graphdef, specs, sizes."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: Transformer(cfg, vocab_size, rngs=nnx.Rngs(0)))
+
+
+def abstract_params(cfg: ModelConfig, vocab_size: int) -> dict:
+    """The params as a pure dict tree of ShapeDtypeStructs, laid out like the train state's params."""
+    params = nnx.state(abstract_model(cfg, vocab_size), nnx.Param).to_pure_dict()
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+
+
 def param_count(cfg: ModelConfig, vocab_size: int) -> int:
     """Number of parameters, from shapes only (nothing is allocated)."""
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, vocab_size, rngs=nnx.Rngs(0)))
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(cfg, vocab_size)))

@@ -27,14 +27,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from flax import linen
 
 from jaxsft.config import Config, ConfigError
 from jaxsft.model import pretrained
 from jaxsft.model.transformer import param_count
-from jaxsft.train import sharding, state as state_lib
-from jaxsft.train.optim import make_optimizer, schedule
-from jaxsft.train.step import make_train_step
+from jaxsft.train import program as program_lib, sharding
 
 GIB = 1024**3
 
@@ -151,25 +148,19 @@ def model_flops(cfg: Config, vocab_size: int) -> tuple[float, float]:
 
 def compile_for(cfg: Config, devices, chip: Chip, chips: int, label: str = "") -> Report:
     cfg = dataclasses.replace(cfg, model=pretrained.resolve_config(cfg.model))  # presets, init_from shapes
-    vocab_size = cfg.model.vocab_size
-    if not vocab_size:
-        raise ConfigError("model.vocab_size: set it for `jaxsft compile` (there is no tokenizer to ask)")
+    vocab_size = program_lib.vocab_size_without_data(cfg)
     mesh = sharding.make_mesh(cfg.mesh, devices)
-    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-    plan = state_lib.plan(cfg.model, vocab_size, optimizer, cfg.mesh.rules, mesh, cfg.train.seed)
-    batch_sharding = sharding.batch_sharding(cfg.mesh.rules, mesh)
-    step = make_train_step(plan.graphdef, optimizer, schedule(cfg.optim, cfg.train.steps), cfg.train.micro_batches,
-                           peft_cfg=cfg.model.peft, seed=cfg.train.seed, loss_chunk=cfg.train.loss_chunk)
-    with jax.set_mesh(mesh), linen.logical_axis_rules(sharding.flax_rules(cfg.mesh.rules)):
-        try:
-            # PEFT: the frozen params are a step argument outside the state, as in `jaxsft train`.
-            compiled = state_lib.compile_step(step, plan, batch_sharding, cfg.train.global_batch_size,
-                                              cfg.data.max_length)
-        except jax.errors.JaxRuntimeError as e:
-            first = str(e).splitlines()[0][:300]
-            if "RESOURCE_EXHAUSTED" in first and "HBM" in first:
-                raise ConfigError(f"does not fit: {label or 'train step'}: {first.split(': ', 1)[-1]}") from None
-            raise ConfigError(f"{label or 'train step'}: the TPU compiler refused it: {first}") from None
+    program_lib.check_batch(cfg, mesh)
+    program = program_lib.build(cfg, vocab_size, mesh)
+    plan = program.plan
+    try:
+        # The program `jaxsft train` runs: PEFT's frozen argument, micro-batch sharding and all.
+        compiled = program.compile_train()
+    except jax.errors.JaxRuntimeError as e:
+        first = str(e).splitlines()[0][:300]
+        if "RESOURCE_EXHAUSTED" in first and "HBM" in first:
+            raise ConfigError(f"does not fit: {label or 'train step'}: {first.split(': ', 1)[-1]}") from None
+        raise ConfigError(f"{label or 'train step'}: the TPU compiler refused it: {first}") from None
     memory = compiled.memory_analysis()
     useful, executed = model_flops(cfg, vocab_size)
     total = memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes \

@@ -10,6 +10,9 @@ the current mesh.
 from __future__ import annotations
 
 import json
+import shutil
+import threading
+import time
 from pathlib import Path
 
 import grain
@@ -18,32 +21,106 @@ import orbax.checkpoint as ocp
 
 from jaxsft.config import CheckpointConfig
 from jaxsft.data import shards
+from jaxsft.train import distributed, verify
+from jaxsft.train.faults import CheckpointDamaged, CheckpointWriteFailed
+from jaxsft.train.metrics import console
 
 
 class Checkpointer:
+    """Saves on the interval, verifies each save, rotates only verified steps (module docstring).
+
+    Orbax's own `max_to_keep` is off: it would delete a good checkpoint as soon as a newer
+    one is written, before anyone knows the newer one is whole. Here, once Orbax has
+    finalised step N (in a background thread, while training goes on), its files are
+    hashed into a manifest (verify.py) and only then are the steps older than the newest
+    `keep` verified ones removed. A failed write surfaces at the next `check()` or `save()`
+    as one line (`CheckpointWriteFailed`), and the previous checkpoint stays as it was.
+    """
+
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig):
         self.cfg = cfg
         # The interval is decided in `save` (Orbax's own policy would also save the first step).
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep,
+            max_to_keep=None,
             enable_async_checkpointing=cfg.async_save,
             create=True,
         )
-        self.directory = Path(run_dir).absolute() / "checkpoints"
+        self.run_dir = Path(run_dir).absolute()
+        self.directory = self.run_dir / "checkpoints"
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._finisher: threading.Thread | None = None
+        self._failure: str | None = None
+        self.last_verified: int | None = None
+
+    def steps(self) -> list[int]:
+        """The finalised steps on disk, oldest first (Orbax's temporary directories are not steps)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        steps = self.steps()
+        return steps[-1] if steps else None
 
     def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
         """Saves when `step` is on the interval (or `force`); returns whether it did."""
         if not self.cfg.enabled or not (force or step % self.cfg.every == 0):
             return False
+        if not verify.all_finite(state):
+            console.print(f"warning: not saving step {step}: the train state holds non-finite values "
+                          f"(the newest checkpoint stays step {self.latest_step()})")
+            return False
+        self._finish_previous()
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
         )
-        return self.manager.save(step, args=args, force=True)
+        try:
+            saved = self.manager.save(step, args=args, force=True)
+        except Exception as e:  # noqa: BLE001 - any failure of the write is reported the same way
+            self._failure = f"checkpoint {step} could not be written to {self.directory}: {_one_line(e)}"
+            self._raise_failure()
+        self._finisher = threading.Thread(target=self._finish, args=(step,), name=f"jaxsft-verify-{step}", daemon=True)
+        self._finisher.start()
+        return saved
+
+    def _finish(self, step: int) -> None:
+        """Background: wait for Orbax to finalise `step`, record its checksums, rotate."""
+        try:
+            self.manager.wait_until_finished()
+            if distributed.is_main():
+                verify.write_manifest(self.directory / str(step), step)
+                self._rotate()
+            self.last_verified = step
+        except Exception as e:  # noqa: BLE001
+            self._failure = f"checkpoint {step} could not be written to {self.directory}: {_one_line(e)}"
+
+    def _rotate(self) -> None:
+        verified = [s for s in self.steps() if verify.has_manifest(self.directory / str(s))]
+        if len(verified) <= self.cfg.keep:
+            return
+        oldest_kept = verified[-self.cfg.keep]
+        for step in self.steps():
+            if step < oldest_kept:
+                shutil.rmtree(self.directory / str(step), ignore_errors=True)
+        self.manager.reload()
+
+    def _finish_previous(self) -> None:
+        if self._finisher is not None:
+            self._finisher.join()
+            self._finisher = None
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._failure:
+            failure, self._failure = self._failure, None
+            kept = f"step {self.last_verified}" if self.last_verified else "the earlier checkpoints"
+            raise CheckpointWriteFailed(f"{failure}; {kept} is intact, fix the disk and run the same command")
+
+    def check(self) -> None:
+        """Raises a background save's failure once it is known (cheap: call it every step)."""
+        if self._failure and not (self._finisher and self._finisher.is_alive()):
+            self._raise_failure()
 
     def restore(self, step: int, abstract_state, data_iterator):
         """Restores the state onto the shardings of `abstract_state` and moves the iterator in place.
@@ -63,14 +140,63 @@ class Checkpointer:
         data_iterator.set_state(shards.merge_process_states(saved))
         return state, True
 
+    def restore_latest(self, abstract_state, data_iterator):
+        """(step, state, data restored) of the newest good checkpoint, or (0, None, True) for none.
+
+        Each step from the newest is checked against its manifest, read, and checked for
+        finite values; a damaged one is reported in one line and moved aside to
+        `<run_dir>/damaged_checkpoints/` (or stops the run: checkpoint.on_corrupt=fail).
+        Checkpoints of a run that never wrote manifests (older jaxsft) are read unverified.
+        """
+        steps = self.steps()
+        any_verified = any(verify.has_manifest(self.directory / str(s)) for s in steps)
+        for step in reversed(steps):
+            found = verify.problem(self.directory / str(step)) if any_verified else None
+            if found is None:
+                try:
+                    state, data_restored = self.restore(step, abstract_state, data_iterator)
+                except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
+                    found = f"it cannot be read: {_one_line(e)}"
+                else:
+                    found = None if verify.all_finite(state) else "it holds non-finite values"
+            if found is None:
+                if not any_verified:
+                    console.print(f"warning: checkpoint {step} has no checksums (written by an older jaxsft): "
+                                  f"restored unverified")
+                self.last_verified = step
+                return step, state, data_restored
+            self._set_aside(step, found)
+        return 0, None, True
+
+    def _set_aside(self, step: int, found: str) -> None:
+        message = f"checkpoint {step} in {self.directory} is damaged: {found}"
+        if self.cfg.on_corrupt == "fail":
+            raise CheckpointDamaged(f"{message} (checkpoint.on_corrupt=fail; set it to fallback to resume from "
+                                    f"the newest good checkpoint)")
+        distributed.barrier("jaxsft_set_aside")  # every process has checked before the step moves
+        if distributed.is_main():
+            aside = self.run_dir / "damaged_checkpoints" / str(step)
+            aside = aside.with_name(f"{step}.{int(time.time())}") if aside.exists() else aside
+            aside.parent.mkdir(exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(aside))
+            message += f"; moved to {aside}"
+        console.print(f"warning: {message}; falling back to the previous checkpoint")
+        distributed.barrier("jaxsft_set_aside_done")
+        self.manager.reload()
+
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the last write and its verification; raises if it failed."""
+        try:
+            self._finish_previous()
+        finally:
+            self.manager.wait_until_finished()
+            self.manager.close()
 
 
-def abstract_like(tree):
-    """ShapeDtypeStructs with the shardings of a tree of arrays (the restore target)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def read_state(run_dir: str | Path, step: int | None = None):

@@ -59,3 +59,11 @@ def initialize() -> None:
 def is_main() -> bool:
     """Process 0 writes the run's files and talks to the console."""
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """All processes reach this point before any goes on (a no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

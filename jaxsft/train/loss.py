@@ -7,6 +7,9 @@ token by how full its micro-batch happened to be.
 `chunked_cross_entropy_sum` takes the final hidden states and the output head instead of
 logits and computes the same pair a chunk of tokens at a time, so the `[B, T, V]` float32
 logits (often the largest tensor of a fine-tuning step) never exist, forward or backward.
+
+Shape suffixes follow the key in jaxsft/model/__init__.py (here M: the B*T tokens
+flattened, C: chunks, E: tokens in one chunk).
 """
 
 import jax
@@ -28,12 +31,12 @@ def _softcap(logits, cap: float):
     return cap * jnp.tanh(logits / cap) if cap else logits
 
 
-def _chunk_nll_sum(hidden_KxD, head_DxV, targets_K, weights_K, softcap: float, dtype):
-    logits_KxV = jnp.dot(hidden_KxD.astype(dtype), head_DxV.astype(dtype), preferred_element_type=jnp.float32)
-    logits_KxV = _softcap(logits_KxV.astype(jnp.float32), softcap)
-    target_logit_K = jnp.take_along_axis(logits_KxV, targets_K[:, None], axis=-1)[:, 0]
-    nll_K = jnp.where(weights_K > 0, jax.nn.logsumexp(logits_KxV, axis=-1) - target_logit_K, 0.0)
-    return jnp.sum(nll_K * weights_K)
+def _chunk_nll_sum(hidden_ExD, head_DxV, targets_E, weights_E, softcap: float, dtype):
+    logits_ExV = jnp.dot(hidden_ExD.astype(dtype), head_DxV.astype(dtype), preferred_element_type=jnp.float32)
+    logits_ExV = _softcap(logits_ExV.astype(jnp.float32), softcap)
+    target_logit_E = jnp.take_along_axis(logits_ExV, targets_E[:, None], axis=-1)[:, 0]
+    nll_E = jnp.where(weights_E > 0, jax.nn.logsumexp(logits_ExV, axis=-1) - target_logit_E, 0.0)
+    return jnp.sum(nll_E * weights_E)
 
 
 def chunked_cross_entropy_sum(hidden_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: jax.Array,
@@ -45,25 +48,25 @@ def chunked_cross_entropy_sum(hidden_BxTxD: jax.Array, head_DxV: jax.Array, targ
     rather than keep every chunk's (peak: one [chunk, V] block, plus XLA's workspace).
     `dtype` is the matmul's input dtype (the model's compute dtype); it accumulates in f32.
 
-    Chunk c holds tokens c, c + n, c + 2n, ... (n chunks), not a contiguous run: the token
+    Chunk c holds tokens c, c + C, c + 2C, ... of M (C chunks), not a contiguous run: the token
     axis is sharded over devices in contiguous blocks, so strided chunks give every device
     its own share of each chunk and the scan needs no communication.
     """
     depth = hidden_BxTxD.shape[-1]
-    hidden_NxD = hidden_BxTxD.reshape(-1, depth)
-    targets_N, weights_N = targets_BxT.reshape(-1), weights_BxT.reshape(-1).astype(jnp.float32)
-    pad = -hidden_NxD.shape[0] % chunk
+    hidden_MxD = hidden_BxTxD.reshape(-1, depth)
+    targets_M, weights_M = targets_BxT.reshape(-1), weights_BxT.reshape(-1).astype(jnp.float32)
+    pad = -hidden_MxD.shape[0] % chunk
     if pad:  # zero weight: padding adds nothing to either sum
-        hidden_NxD = jnp.pad(hidden_NxD, ((0, pad), (0, 0)))
-        targets_N, weights_N = jnp.pad(targets_N, (0, pad)), jnp.pad(weights_N, (0, pad))
-    chunks = hidden_NxD.shape[0] // chunk
-    hidden_CxKxD = hidden_NxD.reshape(chunk, chunks, depth).swapaxes(0, 1)
-    targets_CxK, weights_CxK = (x.reshape(chunk, chunks).swapaxes(0, 1) for x in (targets_N, weights_N))
+        hidden_MxD = jnp.pad(hidden_MxD, ((0, pad), (0, 0)))
+        targets_M, weights_M = jnp.pad(targets_M, (0, pad)), jnp.pad(weights_M, (0, pad))
+    chunks = hidden_MxD.shape[0] // chunk
+    hidden_CxExD = hidden_MxD.reshape(chunk, chunks, depth).swapaxes(0, 1)
+    targets_CxE, weights_CxE = (x.reshape(chunk, chunks).swapaxes(0, 1) for x in (targets_M, weights_M))
     chunk_sum = jax.checkpoint(_chunk_nll_sum, static_argnums=(4, 5))
 
     def body(total, xs):
-        hidden_KxD, targets_K, weights_K = xs
-        return total + chunk_sum(hidden_KxD, head_DxV, targets_K, weights_K, softcap, dtype), None
+        hidden_ExD, targets_E, weights_E = xs
+        return total + chunk_sum(hidden_ExD, head_DxV, targets_E, weights_E, softcap, dtype), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden_CxKxD, targets_CxK, weights_CxK))
-    return total, jnp.sum(weights_N)
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden_CxExD, targets_CxE, weights_CxE))
+    return total, jnp.sum(weights_M)

@@ -66,12 +66,25 @@ class ProgressLine:
                                 TimeRemainingColumn(), console=console)
             self.task = self.bar.add_task("train", total=total, completed=start, status="")
             self.bar.start()
+        self.status, self.held = "", ""
 
     def update(self, step: int, status: str) -> None:
+        self.status = status
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, status=status)
+            self.bar.update(self.task, completed=step, status=self._status())
         else:
             console.print(f"step {step}: {status}")
+
+    def held_out(self, record: dict) -> None:
+        """An eval record: its loss and exact match stay on the bar, or get a plain line of their own."""
+        self.held = format_held_out(record)
+        if self.bar is not None:
+            self.bar.update(self.task, status=self._status())
+        else:
+            console.print(f"step {record['step']}: {self.held}")
+
+    def _status(self) -> str:
+        return f"{self.status}  | {self.held}" if self.held else self.status
 
     def close(self) -> None:
         if self.bar is not None:
@@ -79,5 +92,27 @@ class ProgressLine:
 
 
 def format_status(record: dict) -> str:
+    mfu = f"  MFU {record['mfu']:.1%}" if record.get("mfu") is not None else ""
     return (f"loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
-            f"gnorm {record['grad_norm']:.3f}  {record['tokens_per_second']:,.0f} tok/s")
+            f"gnorm {record['grad_norm']:.3f}  {record['tokens_per_second']:,.0f} tok/s{mfu}")
+
+
+def format_held_out(record: dict) -> str:
+    exact = f"  exact match {record['eval_exact_match']:.1%}" if "eval_exact_match" in record else ""
+    return f"held-out loss {record['eval_loss']:.4f}{exact}"
+
+
+def drop_after(path: Path, step: int) -> None:
+    """Forgets the records of steps after `step` (0: all of them): a resumed run writes those
+    steps again, and a crashed run may have logged steps its checkpoint never reached."""
+    if not path.exists():
+        return
+    def logged_step(line: str) -> float:
+        try:
+            return json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):  # a line cut short by a crash
+            return float("inf")
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if step and logged_step(line) <= step]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)

@@ -1,7 +1,9 @@
 """The optimizer: global-norm clipping, then AdamW under warmup + cosine decay.
 
-Weight decay applies to matrices only: never to norm scales or the embedding table
-(decaying an embedding pulls rare tokens towards zero, which is not regularisation).
+Weight decay applies to matrices only: never to norm scales, biases (Qwen2's q/k/v, as the
+Hugging Face Trainer excludes them) or the embedding table (decaying an embedding pulls rare
+tokens towards zero, which is not regularisation). Matched by name: stacked layers make a
+bias two-dimensional.
 
 `optim.moments_dtype: bfloat16` stores both Adam moments in bf16 (half the optimizer
 bytes); the update itself is computed in float32 and only the stored moments are rounded.
@@ -13,7 +15,7 @@ import optax
 
 from jaxsft.config import OptimConfig
 
-NO_DECAY_NAMES = ("norm", "embed")
+NO_DECAY_NAMES = ("norm", "embed", "bias")
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -32,7 +34,7 @@ def _path_names(path) -> str:
 
 
 def decay_mask(params):
-    """True where weight decay applies: a parameter whose path names no norm or embedding."""
+    """True where weight decay applies: a parameter whose path names no norm, bias or embedding."""
     return jax.tree_util.tree_map_with_path(
         lambda path, _: not any(n in _path_names(path) for n in NO_DECAY_NAMES), params)
 

@@ -19,14 +19,13 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxsft.config import LogicalRules, ModelConfig
-from jaxsft.model import peft
-from jaxsft.model.transformer import Transformer
+from jaxsft.config import Config, ConfigError, LogicalRules, ModelConfig, PeftConfig
+from jaxsft.model import hf_peft, lora, peft, pretrained
+from jaxsft.model.transformer import Transformer, abstract_model
 from jaxsft.train import sharding
 from jaxsft.train.step import init_state
 
@@ -42,10 +41,8 @@ class StatePlan:
     peft: bool = False
 
 
-def _abstract_model(cfg: ModelConfig, vocab_size: int, seed: int):
-    with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: Transformer(cfg, vocab_size, rngs=nnx.Rngs(seed)))
-    graphdef, state = nnx.split(model)
+def _abstract_model(cfg: ModelConfig, vocab_size: int):
+    graphdef, state = nnx.split(abstract_model(cfg, vocab_size))
     specs = nnx.get_partition_spec(state).to_pure_dict()
     return graphdef, state.to_pure_dict(), specs
 
@@ -55,8 +52,8 @@ def _with_sharding(abstract, shardings):
 
 
 def plan(cfg: ModelConfig, vocab_size: int, optimizer: optax.GradientTransformation,
-         rules: LogicalRules, mesh: Mesh, seed: int) -> StatePlan:
-    graphdef, full_abstract, specs = _abstract_model(cfg, vocab_size, seed)
+         rules: LogicalRules, mesh: Mesh) -> StatePlan:
+    graphdef, full_abstract, specs = _abstract_model(cfg, vocab_size)
     specs = jax.tree.map(lambda s: s if isinstance(s, P) else P(), specs,
                          is_leaf=lambda s: isinstance(s, P) or s is None)
     full_shardings = sharding.tree_shardings(full_abstract, specs, rules, mesh)
@@ -94,9 +91,18 @@ def create(cfg: ModelConfig, vocab_size: int, optimizer: optax.GradientTransform
                    out_shardings=state_plan.shardings)()
 
 
+def base_params(cfg: ModelConfig, vocab_size: int, shardings, seed: int):
+    """The whole model's params a run starts from, on `shardings`: `model.init_from`'s weights
+    (Hugging Face or Orbax), else the seed's random init. A PEFT run's base; export rebuilds
+    the same base to merge adapters onto."""
+    if cfg.init_from:
+        return pretrained.load_pretrained(cfg, vocab_size, shardings)
+    return jax.jit(lambda: init_params(cfg, vocab_size, seed), out_shardings=shardings)()
+
+
 def create_base(cfg: ModelConfig, vocab_size: int, state_plan: StatePlan, seed: int):
-    """A PEFT run's base when no `model.init_from` names one: the seed's random init, on the mesh."""
-    return jax.jit(lambda: init_params(cfg, vocab_size, seed), out_shardings=state_plan.full_shardings)()
+    """A run's base (`base_params`) on the whole model's shardings of `state_plan`."""
+    return base_params(cfg, vocab_size, state_plan.full_shardings, seed)
 
 
 def split_base(cfg: ModelConfig, base, state_plan: StatePlan, seed: int):
@@ -121,23 +127,42 @@ def from_params(params, optimizer: optax.GradientTransformation, state_plan: Sta
                    donate_argnums=0)(params)
 
 
-BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "loss_weights": jnp.float32,
-                "segment_ids": jnp.int32, "positions": jnp.int32}
+def initial_state(cfg: Config, vocab_size: int, optimizer: optax.GradientTransformation, state_plan: StatePlan,
+                  restored=None):
+    """(train state, frozen argument tuple) a run starts from. The first source that exists wins:
 
+    1. `restored`: the run's own checkpoint. It holds the trainable state only; a PEFT run's
+       frozen part is rebuilt from the base of 3 or 4, which checkpoints never hold.
+    2. `model.peft.init_from`: a Hugging Face PEFT adapter is the trainable part, on the base of 3 or 4.
+    3. `model.init_from`: Hugging Face or Orbax weights are the base.
+    4. `train.seed`: the seed's random init is the base.
 
-def compile_step(fn, state_plan: StatePlan, batch_sharding, rows: int, length: int, *, train: bool = True):
-    """`fn` compiled ahead of time against abstract arguments with their shardings.
-
-    train: `fn(state, batch, *frozen) -> (state, metrics)`, the state donated; else an
-    eval step `fn(params, batch, *frozen)`. `frozen` is the PEFT frozen tree when there is
-    one. Call under the mesh and the logical axis rules the step was traced for.
+    Full fine-tuning trains the whole base; a PEFT run trains `peft.init`'s part of it and
+    passes the rest as the frozen argument of every step (`()` without PEFT).
     """
-    batch = {k: jax.ShapeDtypeStruct((rows, length), dtype, sharding=batch_sharding) for k, dtype in BATCH_DTYPES.items()}
-    frozen_shardings, frozen = ((state_plan.frozen_shardings,), (state_plan.frozen_abstract,)) if state_plan.peft \
-        else ((), ())
-    if train:
-        return jax.jit(fn, in_shardings=(state_plan.shardings, batch_sharding, *frozen_shardings),
-                       out_shardings=(state_plan.shardings, None), donate_argnums=0
-                       ).lower(state_plan.abstract, batch, *frozen).compile()
-    return jax.jit(fn, in_shardings=(state_plan.shardings["params"], batch_sharding, *frozen_shardings)
-                   ).lower(state_plan.abstract["params"], batch, *frozen).compile()
+    model, seed = cfg.model, cfg.train.seed
+    if not state_plan.peft:
+        if restored is not None:
+            return restored, ()
+        if model.init_from:
+            return from_params(base_params(model, vocab_size, state_plan.full_shardings, seed), optimizer,
+                               state_plan), ()
+        return create(model, vocab_size, optimizer, state_plan, seed), ()
+    base = create_base(model, vocab_size, state_plan, seed)
+    if restored is not None:
+        return restored, (frozen_part(model, base, state_plan),)
+    if model.peft.init_from:
+        frozen = frozen_part(model, base, state_plan)
+        return from_params(peft_adapters(model.peft, state_plan), optimizer, state_plan), (frozen,)
+    trainable, frozen = split_base(model, base, state_plan, seed)
+    return from_params(trainable, optimizer, state_plan), (frozen,)
+
+
+def peft_adapters(pe: PeftConfig, state_plan: StatePlan):
+    """The adapters of `model.peft.init_from` (a HF PEFT directory), placed on the adapters' shardings."""
+    peft_cfg, adapters = hf_peft.load_peft(pe.init_from, state_plan.frozen_abstract)
+    if (peft_cfg.method, peft_cfg.rank, set(lora.target_paths(peft_cfg))) != (
+            pe.method, pe.rank, set(lora.target_paths(pe))):
+        raise ConfigError(f"model.peft.init_from={pe.init_from}: {peft_cfg.method} rank {peft_cfg.rank} on "
+                          f"{list(peft_cfg.targets)}; set model.peft.method, rank and targets to match")
+    return jax.device_put(adapters, state_plan.shardings["params"])

@@ -58,7 +58,7 @@ def split_micro_batches(batch: Batch, micro_batches: int, constrain: Callable) -
     return jax.tree.map(split, batch)
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+def make_train_step(*, graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     micro_batches: int = 1, constrain_micro: Callable = lambda x: x,
                     peft_cfg: PeftConfig = PeftConfig(), seed: int = 0, loss_chunk: int = 0):
     """`train_step(state, batch, frozen=None)`; with PEFT (peft.py) state["params"] are the trainable
@@ -98,19 +98,27 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, schedule:
         grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state["params"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        loss, grad_norm = loss_sum / denominator, optax.global_norm(grads)
+        # A non-finite loss or gradient skips the update: params and optimizer state stay as
+        # they were, the step counter still advances (the data position and the schedule stay
+        # those of the uninterrupted run); the trainer counts consecutive skips (train/guard.py).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         metrics = {
-            "loss": loss_sum / denominator,
-            "grad_norm": optax.global_norm(grads),
+            "loss": loss,
+            "grad_norm": grad_norm,
             "learning_rate": schedule(state["step"]),
             "trained_tokens": weight,
             "tokens": jnp.sum(batch["segment_ids"] > 0),
+            "skipped": (~finite).astype(jnp.float32),
         }
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        return {"step": state["step"] + 1, "params": keep(params, state["params"]),
+                "opt_state": keep(opt_state, state["opt_state"])}, metrics
 
     return train_step
 
 
-def make_eval_step(graphdef, peft_cfg: PeftConfig = PeftConfig(), loss_chunk: int = 0):
+def make_eval_step(*, graphdef, peft_cfg: PeftConfig = PeftConfig(), loss_chunk: int = 0):
     def eval_step(params, batch: Batch, frozen=None):
         return loss_sums(graphdef, params, batch, frozen, peft_cfg, loss_chunk=loss_chunk)
     return eval_step

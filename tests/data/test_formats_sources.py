@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from jaxsft.data.formats import BadRecord, Message, parse_messages, to_record
-from jaxsft.data.sources import BadLine, DataError, JsonlSource, expand_paths, load_jsonl
+from jaxsft.data.formats import BadRecord, DataError, Message, parse_messages, to_record
+from jaxsft.data.sources import BadLine, JsonlSource, expand_paths, load_jsonl
 
 GOOD = {"messages": [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "1+1?"},
                      {"role": "assistant", "content": "2"}]}

@@ -7,10 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsft.config import DataConfig, MeshConfig, ModelConfig, OptimConfig
+from jaxsft.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig
 from jaxsft.data.pipeline import build_data
-from jaxsft.train import sharding, state as state_lib
-from jaxsft.train.optim import make_optimizer
+from jaxsft.train import program as program_lib, sharding, state as state_lib
 from jaxsft.train.step import loss_sums
 
 MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
@@ -20,10 +19,10 @@ MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
 def setup(tmp_path_factory):
     cfg = DataConfig(synthetic_train_examples=200, synthetic_eval_examples=40, max_length=96)
     data = build_data(cfg, seed=0, cache_dir=tmp_path_factory.mktemp("cache"))
-    mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    optimizer = make_optimizer(OptimConfig(), 10)
-    plan = state_lib.plan(MODEL, data.tokenizer.vocab_size, optimizer, MeshConfig().rules, mesh, 0)
-    params = state_lib.create(MODEL, data.tokenizer.vocab_size, optimizer, plan, 0)["params"]
+    run = Config(model=MODEL, mesh=MeshConfig(data=1), train=TrainConfig(steps=10, seed=0))
+    program = program_lib.build(run, data.tokenizer.vocab_size, sharding.make_mesh(run.mesh, jax.devices()[:1]))
+    plan = program.plan
+    params = state_lib.initial_state(run, data.tokenizer.vocab_size, program.optimizer, plan)[0]["params"]
     grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_sums(plan.graphdef, p, b), has_aux=True))
     return data, params, grad_fn
 

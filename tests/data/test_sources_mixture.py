@@ -204,7 +204,8 @@ def test_truncation_drops_whole_turns_first(tmp_path, cache):
 ])
 def test_source_config_errors_name_the_key(override, message):
     from jaxsft import config as config_lib
+    from jaxsft import config_load
 
     with pytest.raises(config_lib.ConfigError) as e:
-        config_lib.load(None, [override])
+        config_load.load(None, [override])
     assert message in str(e.value) and "\n" not in str(e.value)

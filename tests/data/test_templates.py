@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from jaxsft.data.formats import BadRecord, Message
-from jaxsft.data.sources import DataError
+from jaxsft.data.formats import BadRecord, DataError, Message
 from jaxsft.data.templates import BUILTIN, EOS, ChatML, MaskPolicy, end_of_turn_id, get_template, render
 from jaxsft.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 

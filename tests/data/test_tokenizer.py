@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from jaxsft.config import DataConfig
 from jaxsft.data import synthetic, tokenizer as tok_mod
-from jaxsft.data.sources import DataError
+from jaxsft.data.formats import DataError
 from jaxsft.data.templates import ChatML
 from jaxsft.data.tokenizer import SentencePieceTokenizer, load_or_train, train_sentencepiece
 

@@ -146,9 +146,9 @@ def test_auto_virtual_shards_are_the_batch_s_largest_divisor_up_to_8():
 
 
 def test_virtual_shards_that_do_not_divide_the_batch_fail_in_the_config():
-    from jaxsft import config as config_lib
+    from jaxsft import config_load
     from jaxsft.config import ConfigError
     with pytest.raises(ConfigError) as e:
-        config_lib.load(None, ["train.global_batch_size=16", "data.virtual_shards=3"])
+        config_load.load(None, ["train.global_batch_size=16", "data.virtual_shards=3"])
     assert str(e.value) == "data.virtual_shards=3: expected 0 (auto) or a divisor of train.global_batch_size=16"
-    assert config_lib.load(None, ["train.global_batch_size=12"]).data.virtual_shards == 0
+    assert config_load.load(None, ["train.global_batch_size=12"]).data.virtual_shards == 0

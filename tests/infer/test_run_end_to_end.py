@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxsft import config as config_lib
+from jaxsft import config_load
 from jaxsft.cli import main
 from jaxsft.data.formats import Message
 from jaxsft.data.templates import get_template
@@ -38,7 +38,7 @@ def run(tmp_path_factory):
                                       tie_word_embeddings=False)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(base / "hf")
-    cfg = config_lib.load(None, TINY_RUN + [f"train.run_dir={base / 'run'}", f"model.init_from=hf:{base / 'hf'}"])
+    cfg = config_load.load(None, TINY_RUN + [f"train.run_dir={base / 'run'}", f"model.init_from=hf:{base / 'hf'}"])
     train(cfg)
     yield base
     env.undo()

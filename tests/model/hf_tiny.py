@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jaxsft.model import hf
-from jaxsft.model.transformer import Transformer
+from jaxsft.model.transformer import Transformer, abstract_params
 
 VOCAB = 96
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -57,15 +57,7 @@ def saved(case: str, root: str) -> Path:
 
 def replicated(cfg, vocab):
     mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
-    abstract = hf.abstract_params(cfg, vocab)
-    tree = {}
-    for path in abstract:
-        node = tree
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = NamedSharding(mesh, P())
-    return tree
+    return jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_params(cfg, vocab))
 
 
 def load(path):

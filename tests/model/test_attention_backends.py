@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from jaxsft import config as config_lib
+from jaxsft import config_load
 from jaxsft.config import ModelConfig
 from jaxsft.model import kernels
 from jaxsft.model import attention as attention_lib
@@ -179,10 +180,10 @@ def test_unsupported_features_are_refused_in_one_line():
 
 
 def test_config_accepts_the_backends_and_names_the_choices():
-    assert config_lib.load(None, ["model.attention=splash"]).model.attention == "splash"
-    assert config_lib.load(None).model.attention == "xla"
+    assert config_load.load(None, ["model.attention=splash"]).model.attention == "splash"
+    assert config_load.load(None).model.attention == "auto"
     with pytest.raises(config_lib.ConfigError, match="model.attention: expected one of xla, cudnn, splash"):
-        config_lib.load(None, ["model.attention=flash"])
+        config_load.load(None, ["model.attention=flash"])
 
 
 @pytest.mark.parametrize("implementation", ["splash", "pallas_gpu"])

@@ -70,7 +70,7 @@ def test_missing_unexpected_shape_and_dtype_errors_name_the_tensor(root, tmp_pat
 def _plan_shardings(cfg, vocab, mesh, rules):
     from jaxsft.train import state as state_lib
 
-    return state_lib.plan(cfg, vocab, optax.sgd(0.1), rules, mesh, seed=0).shardings["params"]
+    return state_lib.plan(cfg, vocab, optax.sgd(0.1), rules, mesh).shardings["params"]
 
 
 def test_import_places_each_tensor_on_the_train_state_sharding(root):

@@ -13,8 +13,9 @@ import textwrap
 import numpy as np
 
 from jaxsft.config import ModelConfig
-from jaxsft.model import hf, hf_config
+from jaxsft.model import hf, hf_config, paths
 from jaxsft.model.safetensors_io import TensorSpec, write_sharded
+from jaxsft.model.transformer import abstract_params
 
 CFG = ModelConfig(d_model=1024, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=128, d_ff=2816)
 VOCAB = 24000
@@ -24,13 +25,12 @@ SCRIPT = textwrap.dedent("""
     import json, sys, tracemalloc
     import jax
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-    from flax import traverse_util
     from jaxsft.model import hf, hf_config
+    from jaxsft.model.transformer import abstract_params
     path = sys.argv[1]
     cfg, vocab = hf.load_config(path)
     mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
-    shardings = traverse_util.unflatten_dict(
-        {k: NamedSharding(mesh, P()) for k in hf.abstract_params(cfg, vocab)}, sep=".")
+    shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_params(cfg, vocab))
     tracemalloc.start()
     params = hf.load_params(path, cfg, vocab, shardings)
     jax.block_until_ready(params)
@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent("""
 
 def test_import_peak_host_memory_is_about_one_tensor(tmp_path):
     mapping = hf.tensor_map(CFG)
-    shapes = hf.abstract_params(CFG, VOCAB)
+    shapes = paths.flatten(abstract_params(CFG, VOCAB))
     specs = [TensorSpec(name, hf.hf_shape(kind, shapes[path].shape[1:] if layer is not None else shapes[path].shape),
                         np.dtype(np.float32)) for name, (path, kind, layer) in mapping.items()]
     rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ import dataclasses
 from flax import nnx
 
 from jaxsft.config import ConfigError, ModelConfig, PeftConfig
-from jaxsft.model import lora
+from jaxsft.model import hf_peft, lora, lora_branch
 from jaxsft.model.transformer import Transformer
 
 
@@ -131,13 +131,13 @@ def test_dropout_drops_the_branch_input_with_the_step_key():
     node = {"a": jnp.asarray(rng.normal(size=(8, 2)), jnp.float32), "b": jnp.asarray(rng.normal(size=(2, 4, 2)), jnp.float32)}
     y = jnp.einsum("btd,dnh->btnh", x, w)
     key = jax.random.key(7)
-    out = lora.layer_hook({"attn": {"q_proj": node}}, cfg, key)("attn/q_proj", x, w, y)
+    out = lora_branch.layer_hook({"attn": {"q_proj": node}}, cfg, key)("attn/q_proj", x, w, y)
     keep = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 0), 0.5, x.shape))
     dropped = np.where(keep, np.asarray(x) * 2.0, 0.0)
     expected = np.asarray(y) + np.einsum("btd,dr,rnh->btnh", dropped, node["a"], node["b"])
     assert 0 < keep.mean() < 1
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
-    no_key = lora.layer_hook({"attn": {"q_proj": node}}, cfg, None)("attn/q_proj", x, w, y)  # eval: no dropout
+    no_key = lora_branch.layer_hook({"attn": {"q_proj": node}}, cfg, None)("attn/q_proj", x, w, y)  # eval: no dropout
     np.testing.assert_allclose(np.asarray(no_key), np.asarray(y) + np.einsum("btd,dr,rnh->btnh", x, node["a"], node["b"]),
                                rtol=1e-5, atol=1e-5)
 
@@ -159,7 +159,7 @@ def test_peft_loads_our_adapters_with_equal_logits(root, tmp_path, case, rslora,
     cfg = PeftConfig(method=method, rank=4, alpha=8.0, targets=("all-linear",), rslora=rslora)
     adapters = _random_adapters(params, cfg)
     ours = np.asarray(hf_tiny.forward(graphdef, lora.merge(params, adapters, cfg), *_inputs()))
-    lora.save_peft(adapters, cfg, tmp_path, base_model=str(path))
+    hf_peft.save_peft(adapters, cfg, tmp_path, base_model=str(path))
     peft_model = PeftModel.from_pretrained(hf_tiny.hf_model(case), tmp_path).eval()
     tokens, _, mask = _inputs()
     theirs = hf_tiny.hf_logits(peft_model, tokens, mask)
@@ -185,11 +185,11 @@ def test_peft_adapters_import_with_equal_logits_and_round_trip(root, tmp_path, d
             if "lora_magnitude" in name:
                 p.mul_(1 + 0.2 * torch.randn_like(p))
     peft_model.save_pretrained(tmp_path / "peft")
-    cfg, adapters = lora.load_peft(tmp_path / "peft", params)
+    cfg, adapters = hf_peft.load_peft(tmp_path / "peft", params)
     assert (cfg.method, cfg.rank, cfg.alpha, sorted(cfg.targets)) == ("dora" if dora else "lora", 4, 6.0, ["o", "q", "up"])
     tokens, _, mask = _inputs()
     ours = hf_tiny.forward(graphdef, lora.merge(params, adapters, cfg), *_inputs())
     np.testing.assert_allclose(np.asarray(ours), hf_tiny.hf_logits(peft_model, tokens, mask), rtol=2e-4, atol=2e-4)
-    lora.save_peft(adapters, cfg, tmp_path / "again")
-    _, again = lora.load_peft(tmp_path / "again", params)
+    hf_peft.save_peft(adapters, cfg, tmp_path / "again")
+    _, again = hf_peft.load_peft(tmp_path / "again", params)
     jax.tree.map(np.testing.assert_array_equal, adapters, again)

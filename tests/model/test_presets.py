@@ -72,12 +72,12 @@ def test_model_info_prints_groups_and_total(capsys):
 
 def test_family_recipes_parse():
     from pathlib import Path
-    from jaxsft import config as config_lib
+    from jaxsft import config_load
 
     recipes = [p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*-*.yaml")]
     assert len(recipes) >= 3
     for path in recipes:
-        cfg = config_lib.load(path)
+        cfg = config_load.load(path)
         assert cfg.model.init_from.startswith("hf:"), path
 
 
@@ -88,8 +88,8 @@ def test_family_recipes_parse():
     ("model.sliding_window=-1", "model.sliding_window=-1: expected 0 (off) or a positive number"),
 ])
 def test_model_config_errors_are_one_line(override, message):
-    from jaxsft import config as config_lib
+    from jaxsft import config_load
 
     with pytest.raises(ConfigError) as e:
-        config_lib.load(None, [override])
+        config_load.load(None, [override])
     assert str(e.value).startswith(message) and "\n" not in str(e.value)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxsft import config as config_lib
+from jaxsft import config_load
 from jaxsft.cli import main
 from jaxsft.config import ConfigError
 from jaxsft.model.transformer import param_count
@@ -29,7 +29,7 @@ def test_bad_topology_names_get_one_line(name, message):
 def test_fsdp_on_v5p_holds_a_quarter_of_the_state_per_chip():
     devices, chip, chips = aot.topology("v5p-8")
     assert (len(devices), chips, chip.hbm_bytes) == (4, 4, 95 * aot.GIB)
-    cfg = config_lib.load(None, SMALL + ["mesh.data=1", "mesh.fsdp=4"])
+    cfg = config_load.load(None, SMALL + ["mesh.data=1", "mesh.fsdp=4"])
     report = aot.compile_for(cfg, devices, chip, chips)
     n = param_count(cfg.model, 512)
     assert report.params_bytes == n * 4 // 4  # float32, split four ways
@@ -61,8 +61,8 @@ def test_a_job_that_does_not_fit_says_so(capsys):
 def test_lora_pre_flight_counts_the_frozen_base_and_adapter_only_moments():
     """`jaxsft compile` with model.peft: the frozen base is an argument, moments cover the adapters only."""
     devices, chip, chips = aot.topology("v5p-8")
-    full = aot.compile_for(config_lib.load(None, SMALL + ["mesh.data=1", "mesh.fsdp=4"]), devices, chip, chips)
-    cfg = config_lib.load(None, SMALL + ["mesh.data=1", "mesh.fsdp=4", "model.peft.method=lora",
+    full = aot.compile_for(config_load.load(None, SMALL + ["mesh.data=1", "mesh.fsdp=4"]), devices, chip, chips)
+    cfg = config_load.load(None, SMALL + ["mesh.data=1", "mesh.fsdp=4", "model.peft.method=lora",
                                          "model.peft.rank=8", "model.peft.targets=[all-linear]"])
     report = aot.compile_for(cfg, devices, chip, chips)
     # 2 layers of A and B (rank 8, float32): q,k,v,o 256->256, gate,up 256->512, down 512->256.
@@ -83,7 +83,7 @@ def test_host_offload_remat_moves_saved_activations_out_of_hbm():
     shape = ["model.vocab_size=512", "model.d_model=256", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=4",
              "model.head_dim=64", "model.d_ff=1024", "data.max_length=1024", "train.global_batch_size=16",
              "mesh.data=1", "mesh.fsdp=4"]
-    temp = {remat: aot.compile_for(config_lib.load(None, shape + [f"model.remat={remat}"]), devices, chip,
+    temp = {remat: aot.compile_for(config_load.load(None, shape + [f"model.remat={remat}"]), devices, chip,
                                    chips).temp_bytes
             for remat in ("none", "dots_with_no_batch_dims_saveable", "offload", "full")}
     # Measured (MiB per chip): none 1118, dots_with_no_batch_dims_saveable 595, offload 329, full 243.

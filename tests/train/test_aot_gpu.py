@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxsft import config as config_lib
+from jaxsft import config_load
 from jaxsft.cli import main
 from jaxsft.config import ConfigError
 from jaxsft.model.transformer import param_count
@@ -30,7 +30,7 @@ def test_fsdp_over_h100_hosts_splits_the_state(hosts):
     devices, chip, gpus = aot.gpu_topology("h100x8", hosts)
     assert (len(devices), gpus) == (8 * hosts, 8 * hosts)
     assert {d.device_kind for d in devices} == {"NVIDIA H100 80GB HBM3"} and chip.hbm_bytes == 84942979072
-    cfg = config_lib.load(None, SMALL + ["mesh.data=1", "mesh.fsdp=-1"])
+    cfg = config_load.load(None, SMALL + ["mesh.data=1", "mesh.fsdp=-1"])
     report = aot.compile_for(cfg, devices, chip, gpus)
     n = param_count(cfg.model, 512)
     assert report.params_bytes == n * 4 // (8 * hosts)  # float32, split over every GPU

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxsft import config as config_lib
+from jaxsft import config_load
 from jaxsft.config import ConfigError
 from jaxsft.model.transformer import param_count
 from jaxsft.train import aot, sharding
@@ -24,7 +24,7 @@ def _slice_rows(mesh):
 
 def test_slices_go_on_data_unless_told(two_slices):
     devices, chip, chips = two_slices
-    cfg = config_lib.load(None, SMALL + ["mesh.data=1", "mesh.fsdp=4"])
+    cfg = config_load.load(None, SMALL + ["mesh.data=1", "mesh.fsdp=4"])
     mesh = sharding.make_mesh(cfg.mesh, devices)
     assert (mesh.shape["data"], mesh.shape["fsdp"]) == (2, 4)
     assert _slice_rows(mesh) == [[0], [1]]  # one data replica per slice: only gradients cross DCN
@@ -34,7 +34,7 @@ def test_slices_go_on_data_unless_told(two_slices):
 
 def test_fsdp_over_dcn_splits_state_over_both_slices(two_slices):
     devices, chip, chips = two_slices
-    cfg = config_lib.load(None, SMALL + ["mesh.data=1", "mesh.fsdp=4", "mesh.dcn_fsdp=2"])
+    cfg = config_load.load(None, SMALL + ["mesh.data=1", "mesh.fsdp=4", "mesh.dcn_fsdp=2"])
     mesh = sharding.make_mesh(cfg.mesh, devices)
     assert (mesh.shape["data"], mesh.shape["fsdp"]) == (1, 8)
     report = aot.compile_for(cfg, devices, chip, chips)
@@ -42,6 +42,6 @@ def test_fsdp_over_dcn_splits_state_over_both_slices(two_slices):
 
 
 def test_dcn_sizes_must_match_the_slices(two_slices):
-    cfg = config_lib.load(None, SMALL + ["mesh.data=1", "mesh.fsdp=2", "mesh.dcn_fsdp=4"])
+    cfg = config_load.load(None, SMALL + ["mesh.data=1", "mesh.fsdp=2", "mesh.dcn_fsdp=4"])
     with pytest.raises(ConfigError, match="multiply to 4 but the devices form 2 slices"):
         sharding.make_mesh(cfg.mesh, two_slices[0])

@@ -3,15 +3,11 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen
 
-from jaxsft.config import MeshConfig, OptimConfig, PeftConfig
-from jaxsft.train import sharding, state as state_lib
-from jaxsft.train.optim import make_optimizer, schedule
-from jaxsft.train.step import make_train_step
+from jaxsft.config import Config, DataConfig, MeshConfig, OptimConfig, PeftConfig, TrainConfig
+from jaxsft.train import program as program_lib, sharding, state as state_lib
 
 from train_helpers import TINY_MODEL
 
@@ -19,16 +15,11 @@ VOCAB, ROWS, LENGTH = 8192, 8, 256
 
 
 def _compiled(model, loss_chunk: int, devices):
-    mesh_cfg = MeshConfig(data=1, fsdp=len(devices))
-    mesh = sharding.make_mesh(mesh_cfg, devices)
-    optim = OptimConfig(learning_rate=1e-2, warmup_steps=0)
-    optimizer = make_optimizer(optim, 10)
-    plan = state_lib.plan(model, VOCAB, optimizer, mesh_cfg.rules, mesh, 0)
-    batch_sharding = sharding.batch_sharding(mesh_cfg.rules, mesh)
-    step = make_train_step(plan.graphdef, optimizer, schedule(optim, 10), peft_cfg=model.peft, loss_chunk=loss_chunk)
-    with jax.set_mesh(mesh), linen.logical_axis_rules(sharding.flax_rules(mesh_cfg.rules)):
-        compiled = state_lib.compile_step(step, plan, batch_sharding, ROWS, LENGTH)
-    return compiled, plan, batch_sharding
+    cfg = Config(model=model, mesh=MeshConfig(data=1, fsdp=len(devices)),
+                 optim=OptimConfig(learning_rate=1e-2, warmup_steps=0), data=DataConfig(max_length=LENGTH),
+                 train=TrainConfig(steps=10, global_batch_size=ROWS, loss_chunk=loss_chunk, seed=0))
+    program = program_lib.build(cfg, VOCAB, sharding.make_mesh(cfg.mesh, devices))
+    return program.compile_train(), program, program.batch_sharding
 
 
 def _batch(rng):
@@ -43,7 +34,7 @@ def _batch(rng):
 def test_chunked_step_equals_the_full_logits_step_with_far_less_temporary_memory(peft_cfg):
     model = dataclasses.replace(TINY_MODEL, peft=peft_cfg, final_logit_softcap=30.0)
     devices = jax.devices()[:2]
-    full, plan, batch_sharding = _compiled(model, 0, devices)
+    full, program, batch_sharding = _compiled(model, 0, devices)
     chunked, _, _ = _compiled(model, 256, devices)
     logits_bytes = ROWS * LENGTH * VOCAB * 4 // len(devices)  # one f32 logits tensor, per device
     full_temp, chunked_temp = (c.memory_analysis().temp_size_in_bytes for c in (full, chunked))
@@ -52,14 +43,9 @@ def test_chunked_step_equals_the_full_logits_step_with_far_less_temporary_memory
     assert chunked_temp < full_temp - 2 * logits_bytes, (full_temp, chunked_temp)
 
     batch = sharding.global_batch(_batch(np.random.default_rng(0)), batch_sharding)
-    optimizer = make_optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0), 10)
-    frozen = ()
-    if plan.peft:
-        trainable, base = state_lib.split_base(model, state_lib.create_base(model, VOCAB, plan, 0), plan, 0)
-        states = [state_lib.from_params(jax.tree.map(jnp.copy, trainable), optimizer, plan) for _ in range(2)]
-        frozen = (base,)
-    else:
-        states = [state_lib.create(model, VOCAB, optimizer, plan, 0) for _ in range(2)]
+    states, frozens = zip(*(state_lib.initial_state(program.cfg, VOCAB, program.optimizer, program.plan)
+                            for _ in range(2)))
+    frozen = frozens[0]
     (a, metrics_a), (b, metrics_b) = full(states[0], batch, *frozen), chunked(states[1], batch, *frozen)
     np.testing.assert_allclose(float(metrics_a["loss"]), float(metrics_b["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(metrics_a["grad_norm"]), float(metrics_b["grad_norm"]), rtol=1e-5)

@@ -10,17 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen, nnx
+from flax import nnx
 
-from jaxsft import config as config_lib
+from jaxsft import config_load
 from jaxsft.cli import main
-from jaxsft.config import Config, ConfigError, MeshConfig, OptimConfig, PeftConfig
+from jaxsft.config import Config, ConfigError, DataConfig, MeshConfig, OptimConfig, PeftConfig, TrainConfig
 from jaxsft.infer import runs
 from jaxsft.model import hf
-from jaxsft.train import sharding, state as state_lib
+from jaxsft.train import program as program_lib, sharding, state as state_lib
 from jaxsft.train.checkpoint import read_state
-from jaxsft.train.optim import make_optimizer, schedule
-from jaxsft.train.step import make_train_step
 from jaxsft.train.trainer import train
 
 from train_helpers import TINY_MODEL, VOCAB
@@ -33,19 +31,15 @@ class LoraSetup:
     def __init__(self, model=TINY_MODEL, peft_cfg=LORA, devices=None, mesh_cfg=MeshConfig(), batch=(8, 32),
                  compile=True):
         model = dataclasses.replace(model, peft=peft_cfg)
-        self.cfg = Config(model=model, mesh=mesh_cfg, optim=OptimConfig(learning_rate=1e-2, warmup_steps=0))
+        self.cfg = Config(model=model, mesh=mesh_cfg, optim=OptimConfig(learning_rate=1e-2, warmup_steps=0),
+                          data=DataConfig(max_length=batch[1]),
+                          train=TrainConfig(steps=10, global_batch_size=batch[0], seed=0))
         self.mesh = sharding.make_mesh(mesh_cfg, devices)
-        optimizer = make_optimizer(self.cfg.optim, 10)
-        self.plan = state_lib.plan(model, VOCAB, optimizer, mesh_cfg.rules, self.mesh, 0)
-        trainable, self.base = state_lib.split_base(model, state_lib.create_base(model, VOCAB, self.plan, 0),
-                                                    self.plan, 0)
-        self.state = state_lib.from_params(trainable, optimizer, self.plan)
-        self.batch_sharding = sharding.batch_sharding(mesh_cfg.rules, self.mesh)
-        if not compile:
-            return
-        step = make_train_step(self.plan.graphdef, optimizer, schedule(self.cfg.optim, 10), peft_cfg=peft_cfg)
-        with jax.set_mesh(self.mesh), linen.logical_axis_rules(sharding.flax_rules(mesh_cfg.rules)):
-            self.step = state_lib.compile_step(step, self.plan, self.batch_sharding, *batch)
+        program = program_lib.build(self.cfg, VOCAB, self.mesh)
+        self.plan, self.batch_sharding = program.plan, program.batch_sharding
+        self.state, (self.base,) = state_lib.initial_state(self.cfg, VOCAB, program.optimizer, self.plan)
+        if compile:
+            self.step = program.compile_train()
 
     def run(self, batches):
         for batch in batches:
@@ -105,7 +99,7 @@ LORA_RUN = ["train.steps=6", "checkpoint.every=3", "train.eval_every=100", "mesh
 def lora_run(tmp_path_factory):
     """A 6-step LoRA run (adapter dropout 0.1) on 8 fake devices (fsdp=4 x data=2), and its stdout."""
     run = tmp_path_factory.mktemp("lora") / "run"
-    cfg = config_lib.load(None, TINY + [f"train.run_dir={run}", *LORA_RUN])
+    cfg = config_load.load(None, TINY + [f"train.run_dir={run}", *LORA_RUN])
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
         train(cfg)
@@ -129,7 +123,7 @@ def test_lora_run_resumes_bitwise_under_fsdp(lora_run, tmp_path):
     losses = [r["loss"] for r in _records(run) if "loss" in r]
     shutil.rmtree(run / "checkpoints" / "6")
     (run / "metrics.jsonl").unlink()
-    cfg = config_lib.load(None, TINY + [f"train.run_dir={run}", *LORA_RUN])
+    cfg = config_load.load(None, TINY + [f"train.run_dir={run}", *LORA_RUN])
     assert train(cfg).start_step == 3
     assert [r["loss"] for r in _records(run) if "loss" in r] == losses[3:]
     jax.tree.map(np.testing.assert_array_equal, straight, read_state(run, 6))
@@ -149,7 +143,7 @@ def test_export_peft_and_merged_hf_give_the_run_logits(lora_run, tmp_path):
         runs.export_hf(run, tmp_path / "x")
     main(["export", str(run), str(tmp_path / "peft"), "--format", "peft"])
     main(["export", str(run), str(tmp_path / "merged"), "--format", "hf", "--merge"])
-    cfg = config_lib.load(run / "config.yaml")
+    cfg = config_load.load(run / "config.yaml")
     base = runs._peft_base(cfg, loaded.model_cfg, loaded.vocab_size)
     hf.save_pretrained(base, loaded.model_cfg, loaded.vocab_size, tmp_path / "base")
 
@@ -171,7 +165,7 @@ def test_training_continues_from_an_exported_peft_adapter(lora_run, tmp_path):
     main(["export", str(run), str(tmp_path / "peft"), "--format", "peft"])
     args = [a for a in LORA_RUN if not a.startswith("model.peft.targets")] + [
         "model.peft.targets=[q, v, gate_proj]", f"model.peft.init_from={tmp_path / 'peft'}", "train.steps=1"]
-    train(config_lib.load(None, TINY + [f"train.run_dir={tmp_path / 'next'}", *args]))
+    train(config_load.load(None, TINY + [f"train.run_dir={tmp_path / 'next'}", *args]))
     source_final = [r["eval_loss"] for r in _records(run) if "eval_loss" in r][-1]
     assert abs(_records(tmp_path / "next")[0]["eval_loss"] - source_final) < 1e-6
 
@@ -217,7 +211,7 @@ def test_dora_run_on_a_hugging_face_base_exports_to_peft(tmp_path):
 
     base = _hf_base(tmp_path / "base")
     run = tmp_path / "run"
-    train(config_lib.load(None, HF_RUN + [f"train.run_dir={run}", f"model.init_from=hf:{base}",
+    train(config_load.load(None, HF_RUN + [f"train.run_dir={run}", f"model.init_from=hf:{base}",
                                           "model.peft.method=dora", "model.peft.targets=[q, v, up]"]))
     main(["export", str(run), str(tmp_path / "peft"), "--format", "peft"])
     tokens = np.random.default_rng(0).integers(0, 512, (2, 10)).astype(np.int32)
@@ -238,7 +232,7 @@ def test_freeze_run_trains_its_selection_and_exports_merged(tmp_path):
     run = tmp_path / "run"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-        train(config_lib.load(None, HF_RUN + [f"train.run_dir={run}", f"model.init_from=hf:{base}",
+        train(config_load.load(None, HF_RUN + [f"train.run_dir={run}", f"model.init_from=hf:{base}",
                                               "model.peft.method=freeze", "model.peft.trainable=[norm]",
                                               "model.peft.top_layers=1"]))
     # norms: 2 x 2 x 32 in layer 0, the final 32; all of layer 1 (4 x 32 x 32 attention... counted by shapes).

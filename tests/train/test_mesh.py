@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsft import config as config_lib
-from jaxsft.config import MESH_AXES, ConfigError, MeshConfig, from_dict
+from jaxsft import config_load
+from jaxsft.config import MESH_AXES, ConfigError, MeshConfig
+from jaxsft.config_load import from_dict
 from jaxsft.train import sharding
 from jaxsft.train.checkpoint import read_state
 from jaxsft.train.trainer import train
@@ -120,7 +121,7 @@ def test_trainer_with_a_sequence_axis_equals_data_parallel(tmp_path, monkeypatch
     runs = {}
     for name, mesh in (("dp", ["mesh.data=8"]), ("seq", ["mesh.data=1", "mesh.fsdp=4", "mesh.sequence=2"])):
         run = tmp_path / name
-        train(config_lib.load(None, TINY + mesh + [f"train.run_dir={run}", "train.steps=2", "train.eval_every=2"]))
+        train(config_load.load(None, TINY + mesh + [f"train.run_dir={run}", "train.steps=2", "train.eval_every=2"]))
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         runs[name] = ([r["loss"] for r in records if "loss" in r], [r["eval_loss"] for r in records if "eval_loss" in r],
                       read_state(run)["params"])

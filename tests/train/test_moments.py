@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxsft.config import ConfigError, OptimConfig, from_dict
+from jaxsft.config import ConfigError, OptimConfig
+from jaxsft.config_load import from_dict
 from jaxsft.train import sharding
 from jaxsft.train.optim import decay_mask, make_optimizer, schedule
 
@@ -74,12 +75,12 @@ def test_bf16_moments_refuse_a_b2_they_cannot_follow():
 
 def test_preflight_reports_half_the_optimizer_bytes():
     pytest.importorskip("libtpu", reason="pip install -e '.[tpu]'")
-    from jaxsft import config as config_lib
+    from jaxsft import config_load
     from jaxsft.train import aot
     small = ["model.vocab_size=512", "model.d_model=256", "model.n_layers=2", "model.head_dim=64", "model.d_ff=512",
              "data.max_length=128", "train.global_batch_size=4", "mesh.data=1", "mesh.fsdp=-1"]
     devices, chip, chips = aot.topology("v5e-4")
-    reports = [aot.compile_for(config_lib.load(None, small + [f"optim.moments_dtype={dtype}"]), devices, chip, chips)
+    reports = [aot.compile_for(config_load.load(None, small + [f"optim.moments_dtype={dtype}"]), devices, chip, chips)
                for dtype in ("float32", "bfloat16")]
     counters = 8  # Adam's and the schedule's int32 step counts, replicated
     assert (reports[1].optimizer_bytes - counters) * 2 == reports[0].optimizer_bytes - counters

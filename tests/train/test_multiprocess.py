@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsft import config as config_lib
+from jaxsft import config_load
 from jaxsft.cli import DEMO_CONFIG
 from jaxsft.config import LogicalRules, MeshConfig
 from jaxsft.train import sharding
@@ -63,13 +63,13 @@ def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
     # What `jaxsft train` without a config file runs, in this 8-device process, uninterrupted.
     os.environ["JAXSFT_CACHE"] = str(cache)
     assert jax.process_count() == 1 and jax.device_count() == 8
-    train(config_lib.load(DEMO_CONFIG, _overrides(one, STEPS + MORE)))
+    train(config_load.load(DEMO_CONFIG, _overrides(one, STEPS + MORE)))
     reference = _losses(one)
     np.testing.assert_allclose(_losses(two), reference[:STEPS], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  read_state(two, STEPS)["params"], read_state(one, STEPS)["params"])
 
-    summary = train(config_lib.load(DEMO_CONFIG, _overrides(two, STEPS + MORE)))
+    summary = train(config_load.load(DEMO_CONFIG, _overrides(two, STEPS + MORE)))
     assert summary.start_step == STEPS
     np.testing.assert_allclose(_losses(two, after=STEPS), reference[STEPS:], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),

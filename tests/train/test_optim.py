@@ -22,6 +22,18 @@ def test_weight_decay_skips_norms_and_embeddings_only():
     assert all(flat[k] for k in ("lm_head", "blocks/attn/q_proj", "blocks/mlp/down_proj"))
 
 
+def test_weight_decay_skips_biases():
+    import dataclasses
+
+    qwen2 = dataclasses.replace(TINY_MODEL, family="qwen2")
+    model = nnx.eval_shape(lambda: Transformer(qwen2, VOCAB, rngs=nnx.Rngs(0)))
+    flat = {"/".join(map(str, k)): v for k, v in
+            nnx.traversals.flatten_mapping(decay_mask(nnx.state(model).to_pure_dict())).items()}
+    biases = {k for k in flat if "bias" in k}
+    assert biases == {"blocks/attn/q_bias", "blocks/attn/k_bias", "blocks/attn/v_bias"}
+    assert not any(flat[k] for k in biases) and flat["blocks/attn/q_proj"]
+
+
 def test_schedule_warms_up_then_decays_to_the_floor():
     cfg = OptimConfig(learning_rate=1e-3, warmup_steps=10, end_learning_rate_ratio=0.1)
     lr = schedule(cfg, total_steps=100)

@@ -1,12 +1,13 @@
 """Every remat policy (host offload included) trains like no remat: same numbers, other memory."""
 
 import dataclasses
+import typing
 
 import jax
 import numpy as np
 import pytest
 
-from jaxsft.config import CHOICES, MeshConfig
+from jaxsft.config import MeshConfig, Remat
 
 from train_helpers import Setup, TINY_MODEL, make_batch
 
@@ -19,7 +20,7 @@ def reference():
     return batches, jax.tree.map(np.asarray, setup.state["params"])
 
 
-@pytest.mark.parametrize("remat", [r for r in CHOICES["model.remat"] if r != "none"])
+@pytest.mark.parametrize("remat", [r for r in typing.get_args(Remat) if r != "none"])
 def test_remat_policy_trains_like_no_remat(reference, remat):
     batches, expected = reference
     setup = Setup(model=dataclasses.replace(TINY_MODEL, remat=remat), devices=jax.devices()[:2],

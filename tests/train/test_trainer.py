@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxsft import config as config_lib
+from jaxsft import config_load
 from jaxsft.cli import DEMO_CONFIG, main
 from jaxsft.train.checkpoint import read_state
 from jaxsft.train.trainer import train
@@ -26,7 +26,7 @@ def _cache(tmp_path_factory, monkeypatch):
 
 
 def _cfg(run_dir, *extra):
-    return config_lib.load(None, TINY + [f"train.run_dir={run_dir}", *extra])
+    return config_load.load(None, TINY + [f"train.run_dir={run_dir}", *extra])
 
 
 def _records(run_dir):
@@ -82,7 +82,7 @@ def test_cli_trains_and_writes_the_run_directory(tmp_path, capsys):
     args = ["train"] + [a for kv in TINY for a in ("--set", kv)] + ["--set", f"train.run_dir={run}",
                                                                      "--set", "train.steps=4", "--set", "train.eval_every=2"]
     assert main(args) == 0
-    assert config_lib.load(run / "config.yaml") == config_lib.load(
+    assert config_load.load(run / "config.yaml") == config_load.load(
         DEMO_CONFIG, TINY + [f"train.run_dir={run}", "train.steps=4", "train.eval_every=2"])
     records = _records(run)
     evals = [r for r in records if "eval_loss" in r]

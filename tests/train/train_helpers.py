@@ -4,13 +4,10 @@ A module of its own name (not conftest): `from conftest import ...` would resolv
 whichever directory's conftest pytest happened to import last.
 """
 
-import jax
 import numpy as np
 
-from jaxsft.config import Config, MeshConfig, ModelConfig, OptimConfig
-from jaxsft.train import sharding, state as state_lib
-from jaxsft.train.optim import make_optimizer, schedule
-from jaxsft.train.step import make_train_step
+from jaxsft.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from jaxsft.train import program as program_lib, sharding, state as state_lib
 
 VOCAB = 64
 TINY_MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
@@ -34,27 +31,24 @@ def make_batch(rng: np.random.Generator, rows: int, length: int, examples_per_ro
 
 
 class Setup:
-    """A train state and compiled step on a mesh, for comparing meshes and batch splits."""
+    """A train state and its jitted step from the one program builder (train/program.py), on a
+    mesh, for comparing meshes and batch splits."""
 
     def __init__(self, mesh_cfg: MeshConfig = MeshConfig(), devices=None, micro_batches: int = 1,
                  model: ModelConfig = TINY_MODEL, steps: int = 10,
                  optim: OptimConfig = OptimConfig(learning_rate=1e-2, warmup_steps=0)):
-        self.cfg = Config(model=model, mesh=mesh_cfg, optim=optim)
+        self.cfg = Config(model=model, mesh=mesh_cfg, optim=optim,
+                          train=TrainConfig(steps=steps, micro_batches=micro_batches, seed=0))
         self.mesh = sharding.make_mesh(mesh_cfg, devices)
-        self.optimizer = make_optimizer(self.cfg.optim, steps)
-        rules = self.cfg.mesh.rules
-        self.plan = state_lib.plan(model, VOCAB, self.optimizer, rules, self.mesh, seed=0)
-        self.batch_sharding = sharding.batch_sharding(rules, self.mesh)
-        self.state = state_lib.create(model, VOCAB, self.optimizer, self.plan, seed=0)
-        step = make_train_step(self.plan.graphdef, self.optimizer, schedule(self.cfg.optim, steps), micro_batches)
-        with jax.set_mesh(self.mesh):
-            self.step = jax.jit(step, in_shardings=(self.plan.shardings, self.batch_sharding),
-                                out_shardings=(self.plan.shardings, None))
+        self.program = program_lib.build(self.cfg, VOCAB, self.mesh)
+        self.plan, self.batch_sharding = self.program.plan, self.program.batch_sharding
+        self.state, _ = state_lib.initial_state(self.cfg, VOCAB, self.program.optimizer, self.plan)
+        self.step = self.program.jit_train(donate=False)
 
     def run(self, batches):
         losses = []
         for batch in batches:
-            with jax.set_mesh(self.mesh):
+            with self.program.context():
                 self.state, metrics = self.step(self.state, sharding.global_batch(batch, self.batch_sharding))
             losses.append(float(metrics["loss"]))
         return losses
