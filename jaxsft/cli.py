@@ -11,9 +11,18 @@ import sys
 from pathlib import Path
 
 from jaxsft import config as config_lib
-from jaxsft import config_load
+from jaxsft import config_load, quiet
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jaxsft")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +40,7 @@ def _train(args) -> None:
     from jaxsft.train.trainer import train
     from jaxsft.train.report import print_summary
 
-    print_summary(train(_load(args)))
+    print_summary(train(_load(args), allow_config_change=args.allow_config_change))
 
 
 def _config_show(args) -> None:
@@ -92,10 +101,14 @@ def _chat(args) -> None:
     def read():
         try:
             return input("> ")
-        except EOFError:
+        except EOFError:  # Ctrl-D: leave
+            print()
             return None
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh prompt, as in a shell
+            print()
+            return ""
 
-    chat(args.source, _sampling(args), args.system, read, print)
+    chat(args.source, _sampling(args), args.system, read, print, lambda text: print(text, file=sys.stderr))
 
 
 def _add_model_verbs(verbs) -> None:
@@ -234,9 +247,13 @@ def _add_compile_verb(verbs) -> None:
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="jaxsft", description="JAX-native supervised fine-tuning")
+    root.add_argument("--version", action="version", version=f"jaxsft {_version()}")
     verbs = root.add_subparsers(dest="verb", required=True)
     train = verbs.add_parser("train", help="train (or resume) the run described by a config")
     _config_args(train)
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="resume a run directory with a config other than its config.yaml; the change is "
+                            "recorded in config_history.jsonl")
     train.set_defaults(run=_train)
     config = verbs.add_parser("config", help="inspect configs")
     config_verbs = config.add_subparsers(dest="config_verb", required=True)
@@ -252,6 +269,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    quiet.quiet_start(args.verb)  # before JAX loads: no benign runtime noise on a CPU host
     from jaxsft.data.formats import DataError
     from jaxsft.train.faults import RunStopped
 
@@ -264,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxsft: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("jaxsft: interrupted; the latest checkpoint is kept, run the same command to resume", file=sys.stderr)
+        resume = "; the latest checkpoint is kept, run the same command to resume" if args.verb == "train" else ""
+        print(f"jaxsft: interrupted{resume}", file=sys.stderr)
         return 130
     return status or 0
 

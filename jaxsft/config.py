@@ -27,6 +27,9 @@ DType = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "offload"]
 # Named tables of mesh.rules (STRATEGIES below); "": the rules as written.
 Strategy = Literal["", "dp", "fsdp", "tp", "fsdp_tp"]
+# The built-in synthetic data (docs/quality.md): the demo's seven tasks, the quality suite's
+# instruction families, or the `text` corpus of the suite's generated world.
+SyntheticTasks = Literal["demo", "quality", "quality_text"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +105,9 @@ class ModelConfig:
 class SourceConfig:
     """One data source of a mixture (docs/data.md)."""
 
-    path: str = ""  # file or glob (jsonl[.gz], parquet, arrayrecord); tfds: the dataset name
+    # file or glob (jsonl[.gz], parquet, arrayrecord); tfds: the dataset name; synthetic: a
+    # SyntheticTasks name (empty: demo)
+    path: str = ""
     type: Literal["auto", "jsonl", "parquet", "arrayrecord", "tfds", "synthetic"] = "auto"  # auto: by extension
     name: str = ""  # in reports and data.stages; default: the file name (or tfds/synthetic name)
     format: Literal["messages", "alpaca", "sharegpt", "prompt_completion", "text"] = "messages"  # data/formats.py
@@ -115,6 +120,7 @@ class SourceConfig:
     data_dir: str = ""  # tfds data_dir
     examples: int = 20000  # synthetic: train records
     eval_examples: int = 512  # synthetic: eval records
+    phrasings: int = 0  # synthetic quality: train on each family's first N phrasings (0: all not held out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +142,7 @@ class DataConfig:
     eval_files: tuple[str, ...] = ()
     synthetic_train_examples: int = 20000
     synthetic_eval_examples: int = 512
+    synthetic_tasks: SyntheticTasks = "demo"  # which built-in set, when no sources or files are given
     template: str = "chatml"  # a name in jaxsft.data.templates.TEMPLATE_NAMES (hf: the tokenizer's own)
     # A SentencePiece .model, or hf:/model/dir; empty means train a SentencePiece model (cached).
     tokenizer: str = ""

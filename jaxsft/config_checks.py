@@ -6,8 +6,12 @@ than one field at a time is checked here, before any data is read or anything co
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from jaxsft import config_ranges
-from jaxsft.config import LOGICAL_AXES, MESH_AXES, Config, ConfigError, DataConfig
+from typing import get_args
+
+from jaxsft.config import LOGICAL_AXES, MESH_AXES, Config, ConfigError, DataConfig, SyntheticTasks
 
 
 def _require(ok: bool, message: str) -> None:
@@ -68,12 +72,30 @@ def validate(cfg: Config) -> None:
     _require(not pe.init_from or pe.adapters, "model.peft.init_from: only for method lora or dora")
 
 
+def check_paths(cfg: Config) -> None:
+    """Every path a run reads exists: one line each (exit 2), checked before any data is read."""
+    from jaxsft.data import reading
+
+    for key, spec in (("model.init_from", cfg.model.init_from), ("model.peft.init_from", cfg.model.peft.init_from)):
+        directory = spec.split(":", 1)[1] if spec.startswith(("hf:", "orbax:")) else spec
+        _require(not spec or Path(directory).expanduser().is_dir(), f"{key}={spec}: {directory} is not a directory")
+    tokenizer = cfg.data.tokenizer
+    if tokenizer.startswith("hf:"):
+        _require(Path(tokenizer[3:]).expanduser().is_dir(), f"data.tokenizer={tokenizer}: {tokenizer[3:]} is not a directory")
+    else:
+        _require(not tokenizer or Path(tokenizer).is_file(), f"data.tokenizer={tokenizer}: no such file")
+    reading.check_files(cfg.data)
+
+
 def _validate_sources(d: DataConfig) -> None:
     for k, src in enumerate(d.sources):
         key = f"data.sources[{k}]"
         _require(src.weight >= 0, f"{key}.weight={src.weight}: expected a non-negative number")
         _require(0.0 <= src.eval_fraction < 1.0, f"{key}.eval_fraction={src.eval_fraction}: expected [0, 1)")
         _require(bool(src.path) or src.type == "synthetic", f"{key}.path: required (a file, glob or tfds name)")
+        _require(src.type != "synthetic" or src.path in ("", *get_args(SyntheticTasks)),
+                 f"{key}.path={src.path!r}: a synthetic source names its task set, one of "
+                 f"{', '.join(get_args(SyntheticTasks))}")
     _require(not d.sources or sum(s.weight for s in d.sources) > 0, "data.sources: every weight is 0")
     _require(not (d.sources and (d.train_files or d.eval_files)),
              "data.train_files/eval_files: use either them or data.sources, not both")

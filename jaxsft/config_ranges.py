@@ -71,6 +71,7 @@ RANGES: dict[str, Range] = {
     "data.sources[].weight": NON_NEGATIVE,
     "data.sources[].eval_fraction": UNIT_OPEN,
     "data.sources[].examples": AT_LEAST_1, "data.sources[].eval_examples": AT_LEAST_1,
+    "data.sources[].phrasings": NON_NEGATIVE,
     "data.stages[].start_step": NON_NEGATIVE,
     "data.stages[].weights.*": NON_NEGATIVE,
     "data.synthetic_train_examples": AT_LEAST_1, "data.synthetic_eval_examples": AT_LEAST_1,

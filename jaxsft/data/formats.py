@@ -90,14 +90,25 @@ def _tool_calls(raw: Any, where: str) -> str | None:
         return None
     if not isinstance(raw, list) or not all(isinstance(c, dict) for c in raw):
         raise BadRecord("tool_calls not a list of objects", where)
-    calls = [dict(c.get("function", c)) for c in raw]  # OpenAI style nests name/arguments under "function"
+    calls = [c.get("function", c) for c in raw]  # OpenAI style nests name/arguments under "function"
+    if not all(isinstance(c, dict) for c in calls):
+        raise BadRecord("tool_calls without a function name", where)
+    calls = [dict(c) for c in calls]
     for call in calls:
         if isinstance(call.get("arguments"), str):  # OpenAI sends arguments as JSON text
             try:
                 call["arguments"] = json.loads(call["arguments"])
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, nested too deeply, an integer too long
                 raise BadRecord("tool_calls arguments not JSON", where) from None
-    return json.dumps(calls, ensure_ascii=False, separators=(", ", ": ")) if calls else None
+    return _json(calls, "tool_calls", separators=(", ", ": ")) if calls else None
+
+
+def _json(value: Any, where: str, **kwargs) -> str:
+    """JSON text of a record's value; a value nested too deeply to write back is a bad record."""
+    try:
+        return json.dumps(value, ensure_ascii=False, **kwargs)
+    except RecursionError:
+        raise BadRecord("nested too deeply", where) from None
 
 
 def _parse_message(i: int, raw: Any) -> Message:
@@ -142,7 +153,7 @@ def _calls_as_given(raw: list, where: str) -> str:
         if call.get("id") is not None:
             given = {"id": _optional_string(call["id"], f"{where}.tool_calls[{k}].id"), **given}
         out.append(given)
-    return json.dumps(out, ensure_ascii=False)
+    return _json(out, f"{where}.tool_calls")
 
 
 def _tools(record: Mapping, columns: Mapping[str, str]) -> str | None:
@@ -151,7 +162,7 @@ def _tools(record: Mapping, columns: Mapping[str, str]) -> str | None:
         return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise BadRecord("tools not a list of objects", f"tools is {type(tools).__name__}")
-    return json.dumps(tools, ensure_ascii=False) if tools else None
+    return _json(tools, "tools") if tools else None
 
 
 def _messages(raw: Any, name: str = "messages") -> list[Message]:
@@ -188,7 +199,7 @@ def from_sharegpt(record: Mapping, columns: Mapping[str, str]) -> Conversation:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise BadRecord("message not an object", f"conversations[{i}] is {type(turn).__name__}")
-        role = SHAREGPT_ROLES.get(turn.get("from"))
+        role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn.get("from"), str) else None
         if role is None:
             raise BadRecord("unknown role", f"conversations[{i}].from={turn.get('from')!r}")
         value = _string(turn.get("value"), f"conversations[{i}].value", empty_ok=role != "assistant")

@@ -1,6 +1,7 @@
 """A Hugging Face `chat_template` (Jinja) as a jaxsft template, with exact ids and masks.
 
-Rendering runs in `jinja2.sandbox.ImmutableSandboxedEnvironment` with the globals and
+Rendering runs in `jinja2.sandbox.ImmutableSandboxedEnvironment`, with a time and output
+limit (jinja_limits.py), and the globals and
 filters transformers provides (`raise_exception`, `strftime_now`, `tojson`, the
 `{% generation %}` tag), so stock templates render the same text as
 `apply_chat_template`. Then:
@@ -37,12 +38,12 @@ from typing import Sequence
 import jinja2
 import jinja2.ext
 import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 import numpy as np
 
 from jaxsft.data import hf_spans as spans
+from jaxsft.data import jinja_limits
 from jaxsft.data.formats import BadRecord, Conversation, DataError, Message
+from jaxsft.data.jinja_limits import LimitedSandbox
 from jaxsft.data.templates import EOS, MaskPolicy, Part, Template, trained_messages
 from jaxsft.data.tokenizer import Tokenizer
 
@@ -68,8 +69,8 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 
 def compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True,  # sandboxed, with render limits
+                         extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
@@ -115,8 +116,10 @@ class HFTemplate(Template):
 
     def render_text(self, dicts: Sequence[dict], add_generation_prompt: bool = False, tools=None) -> str:
         try:
-            return self._jinja.render(messages=list(dicts), add_generation_prompt=add_generation_prompt,
-                                      tools=tools, documents=None, **self._context)
+            input_chars = sum(len(str(v)) for d in dicts for v in d.values()) + len(str(tools or ""))
+            return jinja_limits.render(self._jinja, input_chars, messages=list(dicts),
+                                       add_generation_prompt=add_generation_prompt, tools=tools, documents=None,
+                                       **self._context)
         except jinja2.TemplateError as e:
             raise BadRecord("template rejected the conversation", " ".join(str(e).split())) from None
         except (TypeError, KeyError, IndexError, AttributeError, ValueError) as e:

@@ -21,10 +21,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from jaxsft.config import DataConfig, SourceConfig
-from jaxsft.data import synthetic
+from jaxsft.data import synthetic_tasks
 from jaxsft.data.formats import BadRecord, Conversation, DataError, parse_record
 from jaxsft.data.sources import (ArrayRecordSource, BadLine, JsonlSource, MemorySource, ParquetSource, Source,
-                                 TfdsSource)
+                                 TfdsSource, expand_paths)
 
 MAX_REPORTED = 10
 LEGACY_EVAL_FRACTION = 0.02  # train_files without eval_files: every 50th record is eval
@@ -118,6 +118,15 @@ def _source_type(src: SourceConfig, key: str) -> str:
                     "set type: jsonl | parquet | arrayrecord | tfds | synthetic")
 
 
+def check_files(cfg: DataConfig) -> None:
+    """Every data file (or glob) exists: `DataError` naming the first missing one, before reading any."""
+    patterns = [*cfg.train_files, *cfg.eval_files] if cfg.train_files and not cfg.sources else []
+    for k, src in enumerate(cfg.sources):
+        if _source_type(src, f"data.sources[{k}]") in ("jsonl", "parquet", "arrayrecord"):
+            patterns += [src.path] + ([src.eval_path] if src.eval_path else [])
+    expand_paths(patterns)
+
+
 def _open(src: SourceConfig, kind: str, path: str, split: str, seed: int, cache_dir: Path) -> Source:
     if kind == "jsonl":
         return JsonlSource([path], cache_dir)
@@ -128,7 +137,7 @@ def _open(src: SourceConfig, kind: str, path: str, split: str, seed: int, cache_
     if kind == "tfds":
         return TfdsSource(path, split, src.data_dir)
     n = src.examples if split == "train" else src.eval_examples
-    return MemorySource(synthetic.generate(n, seed, split), f"synthetic:{split}")
+    return MemorySource(synthetic_tasks.task_set(path or "demo", n, seed, split, src.phrasings), f"synthetic:{split}")
 
 
 def _held_out(n: int, fraction: float) -> np.ndarray:
@@ -143,8 +152,9 @@ def source_configs(cfg: DataConfig) -> list[SourceConfig]:
     """`data.sources`, or the synthetic tasks as one source (`train_files` are handled apart)."""
     if cfg.sources:
         return list(cfg.sources)
-    return [SourceConfig(type="synthetic", name="synthetic", examples=cfg.synthetic_train_examples,
-                         eval_examples=cfg.synthetic_eval_examples)]
+    return [SourceConfig(type="synthetic", name="synthetic", path=cfg.synthetic_tasks,
+                         format="text" if cfg.synthetic_tasks == "quality_text" else "messages",
+                         examples=cfg.synthetic_train_examples, eval_examples=cfg.synthetic_eval_examples)]
 
 
 def _legacy_files(cfg: DataConfig, cache_dir: Path) -> tuple[list[Split], list[Split]]:

@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -65,6 +66,9 @@ def expand_paths(patterns: Sequence[str]) -> list[Path]:
     return paths
 
 
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def parse_json(raw: bytes) -> Any:
     """One JSON document (a line, a record) -> Python; raises `BadRecord`."""
     try:
@@ -72,9 +76,19 @@ def parse_json(raw: bytes) -> Any:
     except UnicodeDecodeError as e:
         raise BadRecord("invalid UTF-8", f"byte {e.start}") from None
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadRecord("invalid JSON", f"{e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise BadRecord("invalid JSON", "nested too deeply") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise BadRecord("invalid JSON", str(e).split(";")[0]) from None
+    if SURROGATE_ESCAPE.search(text):  # "\ud800" alone decodes to a string no tokenizer can encode
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except (UnicodeEncodeError, RecursionError):
+            raise BadRecord("invalid UTF-8", "a lone surrogate \\u escape") from None
+    return value
 
 
 class Source:

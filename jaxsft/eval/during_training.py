@@ -23,8 +23,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -33,7 +34,7 @@ from flax import nnx
 from jaxsft.config import Config, PeftConfig
 from jaxsft.data.reading import Split
 from jaxsft.eval import generation, metrics, records
-from jaxsft.eval.evaluate import generation_report, sample_of
+from jaxsft.eval.samples import generation_report, sample_of
 from jaxsft.infer.runs import Loaded
 from jaxsft.infer.sampler import Sampling
 from jaxsft.model import peft

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from jaxsft import config_load
 from jaxsft.config import Config, ConfigError
 from jaxsft.data.templates import get_template
 from jaxsft.eval import generation, loss, metrics, records
+from jaxsft.eval import samples as samples_lib
 from jaxsft.infer import runs
 from jaxsft.infer.sampler import Sampling
 from jaxsft.model import pretrained
@@ -71,27 +72,6 @@ def _loss_report(model, cfg: Config, items: list[records.Item], drops: dict[str,
             "by_task": {t: summed(lambda k, t=t: k[1] == t) for t in sorted({k[1] for k in sums} - {""})}}
 
 
-def sample_of(item: records.Item, answer: generation.Answer | None) -> dict:
-    sample = {"source": item.source, "where": item.where, "task": item.task,
-              "prompt": [{"role": m.role, "content": m.content} for m in item.prompt], "reference": item.reference}
-    if answer is None:
-        return {**sample, "output": None, "scores": None, "skipped": "prompt_too_long"}
-    return {**sample, "output": answer.text, "scores": metrics.score(answer.text, item.reference, item.regex),
-            "stopped": answer.stopped, "prompt_tokens": answer.prompt_tokens, "new_tokens": answer.new_tokens}
-
-
-def generation_report(samples: list[dict]) -> dict:
-    scored = [s for s in samples if s["scores"] is not None]
-
-    def tally(keep) -> dict:
-        chosen = [s["scores"] for s in scored if keep(s)]
-        return {"answers": len(chosen), **metrics.tally(chosen)}
-
-    return {"overall": tally(lambda s: True),
-            "by_source": {n: tally(lambda s, n=n: s["source"] == n) for n in dict.fromkeys(s["source"] for s in scored)},
-            "by_task": {t: tally(lambda s, t=t: s["task"] == t) for t in sorted({s["task"] for s in scored} - {""})}}
-
-
 def score(source: str, config_path: str | None = None, overrides: Sequence[str] = (),
           data_files: Sequence[str] = ()) -> tuple[dict, list[dict]]:
     from jaxsft.train.trainer import cache_dir
@@ -111,7 +91,7 @@ def score(source: str, config_path: str | None = None, overrides: Sequence[str] 
     sampling = Sampling(max_new_tokens=cfg.eval.max_new_tokens)
     answers = generation.answer(model, template, [it.prompt for it in with_reference], cfg.data.max_length, sampling,
                                 cfg.eval.batch_size) if with_reference else []
-    samples = [sample_of(it, a) for it, a in zip(with_reference, answers)]
+    samples = [samples_lib.sample_of(it, a) for it, a in zip(with_reference, answers)]
     too_long = sum(a is None for a in answers)
     notes = []
     if not with_reference:
@@ -127,7 +107,7 @@ def score(source: str, config_path: str | None = None, overrides: Sequence[str] 
         "settings": {"max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size,
                      "context": cfg.data.max_length, "regex": cfg.eval.regex},
         "loss": losses,
-        "generation": generation_report(samples) if with_reference else None,
+        "generation": samples_lib.generation_report(samples) if with_reference else None,
         "notes": notes,
     }
     return report, samples

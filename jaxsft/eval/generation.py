@@ -15,7 +15,7 @@ answers the same on a re-run.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from jaxsft.data.formats import Conversation
 from jaxsft.infer.sampler import Sampling, generate

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from jaxsft.config import DataConfig, SourceConfig
 from jaxsft.data.formats import BadRecord, Conversation

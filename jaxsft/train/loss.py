@@ -12,31 +12,129 @@ Shape suffixes follow the key in jaxsft/model/__init__.py (here M: the B*T token
 flattened, C: chunks, E: tokens in one chunk).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 
+def _token_nll(logits_MxV, targets_M, weights_M):
+    """(-log p(target) per token, zero where untrained; log-sum-exp per token), float32."""
+    log_z_M = jax.nn.logsumexp(logits_MxV, axis=-1)
+    # A gather of one logit per row (a scatter in autodiff's backward, which the custom
+    # VJPs below never take: their backward is the one-hot compare of _nll_grad).
+    target_logit_M = jnp.take_along_axis(logits_MxV, targets_M[:, None], axis=-1)[:, 0]
+    # where() rather than a product so a non-finite logit at an untrained position cannot leak.
+    return jnp.where(weights_M > 0, log_z_M - target_logit_M, 0.0), log_z_M
+
+
+def _nll_grad(logits_MxV, log_z_M, targets_M, scale_M, chain_MxV=None):
+    """d(sum of scale * nll)/d logits = scale * (softmax - one_hot(target)) [* chain], zero where
+    scale is (even where a logit is not finite).
+
+    One elementwise pass: the one-hot is an iota compare, never a scatter."""
+    vocab_1xV = jax.lax.broadcasted_iota(jnp.int32, (1, logits_MxV.shape[-1]), 1)
+    one_hot_MxV = vocab_1xV == targets_M[:, None]
+    grad_MxV = (jnp.exp(logits_MxV - log_z_M[:, None]) - one_hot_MxV) * scale_M[:, None]
+    if chain_MxV is not None:
+        grad_MxV = grad_MxV * chain_MxV
+    return jnp.where(scale_M[:, None] != 0, grad_MxV, 0.0)
+
+
+@jax.custom_vjp
+def _nll_sum(logits_MxV, targets_M, weights_M):
+    nll_M, _ = _token_nll(logits_MxV, targets_M, weights_M)
+    return jnp.sum(nll_M * weights_M)
+
+
+def _nll_sum_fwd(logits_MxV, targets_M, weights_M):
+    nll_M, log_z_M = _token_nll(logits_MxV, targets_M, weights_M)
+    # Residuals: the logits once (autodiff would also keep their softmax) and two per-token vectors.
+    return jnp.sum(nll_M * weights_M), (logits_MxV, log_z_M, targets_M, weights_M, nll_M)
+
+
+def _nll_sum_bwd(residuals, g):
+    logits_MxV, log_z_M, targets_M, weights_M, nll_M = residuals
+    scale_M = jnp.where(weights_M > 0, weights_M * g, 0.0)
+    return _nll_grad(logits_MxV, log_z_M, targets_M, scale_M), None, g * nll_M
+
+
+_nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
+
+
 def cross_entropy_sum(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array):
     """Returns (sum of weight * -log p(target), sum of weights), both float32 scalars."""
-    logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-    log_z_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-    target_logit_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    weights_BxT = weights_BxT.astype(jnp.float32)
-    # where() rather than a product so a non-finite logit at an untrained position cannot leak.
-    nll_BxT = jnp.where(weights_BxT > 0, log_z_BxT - target_logit_BxT, 0.0)
-    return jnp.sum(nll_BxT * weights_BxT), jnp.sum(weights_BxT)
+    vocab = logits_BxTxV.shape[-1]
+    weights_M = weights_BxT.reshape(-1).astype(jnp.float32)
+    total = _nll_sum(logits_BxTxV.astype(jnp.float32).reshape(-1, vocab), targets_BxT.reshape(-1), weights_M)
+    return total, jnp.sum(weights_M)
 
 
 def _softcap(logits, cap: float):
     return cap * jnp.tanh(logits / cap) if cap else logits
 
 
-def _chunk_nll_sum(hidden_ExD, head_DxV, targets_E, weights_E, softcap: float, dtype):
-    logits_ExV = jnp.dot(hidden_ExD.astype(dtype), head_DxV.astype(dtype), preferred_element_type=jnp.float32)
-    logits_ExV = _softcap(logits_ExV.astype(jnp.float32), softcap)
-    target_logit_E = jnp.take_along_axis(logits_ExV, targets_E[:, None], axis=-1)[:, 0]
-    nll_E = jnp.where(weights_E > 0, jax.nn.logsumexp(logits_ExV, axis=-1) - target_logit_E, 0.0)
-    return jnp.sum(nll_E * weights_E)
+def _to_chunks(x_Mx, chunks: int):
+    """[M, ...] -> [C, E, ...], chunk c holding tokens c, c + C, c + 2C, ... (see below)."""
+    return x_Mx.reshape(-1, chunks, *x_Mx.shape[1:]).swapaxes(0, 1)
+
+
+def _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk: int, softcap: float, dtype, grads: bool):
+    """Loss sum, per-token nll and (with `grads`) d/d hidden and d/d head, one chunk of logits at a time.
+
+    The gradient comes out of the forward pass: the loss is a scalar, so its cotangent only
+    scales these, and the backward pass needs neither the logits nor a second matmul over them."""
+    tokens = hidden_MxD.shape[0]
+    pad = -tokens % chunk
+    if pad:  # zero weight: padding adds nothing to the sums and gets no gradient
+        hidden_MxD = jnp.pad(hidden_MxD, ((0, pad), (0, 0)))
+        targets_M, weights_M = jnp.pad(targets_M, (0, pad)), jnp.pad(weights_M, (0, pad))
+    chunks = hidden_MxD.shape[0] // chunk
+    head_DxV = head_DxV.astype(dtype)
+
+    def body(carry, xs):
+        total, d_head_DxV = carry
+        hidden_ExD, targets_E, weights_E = xs
+        hidden_ExD = hidden_ExD.astype(dtype)
+        raw_ExV = jnp.dot(hidden_ExD, head_DxV, preferred_element_type=jnp.float32).astype(jnp.float32)
+        logits_ExV = _softcap(raw_ExV, softcap)
+        nll_E, log_z_E = _token_nll(logits_ExV, targets_E, weights_E)
+        total = total + jnp.sum(nll_E * weights_E)
+        if not grads:
+            return (total, d_head_DxV), nll_E
+        chain_ExV = 1.0 - jnp.square(logits_ExV / softcap) if softcap else None  # d cap*tanh(x/cap) / dx
+        d_logits_ExV = _nll_grad(logits_ExV, log_z_E, targets_E, jnp.where(weights_E > 0, weights_E, 0.0),
+                                 chain_ExV).astype(dtype)
+        d_hidden_ExD = jnp.dot(d_logits_ExV, head_DxV.T, preferred_element_type=jnp.float32)
+        d_head_DxV = d_head_DxV + jnp.dot(hidden_ExD.T, d_logits_ExV, preferred_element_type=jnp.float32)
+        return (total, d_head_DxV), (nll_E, d_hidden_ExD)
+
+    d_head = jnp.zeros(head_DxV.shape, jnp.float32) if grads else jnp.zeros((), jnp.float32)
+    xs = (_to_chunks(hidden_MxD, chunks), _to_chunks(targets_M, chunks), _to_chunks(weights_M, chunks))
+    (total, d_head_DxV), ys = jax.lax.scan(body, (jnp.zeros((), jnp.float32), d_head), xs)
+    from_chunks = lambda y_CxEx: y_CxEx.swapaxes(0, 1).reshape(-1, *y_CxEx.shape[2:])[:tokens]  # noqa: E731
+    if not grads:
+        return total, from_chunks(ys)
+    return total, from_chunks(ys[0]), from_chunks(ys[1]), d_head_DxV
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_nll_sum(hidden_MxD, head_DxV, targets_M, weights_M, chunk, softcap, dtype):
+    return _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk, softcap, dtype, grads=False)[0]
+
+
+def _chunked_nll_sum_fwd(hidden_MxD, head_DxV, targets_M, weights_M, chunk, softcap, dtype):
+    total, nll_M, d_hidden_MxD, d_head_DxV = _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk,
+                                                           softcap, dtype, grads=True)
+    return total, (nll_M, d_hidden_MxD.astype(hidden_MxD.dtype), d_head_DxV.astype(head_DxV.dtype))
+
+
+def _chunked_nll_sum_bwd(chunk, softcap, dtype, residuals, g):
+    nll_M, d_hidden_MxD, d_head_DxV = residuals
+    return (g * d_hidden_MxD).astype(d_hidden_MxD.dtype), (g * d_head_DxV).astype(d_head_DxV.dtype), None, g * nll_M
+
+
+_chunked_nll_sum.defvjp(_chunked_nll_sum_fwd, _chunked_nll_sum_bwd)
 
 
 def chunked_cross_entropy_sum(hidden_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: jax.Array,
@@ -44,29 +142,18 @@ def chunked_cross_entropy_sum(hidden_BxTxD: jax.Array, head_DxV: jax.Array, targ
     """`cross_entropy_sum(softcap(hidden @ head), targets, weights)` without the full logits.
 
     The B*T tokens are split into chunks of `chunk` tokens; a `scan` computes one chunk's
-    float32 logits at a time, and `jax.checkpoint` makes the backward pass recompute them
-    rather than keep every chunk's (peak: one [chunk, V] block, plus XLA's workspace).
-    `dtype` is the matmul's input dtype (the model's compute dtype); it accumulates in f32.
+    float32 logits at a time (peak: one [chunk, V] block and its gradient, plus XLA's
+    workspace). Differentiated, the same pass also computes the gradients of hidden and
+    head (a custom VJP): three matmuls over the logits in all, where autodiff with
+    rematerialised chunks takes four. `dtype` is the matmuls' input dtype (the model's
+    compute dtype); they accumulate in float32.
 
     Chunk c holds tokens c, c + C, c + 2C, ... of M (C chunks), not a contiguous run: the token
     axis is sharded over devices in contiguous blocks, so strided chunks give every device
     its own share of each chunk and the scan needs no communication.
     """
     depth = hidden_BxTxD.shape[-1]
-    hidden_MxD = hidden_BxTxD.reshape(-1, depth)
-    targets_M, weights_M = targets_BxT.reshape(-1), weights_BxT.reshape(-1).astype(jnp.float32)
-    pad = -hidden_MxD.shape[0] % chunk
-    if pad:  # zero weight: padding adds nothing to either sum
-        hidden_MxD = jnp.pad(hidden_MxD, ((0, pad), (0, 0)))
-        targets_M, weights_M = jnp.pad(targets_M, (0, pad)), jnp.pad(weights_M, (0, pad))
-    chunks = hidden_MxD.shape[0] // chunk
-    hidden_CxExD = hidden_MxD.reshape(chunk, chunks, depth).swapaxes(0, 1)
-    targets_CxE, weights_CxE = (x.reshape(chunk, chunks).swapaxes(0, 1) for x in (targets_M, weights_M))
-    chunk_sum = jax.checkpoint(_chunk_nll_sum, static_argnums=(4, 5))
-
-    def body(total, xs):
-        hidden_ExD, targets_E, weights_E = xs
-        return total + chunk_sum(hidden_ExD, head_DxV, targets_E, weights_E, softcap, dtype), None
-
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden_CxExD, targets_CxE, weights_CxE))
+    weights_M = weights_BxT.reshape(-1).astype(jnp.float32)
+    total = _chunked_nll_sum(hidden_BxTxD.reshape(-1, depth), head_DxV, targets_BxT.reshape(-1), weights_M,
+                             chunk, softcap, jnp.dtype(dtype))
     return total, jnp.sum(weights_M)

@@ -1,8 +1,8 @@
 """Model FLOPs utilisation: the model flops of the trained tokens per second over the peak.
 
 Contract:
-    Utilization(cfg, vocab_size, devices)(tokens_per_second) -> MFU in [0, 1]
-    peak_flops(device, dtype) -> (peak FLOP/s of one device, where the number comes from)
+    Utilization(cfg, vocab_size, cache_dir, devices)(tokens_per_second) -> MFU in [0, 1]
+    peak_flops(device, dtype, cache_dir) -> (peak FLOP/s of one device, where the number comes from)
 
 Model flops per token are the pre-flight's (aot.model_flops: 6 N + attention, 4 N with
 PEFT), so `jaxsft compile` and `jaxsft train` speak of the same work. The peak is the
@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -56,18 +57,12 @@ def measured_matmul_flops(dtype: str, device=None, repeats: int = 5) -> float:
     return 2 * _MATMUL**3 / best
 
 
-def _cache_file():
-    from jaxsft.train.trainer import cache_dir
-
-    return cache_dir() / "peak_flops.json"
-
-
-def peak_flops(device, dtype: str) -> tuple[float, str]:
+def peak_flops(device, dtype: str, cache: Path) -> tuple[float, str]:
     table = _table_peak(device)
     if table:
         return table, f"{device.device_kind} bf16 peak"
     key = f"{device.platform}|{device.device_kind}|{platform.processor() or platform.machine()}|{os.cpu_count()}|{dtype}"
-    path = _cache_file()
+    path = cache / "peak_flops.json"
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -82,11 +77,11 @@ def peak_flops(device, dtype: str) -> tuple[float, str]:
 
 
 class Utilization:
-    def __init__(self, cfg: Config, vocab_size: int, devices=None):
+    def __init__(self, cfg: Config, vocab_size: int, cache: Path, devices=None):
         devices = devices or jax.devices()
         positions = cfg.train.global_batch_size * cfg.data.max_length
         self.flops_per_token = aot.model_flops(cfg, vocab_size)[0] / positions
-        self.peak, self.source = peak_flops(devices[0], cfg.model.dtype)
+        self.peak, self.source = peak_flops(devices[0], cfg.model.dtype, cache)
         # CPU devices of one process share its cores; accelerators each bring their own.
         self.peak *= jax.process_count() if devices[0].platform == "cpu" else len(devices)
 

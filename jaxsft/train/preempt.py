@@ -30,7 +30,7 @@ class StopSignals:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, the latest checkpoint is kept
         self.signum = signum
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if jax.process_count() == 1:
             self.previous = {s: signal.signal(s, self._record) for s in SIGNALS}
         return self

@@ -20,14 +20,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxsft import config_load
+from jaxsft import config_checks
 from jaxsft.config import Config
 from jaxsft.data import model_tokenizer
 from jaxsft.data.pipeline import SFTData, build_data
 from jaxsft.data.shards import rows_of_shards, shard_count, shards_for_rows
 from jaxsft.eval.during_training import HeldOut, logged_scores
 from jaxsft.model import peft, pretrained
-from jaxsft.train import distributed, program as program_lib, runlock, sharding, state as state_lib
+from jaxsft.train import distributed, run_record, runlock, sharding
+from jaxsft.train import program as program_lib
+from jaxsft.train import state as state_lib
 from jaxsft.train.checkpoint import Checkpointer
 from jaxsft.train.faults import Preempted
 from jaxsft.train.guard import SkipGuard
@@ -103,31 +105,33 @@ def _prepare_run_dir(cfg: Config, data: SFTData) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not distributed.is_main():
         return run_dir
-    config_load.save(cfg, run_dir / "config.yaml")
     data.tokenizer.save(run_dir)  # tokenizer.model, or tokenizer/ for a Hugging Face tokenizer
     return run_dir
 
 
-def train(cfg: Config) -> RunSummary:
-    """The whole run, holding the run directory's lock (runlock.py) from before any data is read."""
+def train(cfg: Config, allow_config_change: bool = False) -> RunSummary:
+    """The whole run, holding the run directory's lock (runlock.py) from before any data is read.
+    A config that differs from the run directory's is refused unless `allow_config_change` (run_record.py)."""
     distributed.initialize()
     with runlock.RunLock(cfg.train.run_dir) if distributed.is_main() else contextlib.nullcontext():
-        return _train(cfg)
+        return _train(cfg, allow_config_change)
 
 
-def _train(cfg: Config) -> RunSummary:
+def _train(cfg: Config, allow_config_change: bool = False) -> RunSummary:
     wall_start = time.perf_counter()
     console.quiet = not distributed.is_main()
     mesh = sharding.make_mesh(cfg.mesh)
     program_lib.check_batch(cfg, mesh)
+    config_checks.check_paths(cfg)  # init_from, tokenizer, data files: before any data is read
     cfg = model_tokenizer.with_model_tokenizer(cfg)  # init_from's own tokenizer unless data.tokenizer is set
     if model_tokenizer.fallback_note(cfg):
         console.print(model_tokenizer.fallback_note(cfg))
+    # Presets and `init_from` fix the shapes here; the run directory records the result.
+    cfg = dataclasses.replace(cfg, model=pretrained.resolve_config(cfg.model))
+    config_changes = run_record.check(cfg, allow_config_change)  # a config other than the run's: refused
     data = build_data(cfg.data, seed=cfg.train.seed, cache_dir=cache_dir())
     for line in data.report.summary_lines():
         console.print(line)
-    # Presets and `init_from` fix the shapes here; the run directory records the result.
-    cfg = dataclasses.replace(cfg, model=pretrained.resolve_config(cfg.model))
     vocab_size = cfg.model.vocab_size or data.tokenizer.vocab_size
     model_tokenizer.check_belongs(data.tokenizer, vocab_size, cfg)
     console.print(model_tokenizer.describe(cfg, data.tokenizer))
@@ -142,6 +146,8 @@ def _train(cfg: Config) -> RunSummary:
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
     # The newest checkpoint that verifies (checksums, finite values); damaged ones are set aside.
     start, train_state, data_restored = checkpointer.restore_latest(plan.abstract, data_iterator)
+    if distributed.is_main():  # config.yaml, and config_history.jsonl when the config changed from `start` on
+        run_record.record(cfg, config_changes, start, console.print)
     metrics_path = run_dir / cfg.logging.metrics_file
     if start >= cfg.train.steps:
         console.print(f"{run_dir} already finished at step {start}; raise train.steps to train further")
@@ -175,7 +181,7 @@ def _train(cfg: Config) -> RunSummary:
         writer.write(held_out(0, train_state["params"]))
     total = cfg.train.steps
     progress = ProgressLine(total, start, cfg.logging.progress)
-    throughput, rates, utilization = Throughput(), [], Utilization(cfg, vocab_size)
+    throughput, rates, utilization = Throughput(), [], Utilization(cfg, vocab_size, cache_dir())
     skips = SkipGuard(cfg.train.max_skipped_steps)
     try:
         with StopSignals(checkpointer.manager.reached_preemption) as signals:
@@ -201,8 +207,7 @@ def _train(cfg: Config) -> RunSummary:
                     throughput.reset()  # evaluation time is not training throughput
                 saved = checkpointer.save(step, train_state, data_iterator, force=step == total)
                 checkpointer.check()  # a failed background write stops the run here, in one line
-                _stop_if_signalled(signals, step, saved, lambda: checkpointer.save(step, train_state, data_iterator,
-                                                                                    force=True), checkpointer)
+                _stop_if_signalled(signals, step, saved, checkpointer, train_state, data_iterator)
             skips.flush()
             skips.check()
     finally:
@@ -213,12 +218,13 @@ def _train(cfg: Config) -> RunSummary:
     return _summary(run_dir, metrics_path, start, total, rates, compile_seconds, wall_start)
 
 
-def _stop_if_signalled(signals: StopSignals, step: int, saved: bool, save, checkpointer: Checkpointer) -> None:
+def _stop_if_signalled(signals: StopSignals, step: int, saved: bool, checkpointer: Checkpointer, train_state,
+                       data_iterator) -> None:
     """SIGTERM / SIGINT arrived: save this step (the caller's `finally` waits for the write) and stop."""
     signum = signals.requested(step)
     if signum is None:
         return
-    saved = saved or save()
+    saved = saved or checkpointer.save(step, train_state, data_iterator, force=True)
     where = f"saved checkpoint {step} in {checkpointer.directory}" if saved else "checkpoint.enabled=false: nothing saved"
     raise Preempted(f"stopped by {signal.Signals(signum).name} after step {step}: {where}; run the same command "
                     f"to resume", signum)

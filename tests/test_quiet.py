@@ -1,0 +1,57 @@
+"""A quiet start on a CPU host: benign library noise is dropped, everything else kept; --version."""
+
+import logging
+import os
+import subprocess
+import sys
+from importlib.metadata import version
+
+import pytest
+
+from jaxsft import quiet
+from jaxsft.cli import main
+
+pytestmark = pytest.mark.skipif(quiet.accelerator_present(), reason="the quiet start only acts without accelerators")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"jaxsft {version('jaxsft')}"
+
+
+def test_jax_starts_on_the_cpu_without_runtime_noise():
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    script = ("from jaxsft import quiet; quiet.quiet_start('train'); import jax, sys; "
+              "print(jax.devices()[0].platform); print('kept', file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "cpu" and done.stderr == "kept\n"
+
+
+def test_platforms_are_left_to_the_user_and_to_the_pre_flight(monkeypatch):
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    quiet.quiet_start("compile")  # libtpu / the CUDA plugin compile for their targets on a CPU host
+    assert "JAX_PLATFORMS" not in os.environ
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu,cuda")
+    quiet.quiet_start("train")
+    assert os.environ["JAX_PLATFORMS"] == "cpu,cuda"
+
+
+def test_captured_stderr_keeps_every_line_but_the_benign_ones(capfd):
+    with quiet._benign_stderr_dropped():
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+                    b"I0000 00:00:1.0  1 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will "
+                    b"not be used.\nE0000 something a user must see\n")
+    assert capfd.readouterr().err == "E0000 something a user must see\n"
+
+
+def test_orbax_read_only_notes_are_dropped_and_other_warnings_kept(caplog):
+    logging.getLogger("absl").addFilter(quiet.ORBAX_NOISE)
+    absl = logging.getLogger("absl")
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        absl.warning("Metadata file does not exist: /run/checkpoints/6/state/_CHECKPOINT_METADATA")
+        absl.warning("CheckpointManagerOptions.read_only=True, setting create=False.")
+        absl.warning("Given directory is read only=/run/checkpoints")
+        absl.warning("Something else about /run/checkpoints")
+    assert [r.getMessage() for r in caplog.records] == ["Something else about /run/checkpoints"]
