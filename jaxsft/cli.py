@@ -66,7 +66,7 @@ def _export(args) -> None:
 
 
 def _convert(args) -> None:
-    from jaxsft.model.pretrained import convert
+    from jaxsft.infer.convert import convert
 
     out = convert(args.source, args.out, args.param_dtype)
     print(f"wrote {out}: params/ (Orbax), config.json and tokenizer files; train from it with "

@@ -3,7 +3,6 @@
 Contract:
     resolve_config(cfg) -> ModelConfig      shapes from init_from's config.json (tensors checked), else the preset
     load_pretrained(cfg, vocab_size, shardings) -> params placed on `shardings`
-    convert(model_dir, out_dir, param_dtype) -> out_dir
 
 `hf:/dir` reads a Hugging Face directory (safetensors, streamed one tensor at a time).
 `orbax:/dir` reads the output of `jaxsft convert`: the same params already in our layout
@@ -14,7 +13,6 @@ transposing), next to a copy of the Hugging Face config.json and tokenizer files
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 import jax
@@ -26,8 +24,6 @@ from jaxsft.model.families import resolve
 from jaxsft.model.transformer import abstract_params
 
 PREFIXES = ("hf:", "orbax:")
-COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
 
 
 def _source(init_from: str) -> tuple[str, Path]:
@@ -64,38 +60,3 @@ def load_pretrained(cfg: ModelConfig, vocab_size: int, shardings: dict) -> dict:
         raise ConfigError(f"model.init_from={cfg.init_from}: no params/ checkpoint (made by `jaxsft convert`)")
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(directory / "params", target)
-
-
-def convert(model_dir: str | Path, out_dir: str | Path, param_dtype: str = "float32") -> Path:
-    """A Hugging Face directory -> an Orbax checkpoint in our layout (held once in host memory).
-
-    The params go to one device, no mesh: where a run later places them is its restore's business."""
-    model_dir, out_dir = Path(str(model_dir).removeprefix("hf:")), Path(out_dir)
-    cfg, vocab = hf.load_config(model_dir, ModelConfig(param_dtype=param_dtype))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: device, abstract_params(cfg, vocab))
-    params = hf.load_params(model_dir, cfg, vocab, shardings)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(out_dir.absolute() / "params", params)
-    for name in COPIED_FILES:
-        if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, out_dir / name)
-    _write_chat_files(model_dir, out_dir)
-    return out_dir
-
-
-def _write_chat_files(model_dir: Path, out_dir: Path) -> None:
-    """The chat template in both layouts and the stop ids, so `orbax:OUT` and its exports chat."""
-    from jaxsft.data.hf_tokenizer import HFTokenizer
-    from jaxsft.infer.hf_files import write_chat_files
-
-    from jaxsft.data.formats import DataError
-
-    if (out_dir / "tokenizer.json").is_file():
-        tokenizer = HFTokenizer(out_dir)
-        try:
-            if tokenizer.chat_template:
-                write_chat_files(out_dir, tokenizer, "hf", base_dir=model_dir)
-        except DataError:
-            pass  # a tokenizer naming no eos: the copied files are all there is

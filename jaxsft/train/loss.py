@@ -6,7 +6,8 @@ token by how full its micro-batch happened to be.
 
 `chunked_cross_entropy_sum` takes the final hidden states and the output head instead of
 logits and computes the same pair a chunk of tokens at a time, so the `[B, T, V]` float32
-logits (often the largest tensor of a fine-tuning step) never exist, forward or backward.
+logits (often the largest tensor of a fine-tuning step) never exist, forward or backward;
+differentiated, it computes the gradient in the same pass (the train step's loss).
 
 Shape suffixes follow the key in jaxsft/model/__init__.py (here M: the B*T tokens
 flattened, C: chunks, E: tokens in one chunk).
@@ -21,8 +22,8 @@ import jax.numpy as jnp
 def _token_nll(logits_MxV, targets_M, weights_M):
     """(-log p(target) per token, zero where untrained; log-sum-exp per token), float32."""
     log_z_M = jax.nn.logsumexp(logits_MxV, axis=-1)
-    # A gather of one logit per row (a scatter in autodiff's backward, which the custom
-    # VJPs below never take: their backward is the one-hot compare of _nll_grad).
+    # One logit per row: a gather forward, a scatter under autodiff (the chunked loss's own
+    # gradient, _nll_grad, is a one-hot compare instead).
     target_logit_M = jnp.take_along_axis(logits_MxV, targets_M[:, None], axis=-1)[:, 0]
     # where() rather than a product so a non-finite logit at an untrained position cannot leak.
     return jnp.where(weights_M > 0, log_z_M - target_logit_M, 0.0), log_z_M
@@ -41,33 +42,12 @@ def _nll_grad(logits_MxV, log_z_M, targets_M, scale_M, chain_MxV=None):
     return jnp.where(scale_M[:, None] != 0, grad_MxV, 0.0)
 
 
-@jax.custom_vjp
-def _nll_sum(logits_MxV, targets_M, weights_M):
-    nll_M, _ = _token_nll(logits_MxV, targets_M, weights_M)
-    return jnp.sum(nll_M * weights_M)
-
-
-def _nll_sum_fwd(logits_MxV, targets_M, weights_M):
-    nll_M, log_z_M = _token_nll(logits_MxV, targets_M, weights_M)
-    # Residuals: the logits once (autodiff would also keep their softmax) and two per-token vectors.
-    return jnp.sum(nll_M * weights_M), (logits_MxV, log_z_M, targets_M, weights_M, nll_M)
-
-
-def _nll_sum_bwd(residuals, g):
-    logits_MxV, log_z_M, targets_M, weights_M, nll_M = residuals
-    scale_M = jnp.where(weights_M > 0, weights_M * g, 0.0)
-    return _nll_grad(logits_MxV, log_z_M, targets_M, scale_M), None, g * nll_M
-
-
-_nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
-
-
 def cross_entropy_sum(logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array):
     """Returns (sum of weight * -log p(target), sum of weights), both float32 scalars."""
     vocab = logits_BxTxV.shape[-1]
     weights_M = weights_BxT.reshape(-1).astype(jnp.float32)
-    total = _nll_sum(logits_BxTxV.astype(jnp.float32).reshape(-1, vocab), targets_BxT.reshape(-1), weights_M)
-    return total, jnp.sum(weights_M)
+    nll_M, _ = _token_nll(logits_BxTxV.astype(jnp.float32).reshape(-1, vocab), targets_BxT.reshape(-1), weights_M)
+    return jnp.sum(nll_M * weights_M), jnp.sum(weights_M)
 
 
 def _softcap(logits, cap: float):

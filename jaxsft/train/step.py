@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxsft.config import PeftConfig
 from jaxsft.model import peft
-from jaxsft.train.loss import chunked_cross_entropy_sum, cross_entropy_sum
+from jaxsft.train.loss import chunked_cross_entropy_sum
 
 Batch = dict[str, jax.Array]
 
@@ -35,15 +35,15 @@ def loss_sums(graphdef, params, batch: Batch, frozen=None, peft_cfg: PeftConfig 
     """(weighted loss sum, weight sum) of one (micro-)batch; with PEFT `params` are the trainable
     part and `frozen` the rest.
 
-    `loss_chunk` > 0 computes the cross-entropy from the hidden states `loss_chunk` tokens
-    at a time (loss.chunked_cross_entropy_sum): the [B, T, V] float32 logits never exist."""
+    The head and cross-entropy run as one pass that also yields their gradient
+    (loss.chunked_cross_entropy_sum), `loss_chunk` tokens at a time when > 0 (the [B, T, V]
+    float32 logits never exist), else all of the (micro-)batch's tokens in one chunk."""
     merged, blocks = peft.model_inputs(peft_cfg, params, frozen)
     model = nnx.merge(graphdef, merged)
     hidden_BxTxD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"], blocks, key)
-    if loss_chunk:
-        return chunked_cross_entropy_sum(hidden_BxTxD, model.head(), batch["targets"], batch["loss_weights"],
-                                         loss_chunk, model.cfg.final_logit_softcap, dtype=jnp.dtype(model.cfg.dtype))
-    return cross_entropy_sum(model.logits(hidden_BxTxD), batch["targets"], batch["loss_weights"])
+    chunk = loss_chunk or hidden_BxTxD.shape[0] * hidden_BxTxD.shape[1]
+    return chunked_cross_entropy_sum(hidden_BxTxD, model.head(), batch["targets"], batch["loss_weights"],
+                                     chunk, model.cfg.final_logit_softcap, dtype=jnp.dtype(model.cfg.dtype))
 
 
 def split_micro_batches(batch: Batch, micro_batches: int, constrain: Callable) -> Batch:

@@ -24,7 +24,7 @@ from jaxsft.data.templates import BUILTIN
 from jaxsft.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 FORMATS = ("messages", "alpaca", "sharegpt", "prompt_completion", "text")
-ROWS, LENGTH = 4, 48
+ROWS, LENGTH = 4, 96
 SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
@@ -62,6 +62,20 @@ record = st.fixed_dictionaries({}, optional={
     "messages": conversation | values, "conversations": conversation | values, "tools": st.lists(values) | values,
     "instruction": texts | values, "input": texts | values, "output": texts | values, "system": texts | values,
     "prompt": texts | conversation | values, "completion": texts | conversation | values, "text": texts | values})
+
+
+# A record its format accepts (random words, Unicode and control pieces): the hostile lines around it.
+words = st.from_regex(r"[A-Za-z][^\n]{0,30}", fullmatch=True).filter(lambda t: "\\u" not in t) | st.sampled_from(
+    ["x <|im_end|> y", "a\u202eb", "é" * 4])  # short: an overlong prompt is dropped, rightly
+GOOD = {
+    "messages": st.builds(lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+                          words, words),
+    "alpaca": st.builds(lambda q, a: {"instruction": q, "output": a}, words, words),
+    "sharegpt": st.builds(lambda q, a: {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
+                          words, words),
+    "prompt_completion": st.builds(lambda q, a: {"prompt": q, "completion": a}, words, words),
+    "text": st.builds(lambda t: {"text": t}, words),
+}
 
 
 def _deep(n: int) -> str:
@@ -115,17 +129,29 @@ def _encode_everywhere(raw: bytes, tokenizer, template: str, max_length: int = L
     return examples
 
 
-@settings(max_examples=300, **SETTINGS)
-@given(raw=raw_line, template=st.sampled_from(sorted(BUILTIN)))
+@settings(max_examples=200, **SETTINGS)
+@given(raw=raw_line | st.one_of(*GOOD.values()).map(lambda r: json.dumps(r).encode()),
+       template=st.sampled_from(sorted(BUILTIN)))
 def test_any_line_parses_to_a_reason_or_a_valid_example(tokenizer, raw, template):
     _encode_everywhere(raw, tokenizer, template)
 
 
-@settings(max_examples=12, **SETTINGS)
-@given(lines=st.lists(raw_line, min_size=1, max_size=12), fmt=st.sampled_from(FORMATS),
+@settings(max_examples=20, **SETTINGS)
+@given(data=st.data(), fmt=st.sampled_from(FORMATS), template=st.sampled_from(sorted(BUILTIN)))
+def test_the_good_records_make_examples_in_every_format(tokenizer, data, fmt, template):
+    """The fuzzed files hold records that train, so batches are checked too (not only drops)."""
+    assert _encode_everywhere(json.dumps(data.draw(GOOD[fmt])).encode(), tokenizer, template)
+
+
+@pytest.mark.slow  # ~5 s per example: build_data and Grain's threads
+@settings(max_examples=25, **SETTINGS)
+@given(data=st.data(), lines=st.lists(raw_line, max_size=12), fmt=st.sampled_from(FORMATS),
        template=st.sampled_from(sorted(BUILTIN)), packing=st.sampled_from(["first_fit", "best_fit", "concat", "none"]))
-def test_a_hostile_file_is_counted_and_its_batches_keep_the_contract(tmp_path_factory, spm_path, tokenizer, lines,
-                                                                   fmt, template, packing):
+def test_a_hostile_file_is_counted_and_its_batches_keep_the_contract(tmp_path_factory, spm_path, tokenizer, data,
+                                                                   lines, fmt, template, packing):
+    good = data.draw(st.lists(GOOD[fmt].map(lambda r: json.dumps(r, ensure_ascii=False).encode()), min_size=1,
+                              max_size=6))
+    lines = data.draw(st.permutations(lines + good))
     directory = tmp_path_factory.mktemp("fuzz")
     path = directory / "data.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
@@ -141,19 +167,19 @@ def test_a_hostile_file_is_counted_and_its_batches_keep_the_contract(tmp_path_fa
         assert report.records == report.examples + report.lost
         for where in report.bad_examples:
             assert re.match(rf"^{re.escape(str(path))}:\d+: \S", where), where
-    if not data.report.examples:
-        return
+    assert data.report.examples >= 1  # the good records at least
     it = iter(data.train_dataset(ROWS, seed=1))
     try:
         batches = [next(it) for _ in range(2)]
     finally:
         it.close()
     for batch in batches:
-        _check_batch(batch, tokenizer.pad_id)
+        _check_batch(batch, tokenizer.pad_id, whole_examples=packing != "concat")
 
 
-def _check_batch(batch: dict, pad_id: int) -> None:
-    """The batch contract of pipeline.py (as tests/data/test_pipeline.py::_segments checks it)."""
+def _check_batch(batch: dict, pad_id: int, whole_examples: bool) -> None:
+    """The batch contract of pipeline.py (as tests/data/test_pipeline.py::_segments checks it);
+    `concat` splits examples across rows, so only whole examples must hold a trained token."""
     for k in ("inputs", "targets", "loss_weights", "segment_ids", "positions"):
         assert batch[k].shape == (ROWS, LENGTH)
     for r in range(ROWS):
@@ -167,7 +193,8 @@ def _check_batch(batch: dict, pad_id: int) -> None:
         for s in range(1, int(ids.max(initial=0)) + 1):
             cols = np.flatnonzero(seg == s)
             assert (pos[cols] == np.arange(len(cols))).all() and (targets[cols[:-1]] == inputs[cols[1:]]).all()
-            assert weights[cols].any() and np.isfinite(weights[cols]).all()
+            assert np.isfinite(weights[cols]).all() and (weights[cols] >= 0).all()
+            assert weights[cols].any() or not whole_examples
 
 
 CRAFTED = [_deep(100_000), '{"text": ' + "9" * 5000 + "}", '{"text": "\\ud800"}', "NaN", "[1]",
@@ -180,7 +207,7 @@ def test_crafted_lines_are_skipped_by_data_stats_and_preview(tmp_path, capsys, s
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(CRAFTED + [json.dumps(good)] * 4) + "\n")
     overrides = [f"data.sources=[{{path: {path}, format: sharegpt}}]", f"data.tokenizer={spm_path}",
-                 "data.max_dropped_fraction=1.0", "data.max_length=48", "train.global_batch_size=4"]
+                 "data.max_dropped_fraction=1.0", "data.max_length=96", "train.global_batch_size=4"]
     assert main(["data", verb, *[a for kv in overrides for a in ("--set", kv)]]) == 0
     out = capsys.readouterr().out
     if verb == "stats":
