@@ -28,17 +28,20 @@ def size_config(name: str, **model_overrides) -> tuple[Config, int]:
     """(config, vocab) of a named size: float32, full fine-tuning, AdamW, `xla` attention."""
     model, vocab, rows, length = SIZES[name]
     model = dataclasses.replace(model, vocab_size=vocab, attention="xla", **model_overrides)
-    cfg = Config(model=model, data=DataConfig(max_length=length),
-                 train=TrainConfig(steps=1000, global_batch_size=rows))
+    cfg = Config(model=model, data=DataConfig(max_length=length), train=TrainConfig(steps=1000, global_batch_size=rows))
     return cfg, vocab
 
 
 def random_batch(rng: np.random.Generator, rows: int, length: int, vocab: int) -> dict[str, np.ndarray]:
     """One packed batch of random tokens: every target trained, one segment per row."""
     tokens = rng.integers(1, vocab, (rows, length + 1)).astype(np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_weights": np.ones((rows, length), np.float32),
-            "segment_ids": np.ones((rows, length), np.int32),
-            "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1))}
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_weights": np.ones((rows, length), np.float32),
+        "segment_ids": np.ones((rows, length), np.int32),
+        "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
+    }
 
 
 def median_seconds(fn, repeats: int = 5) -> float:

@@ -57,10 +57,13 @@ def _run(name: str, cfg: DataConfig, cache: Path, rows: int, batches: int) -> No
     steady_s = time.perf_counter() - start
     it.close()
     real += steady_real
-    print(f"{name:<10} workers={cfg.worker_count}  build {build_s:5.2f} s  first {first_s:5.2f} s  "
-          f"{1e3 * steady_s / (batches - 1):6.2f} ms/batch  {steady_real / steady_s:11,.0f} tokens/s  "
-          f"e2e {real / (build_s + first_s + steady_s):9,.0f} tokens/s  packing {real / total:.3f}  "
-          f"x train {steady_real / steady_s / TRAIN_TOKENS_PER_S:5.0f}", flush=True)
+    print(
+        f"{name:<10} workers={cfg.worker_count}  build {build_s:5.2f} s  first {first_s:5.2f} s  "
+        f"{1e3 * steady_s / (batches - 1):6.2f} ms/batch  {steady_real / steady_s:11,.0f} tokens/s  "
+        f"e2e {real / (build_s + first_s + steady_s):9,.0f} tokens/s  packing {real / total:.3f}  "
+        f"x train {steady_real / steady_s / TRAIN_TOKENS_PER_S:5.0f}",
+        flush=True,
+    )
 
 
 def chat_mix(n: int, seed: int = 0) -> list[dict]:
@@ -81,8 +84,11 @@ def packing_efficiency(path: str, cache: Path, rows: int) -> None:
             data = build_data(cfg, seed=0, cache_dir=cache)
             mean = float(np.concatenate(data.lengths).mean())
             efficiency, per_row = measure_packing(data, rows, batches=80)
-            print(f"chat mix  length {length}  {packing:<9}  packing {efficiency:.4f}  {per_row:5.2f} examples/row  "
-                  f"(mean example {mean:.0f} tokens)", flush=True)
+            print(
+                f"chat mix  length {length}  {packing:<9}  packing {efficiency:.4f}  {per_row:5.2f} examples/row  "
+                f"(mean example {mean:.0f} tokens)",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -101,8 +107,10 @@ def main() -> None:
         sources = {
             "synthetic": DataConfig(synthetic_train_examples=args.examples, max_length=args.length),
             "jsonl": DataConfig(train_files=(train,), eval_files=(evals,), max_length=args.length),
-            "mixture": DataConfig(max_length=args.length, sources=(
-                SourceConfig(path=train, eval_path=evals, weight=3.0), SourceConfig(path=mix, weight=1.0))),
+            "mixture": DataConfig(
+                max_length=args.length,
+                sources=(SourceConfig(path=train, eval_path=evals, weight=3.0), SourceConfig(path=mix, weight=1.0)),
+            ),
         }
         print(f"{args.examples} records, {args.rows}x{args.length} rows/batch, {args.batches} batches per case")
         for name, cfg in sources.items():

@@ -20,10 +20,10 @@ import jax  # noqa: E402
 
 from jaxsft.config import Config, DataConfig, ModelConfig, PeftConfig, TrainConfig  # noqa: E402
 from jaxsft.model import peft  # noqa: E402
-from jaxsft.train import program as program_lib, sharding  # noqa: E402
+from jaxsft.train import program as program_lib  # noqa: E402
+from jaxsft.train import sharding
 
-MODEL = ModelConfig(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=64, d_ff=2048,
-                    tie_embeddings=True)
+MODEL = ModelConfig(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=64, d_ff=2048, tie_embeddings=True)
 VOCAB = 32000
 METHODS = {  # name: (method, train.loss_chunk)
     "full fine-tuning": (PeftConfig(), 0),
@@ -37,8 +37,11 @@ METHODS = {  # name: (method, train.loss_chunk)
 
 
 def measure(model: ModelConfig, rows: int, length: int, loss_chunk: int = 0) -> tuple[int, int, int]:
-    cfg = Config(model=model, data=DataConfig(max_length=length),
-                 train=TrainConfig(steps=100, global_batch_size=rows, loss_chunk=loss_chunk))
+    cfg = Config(
+        model=model,
+        data=DataConfig(max_length=length),
+        train=TrainConfig(steps=100, global_batch_size=rows, loss_chunk=loss_chunk),
+    )
     compiled = program_lib.build(cfg, VOCAB, sharding.make_mesh(cfg.mesh, jax.devices()[:1])).compile_train()
     memory = compiled.memory_analysis()
     return peft.count(model, VOCAB)[0], memory.argument_size_in_bytes, memory.temp_size_in_bytes

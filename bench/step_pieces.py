@@ -21,12 +21,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from common import random_batch, size_config  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from common import random_batch, size_config  # noqa: E402
 from jaxsft.model.attention import attention  # noqa: E402
 from jaxsft.model.layers import Block, rope_tables  # noqa: E402
-from jaxsft.train import program as program_lib, sharding, state as state_lib  # noqa: E402
+from jaxsft.train import program as program_lib  # noqa: E402
+from jaxsft.train import sharding
+from jaxsft.train import state as state_lib
 from jaxsft.train.loss import chunked_cross_entropy_sum, cross_entropy_sum  # noqa: E402
 
 
@@ -54,10 +56,14 @@ def pieces(size: str) -> dict:
     def run_step():
         holder[0], metrics = step(holder[0], gbatch, *holder[1])
         jax.block_until_ready(metrics)
+
     out["whole step"] = run_step
 
-    q, k, v = normal(rows, length, m.n_heads, m.head_dim), normal(rows, length, m.n_kv_heads, m.head_dim), \
-        normal(rows, length, m.n_kv_heads, m.head_dim)
+    q, k, v = (
+        normal(rows, length, m.n_heads, m.head_dim),
+        normal(rows, length, m.n_kv_heads, m.head_dim),
+        normal(rows, length, m.n_kv_heads, m.head_dim),
+    )
     seg = jnp.asarray(batch["segment_ids"])
     attn_loss = lambda q, k, v: jnp.sum(attention(q, k, v, seg, implementation="xla"))  # noqa: E731
     out["attention x1 (fwd+bwd)"] = _timed(jax.grad(attn_loss, argnums=(0, 1, 2)), q, k, v)
@@ -69,6 +75,7 @@ def pieces(size: str) -> dict:
     def block_loss(p, x):
         attend = lambda q, k, v: (attention(q, k, v, seg, implementation="xla"), None)  # noqa: E731
         return jnp.sum(nnx.merge(block_graph, p)(x, cos, sin, attend)[0])
+
     out["block x1 (fwd+bwd)"] = _timed(jax.grad(block_loss, argnums=(0, 1)), block_params, x)
 
     head = normal(m.d_model, vocab) * 0.02
@@ -77,6 +84,7 @@ def pieces(size: str) -> dict:
     def head_loss(h, w):
         logits = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
         return cross_entropy_sum(logits, targets, weights)[0]
+
     out["head + CE (fwd+bwd)"] = _timed(jax.grad(head_loss, argnums=(0, 1)), x, head)
     chunked = lambda h, w: chunked_cross_entropy_sum(h, w, targets, weights, 1024)[0]  # noqa: E731
     out["head + CE, chunk 1024"] = _timed(jax.grad(chunked, argnums=(0, 1)), x, head)

@@ -17,14 +17,20 @@ from jaxsft import config_load
 from jaxsft.cli import DEMO_CONFIG
 from jaxsft.model import pretrained
 from jaxsft.model.transformer import param_count
-from jaxsft.train import program as program_lib, sharding, state as state_lib
+from jaxsft.train import program as program_lib
+from jaxsft.train import sharding
+from jaxsft.train import state as state_lib
 
 
 def random_batch(rng, rows, length, vocab):
     tokens = rng.integers(1, vocab, (rows, length + 1)).astype(np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_weights": np.ones((rows, length), np.float32),
-            "segment_ids": np.ones((rows, length), np.int32),
-            "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1))}
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_weights": np.ones((rows, length), np.float32),
+        "segment_ids": np.ones((rows, length), np.int32),
+        "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
+    }
 
 
 def main():
@@ -53,10 +59,14 @@ def main():
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - start) / args.steps
     n_params = param_count(cfg.model, vocab)
-    print(f"model {n_params:,} params, {rows}x{length} tokens/step on {jax.device_count()} "
-          f"{jax.devices()[0].platform} device(s)")
-    print(f"compile {compile_s:.1f} s; {seconds * 1e3:.1f} ms/step; "
-          f"{rows * length / seconds:,.0f} tokens/s; ~{6 * n_params * rows * length / seconds / 1e9:.1f} GFLOP/s (6N)")
+    print(
+        f"model {n_params:,} params, {rows}x{length} tokens/step on {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s)"
+    )
+    print(
+        f"compile {compile_s:.1f} s; {seconds * 1e3:.1f} ms/step; "
+        f"{rows * length / seconds:,.0f} tokens/s; ~{6 * n_params * rows * length / seconds / 1e9:.1f} GFLOP/s (6N)"
+    )
 
 
 if __name__ == "__main__":

@@ -25,10 +25,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from common import jax_matmul_flops, matmul_shapes, random_batch, size_config  # noqa: E402
+
 from jaxsft.model.transformer import param_count  # noqa: E402
-from jaxsft.train import aot, program as program_lib, sharding, state as state_lib  # noqa: E402
+from jaxsft.train import aot, sharding  # noqa: E402
+from jaxsft.train import program as program_lib
+from jaxsft.train import state as state_lib
 
 
 def jaxsft_runner(cfg, vocab, batch_np):
@@ -43,6 +45,7 @@ def jaxsft_runner(cfg, vocab, batch_np):
         for _ in range(steps):
             holder[0], metrics = step(holder[0], batch, *holder[1])
         return float(metrics["loss"])  # blocks
+
     return run
 
 
@@ -50,16 +53,26 @@ def hf_runner(cfg, vocab, batch_np):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     m = cfg.model
-    hf_cfg = LlamaConfig(vocab_size=vocab, hidden_size=m.d_model, intermediate_size=m.d_ff,
-                         num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads,
-                         num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim, rms_norm_eps=m.norm_eps,
-                         max_position_embeddings=cfg.data.max_length, tie_word_embeddings=False,
-                         initializer_range=m.init_std, attn_implementation="sdpa")
+    hf_cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=m.d_model,
+        intermediate_size=m.d_ff,
+        num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads,
+        num_key_value_heads=m.n_kv_heads,
+        head_dim=m.head_dim,
+        rms_norm_eps=m.norm_eps,
+        max_position_embeddings=cfg.data.max_length,
+        tie_word_embeddings=False,
+        initializer_range=m.init_std,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(hf_cfg).float().train()
     o = cfg.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps,
-                                  weight_decay=o.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay
+    )
     inputs = torch.from_numpy(batch_np["inputs"]).long()
     targets = torch.from_numpy(batch_np["targets"]).long()
 
@@ -72,6 +85,7 @@ def hf_runner(cfg, vocab, batch_np):
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
             optimizer.step()
         return float(loss.detach())
+
     return run
 
 
@@ -95,7 +109,7 @@ def compare(name: str, rounds: int, steps: int) -> dict:
         run(1)  # warm-up (compiles, allocates)
     seconds = {k: [] for k in runners}
     for r in range(rounds):
-        for k in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
+        for k in list(runners) if r % 2 == 0 else list(runners)[::-1]:
             start = time.perf_counter()
             runners[k](steps)
             seconds[k].append((time.perf_counter() - start) / steps)
@@ -105,8 +119,12 @@ def compare(name: str, rounds: int, steps: int) -> dict:
     out = {"params": param_count(cfg.model, vocab), "tokens": rows * length, "peak": peak}
     for k, times in seconds.items():
         step = statistics.median(times)
-        out[k] = {"step_s": step, "tokens_s": rows * length / step, "flops_s": flops / step,
-                  "spread": (max(times) - min(times)) / step}
+        out[k] = {
+            "step_s": step,
+            "tokens_s": rows * length / step,
+            "flops_s": flops / step,
+            "spread": (max(times) - min(times)) / step,
+        }
     return out
 
 
@@ -117,17 +135,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per timed round")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
-    print(f"{os.cpu_count()} CPU cores; torch threads {torch.get_num_threads()}; load average "
-          f"{os.getloadavg()[0]:.1f}; {args.rounds} alternating rounds of {args.steps} steps; medians")
-    print(f"{'size':<4} {'params':>8} {'tokens':>6} {'HF tok/s':>9} {'jaxsft tok/s':>12} {'ratio':>6} "
-          f"{'HF %peak':>9} {'jaxsft %peak':>12} {'torch peak':>11} {'XLA peak':>9} {'spread hf/jx':>13}")
+    print(
+        f"{os.cpu_count()} CPU cores; torch threads {torch.get_num_threads()}; load average "
+        f"{os.getloadavg()[0]:.1f}; {args.rounds} alternating rounds of {args.steps} steps; medians"
+    )
+    print(
+        f"{'size':<4} {'params':>8} {'tokens':>6} {'HF tok/s':>9} {'jaxsft tok/s':>12} {'ratio':>6} "
+        f"{'HF %peak':>9} {'jaxsft %peak':>12} {'torch peak':>11} {'XLA peak':>9} {'spread hf/jx':>13}"
+    )
     for name in args.sizes.split(","):
         r = compare(name.strip().upper(), args.rounds, args.steps)
         hf, jx = r["hf"], r["jaxsft"]
-        print(f"{name:<4} {r['params'] / 1e6:7.1f}M {r['tokens']:>6} {hf['tokens_s']:9,.0f} {jx['tokens_s']:12,.0f} "
-              f"{jx['tokens_s'] / hf['tokens_s']:6.2f} {hf['flops_s'] / r['peak']['hf']:9.1%} "
-              f"{jx['flops_s'] / r['peak']['jaxsft']:12.1%} {r['peak']['hf'] / 1e9:8.0f} GF "
-              f"{r['peak']['jaxsft'] / 1e9:6.0f} GF {hf['spread']:6.0%}/{jx['spread']:.0%}", flush=True)
+        print(
+            f"{name:<4} {r['params'] / 1e6:7.1f}M {r['tokens']:>6} {hf['tokens_s']:9,.0f} {jx['tokens_s']:12,.0f} "
+            f"{jx['tokens_s'] / hf['tokens_s']:6.2f} {hf['flops_s'] / r['peak']['hf']:9.1%} "
+            f"{jx['flops_s'] / r['peak']['jaxsft']:12.1%} {r['peak']['hf'] / 1e9:8.0f} GF "
+            f"{r['peak']['jaxsft'] / 1e9:6.0f} GF {hf['spread']:6.0%}/{jx['spread']:.0%}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,14 @@ def _version() -> str:
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML config (default: the built-in demo)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set train.steps=50 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set train.steps=50 (repeatable)",
+    )
 
 
 def _load(args) -> config_lib.Config:
@@ -37,8 +43,8 @@ def _load(args) -> config_lib.Config:
 
 
 def _train(args) -> None:
-    from jaxsft.train.trainer import train
     from jaxsft.train.report import print_summary
+    from jaxsft.train.trainer import train
 
     print_summary(train(_load(args), allow_config_change=args.allow_config_change))
 
@@ -60,8 +66,9 @@ def _export(args) -> None:
     if args.format == "peft":
         print(f"wrote {args.out}: {', '.join(export_peft(args.run_dir, args.out))}")
         return
-    files = export_hf(args.run_dir, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3),
-                      merge=args.merge)
+    files = export_hf(
+        args.run_dir, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3), merge=args.merge
+    )
     print(f"wrote {args.out}: config.json, {', '.join(files)}")
 
 
@@ -69,15 +76,22 @@ def _convert(args) -> None:
     from jaxsft.infer.convert import convert
 
     out = convert(args.source, args.out, args.param_dtype)
-    print(f"wrote {out}: params/ (Orbax), config.json and tokenizer files; train from it with "
-          f"--set model.init_from=orbax:{out}")
+    print(
+        f"wrote {out}: params/ (Orbax), config.json and tokenizer files; train from it with "
+        f"--set model.init_from=orbax:{out}"
+    )
 
 
 def _sampling(args):
     from jaxsft.infer.sampler import Sampling
 
-    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    max_new_tokens=args.max_new_tokens, seed=args.seed)
+    return Sampling(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -120,9 +134,15 @@ def _add_model_verbs(verbs) -> None:
     export = verbs.add_parser("export", help="write a run's latest checkpoint as a Hugging Face model directory")
     export.add_argument("run_dir")
     export.add_argument("out")
-    export.add_argument("--format", choices=["hf", "peft"], default="hf",
-                        help="peft: a LoRA/DoRA run's adapters (adapter_config.json + adapter_model.safetensors)")
-    export.add_argument("--merge", action="store_true", help="hf format of a PEFT run: its trained part merged into the base")
+    export.add_argument(
+        "--format",
+        choices=["hf", "peft"],
+        default="hf",
+        help="peft: a LoRA/DoRA run's adapters (adapter_config.json + adapter_model.safetensors)",
+    )
+    export.add_argument(
+        "--merge", action="store_true", help="hf format of a PEFT run: its trained part merged into the base"
+    )
     export.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: model.param_dtype")
     export.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
     export.set_defaults(run=_export)
@@ -172,19 +192,39 @@ def _eval(args) -> None:
 
 
 def _add_eval_verb(verbs) -> None:
-    eval_ = verbs.add_parser("eval", help="loss and generation scores of a run, a checkpoint or hf:/dir "
-                                          "(docs/evaluation.md)")
+    eval_ = verbs.add_parser(
+        "eval", help="loss and generation scores of a run, a checkpoint or hf:/dir (docs/evaluation.md)"
+    )
     eval_.add_argument("source", help="a run directory, RUN/checkpoints/STEP, or hf:/path")
-    eval_.add_argument("config", nargs="?", help="YAML config for the data, template and eval.* "
-                                                 "(default: the run's config.yaml)")
-    eval_.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one config key, e.g. --set eval.max_new_tokens=32 (repeatable)")
-    eval_.add_argument("--data", action="append", default=[], metavar="FILE",
-                       help="score this file (JSONL messages, repeatable) instead of the config's eval splits")
-    eval_.add_argument("--out", default=None, help="the JSON report (default: RUN/eval/report.json, or "
-                                                   "eval/report.json); samples.jsonl goes beside it")
-    eval_.add_argument("--compare", default=None, metavar="OTHER_SOURCE",
-                       help="score this source on the same data too, and print both side by side")
+    eval_.add_argument(
+        "config", nargs="?", help="YAML config for the data, template and eval.* (default: the run's config.yaml)"
+    )
+    eval_.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set eval.max_new_tokens=32 (repeatable)",
+    )
+    eval_.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="score this file (JSONL messages, repeatable) instead of the config's eval splits",
+    )
+    eval_.add_argument(
+        "--out",
+        default=None,
+        help="the JSON report (default: RUN/eval/report.json, or eval/report.json); samples.jsonl goes beside it",
+    )
+    eval_.add_argument(
+        "--compare",
+        default=None,
+        metavar="OTHER_SOURCE",
+        help="score this source on the same data too, and print both side by side",
+    )
     eval_.set_defaults(run=_eval)
 
 
@@ -199,8 +239,11 @@ def _add_data_verbs(verbs) -> None:
     stats = data_verbs.add_parser("stats", help="per-source counts, drops, epochs, packing efficiency, lengths")
     _config_args(stats)
     stats.set_defaults(run=_data_stats)
-    check = data_verbs.add_parser("check-template", help="render a battery of conversations with a model's chat "
-                                                         "template: ids equal transformers', masks sane, or refused")
+    check = data_verbs.add_parser(
+        "check-template",
+        help="render a battery of conversations with a model's chat "
+        "template: ids equal transformers', masks sane, or refused",
+    )
     check.add_argument("tokenizer_dir", help="a Hugging Face model or tokenizer directory (tokenizer.json + template)")
     check.set_defaults(run=_data_check_template)
 
@@ -227,21 +270,29 @@ def _compile(args) -> None:
     misfits = [r for r in reports if not r.fits]
     if misfits and not args.sweep:
         r = misfits[0]
-        raise config_lib.ConfigError(f"does not fit: needs {r.total_bytes / aot.GIB:.1f} GiB of "
-                                     f"{r.capacity_bytes / aot.GIB:.1f} GiB per device on {target}")
+        raise config_lib.ConfigError(
+            f"does not fit: needs {r.total_bytes / aot.GIB:.1f} GiB of "
+            f"{r.capacity_bytes / aot.GIB:.1f} GiB per device on {target}"
+        )
 
 
 def _add_compile_verb(verbs) -> None:
-    compile_ = verbs.add_parser("compile", help="compile the train step for a TPU slice or GPU cluster on this host "
-                                                "(pre-flight)")
+    compile_ = verbs.add_parser(
+        "compile", help="compile the train step for a TPU slice or GPU cluster on this host (pre-flight)"
+    )
     _config_args(compile_)
     target = compile_.add_mutually_exclusive_group(required=True)
     target.add_argument("--topology", help="Cloud TPU slice, e.g. v5p-32, v5e-16, v6e-8, v4-16")
     target.add_argument("--gpu", help="GPUs per host, e.g. h100x8 (compile-only CUDA devices)")
     compile_.add_argument("--slices", type=int, default=1, help="TPU: number of such slices joined over DCN")
     compile_.add_argument("--hosts", type=int, default=1, help="GPU: number of such hosts")
-    compile_.add_argument("--sweep", nargs="+", default=[], metavar="K=V,K=V",
-                          help="compile each variant (comma-separated overrides) and print one table")
+    compile_.add_argument(
+        "--sweep",
+        nargs="+",
+        default=[],
+        metavar="K=V,K=V",
+        help="compile each variant (comma-separated overrides) and print one table",
+    )
     compile_.set_defaults(run=_compile)
 
 
@@ -251,9 +302,12 @@ def parser() -> argparse.ArgumentParser:
     verbs = root.add_subparsers(dest="verb", required=True)
     train = verbs.add_parser("train", help="train (or resume) the run described by a config")
     _config_args(train)
-    train.add_argument("--allow-config-change", action="store_true",
-                       help="resume a run directory with a config other than its config.yaml; the change is "
-                            "recorded in config_history.jsonl")
+    train.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume a run directory with a config other than its config.yaml; the change is "
+        "recorded in config_history.jsonl",
+    )
     train.set_defaults(run=_train)
     config = verbs.add_parser("config", help="inspect configs")
     config_verbs = config.add_subparsers(dest="config_verb", required=True)

@@ -62,8 +62,9 @@ def _coerce(key: str, value: Any, tp) -> Any:
     if origin is dict:
         key_tp, value_tp = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {_type_name(key_tp)} to {_type_name(value_tp)}, "
-                              f"got {value!r}")
+            raise ConfigError(
+                f"{key}: expected a mapping of {_type_name(key_tp)} to {_type_name(value_tp)}, got {value!r}"
+            )
         return {_coerce(f"{key}.<key>", k, key_tp): _coerce(f"{key}.{k}", v, value_tp) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -89,8 +90,9 @@ def _coerce(key: str, value: Any, tp) -> Any:
 def _unknown_key(prefix: str, key: str, valid) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
-    return ConfigError(f"unknown config key {prefix}{key}{hint} (valid under {prefix or 'top level'}: "
-                       f"{', '.join(valid)})")
+    return ConfigError(
+        f"unknown config key {prefix}{key}{hint} (valid under {prefix or 'top level'}: {', '.join(valid)})"
+    )
 
 
 def _build(cls, raw: dict, prefix: str = ""):
@@ -130,12 +132,14 @@ def from_dict(raw: dict | None) -> Config:
 
 def to_dict(cfg) -> dict:
     """Plain YAML-able tree (tuples become lists)."""
+
     def plain(x):
         if dataclasses.is_dataclass(x):
             return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
         if isinstance(x, tuple):
             return [plain(v) for v in x]
         return x
+
     return plain(cfg)
 
 

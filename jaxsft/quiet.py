@@ -33,10 +33,14 @@ from pathlib import Path
 _GOOGLE_PCI_VENDOR = "0x1ae0"
 _GPU_NODES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
 # Lines of a C++ library's log that are benign when no accelerator is present.
-_BENIGN_STDERR = re.compile(r"cudart_stub\.cc:\d+\] Could not find cuda drivers|"
-                            r"^WARNING: All log messages before absl::InitializeLog\(\) is called")
-_BENIGN_ORBAX = re.compile(r"^(CheckpointManagerOptions\.read_only=True, setting|Given directory is read only|"
-                           r"Metadata file does not exist: .*_CHECKPOINT_METADATA)")
+_BENIGN_STDERR = re.compile(
+    r"cudart_stub\.cc:\d+\] Could not find cuda drivers|"
+    r"^WARNING: All log messages before absl::InitializeLog\(\) is called"
+)
+_BENIGN_ORBAX = re.compile(
+    r"^(CheckpointManagerOptions\.read_only=True, setting|Given directory is read only|"
+    r"Metadata file does not exist: .*_CHECKPOINT_METADATA)"
+)
 
 
 def accelerator_present() -> bool:
@@ -72,8 +76,11 @@ def _benign_stderr_dropped():
             os.dup2(saved, 2)
             os.close(saved)
             capture.seek(0)
-            kept = [line for line in capture.read().decode(errors="replace").splitlines(keepends=True)
-                    if not _BENIGN_STDERR.search(line)]
+            kept = [
+                line
+                for line in capture.read().decode(errors="replace").splitlines(keepends=True)
+                if not _BENIGN_STDERR.search(line)
+            ]
             sys.stderr.write("".join(kept))
             sys.stderr.flush()
 

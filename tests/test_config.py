@@ -17,29 +17,40 @@ def test_demo_config_loads_and_round_trips(tmp_path):
 
 
 def test_overrides_are_typed():
-    cfg = config_load.load(DEMO_CONFIG, ["train.steps=50", "optim.learning_rate=3e-4", "mesh.rules.batch=[data]",
-                                        "data.train_files=[a.jsonl, b.jsonl]", "model.vocab_size=1024"])
+    cfg = config_load.load(
+        DEMO_CONFIG,
+        [
+            "train.steps=50",
+            "optim.learning_rate=3e-4",
+            "mesh.rules.batch=[data]",
+            "data.train_files=[a.jsonl, b.jsonl]",
+            "model.vocab_size=1024",
+        ],
+    )
     assert cfg.train.steps == 50 and cfg.optim.learning_rate == 3e-4
     assert cfg.mesh.rules.batch == ("data",) and cfg.data.train_files == ("a.jsonl", "b.jsonl")
     assert cfg.model.vocab_size == 1024
     assert isinstance(config_load.load(None, ["optim.learning_rate=1"]).optim.learning_rate, float)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.stepz=3", "unknown config key train.stepz; did you mean train.steps?"),
-    ("trian.steps=3", "unknown config key trian; did you mean train?"),
-    ("train.steps=abc", "train.steps: expected int, got 'abc' (str)"),
-    ("train.steps=true", "train.steps: expected int, got True (bool)"),
-    ("model.tie_embeddings=1", "model.tie_embeddings: expected true or false, got 1"),
-    ("data.packing=tight", "data.packing: expected one of first_fit, best_fit, concat, none, got 'tight'"),
-    ("mesh.rules.embed=[fsdq]", "mesh.rules.embed: unknown mesh axis 'fsdq'"),
-    ("model.n_kv_heads=3", "model.n_heads=4 must be a positive multiple of model.n_kv_heads=3"),
-    ("train.steps", "expected KEY=VALUE"),
-    ("model.peft.method=adapters", "model.peft.method: expected one of none, lora, dora, freeze, got 'adapters'"),
-    ("model.peft.dropout=1.0", "model.peft.dropout=1.0: expected a value in [0, 1)"),
-    ("model.peft.method=freeze", "method freeze needs model.peft.trainable patterns or model.peft.top_layers > 0"),
-    ("lora.rank=8", "unknown config key lora"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=3", "unknown config key train.stepz; did you mean train.steps?"),
+        ("trian.steps=3", "unknown config key trian; did you mean train?"),
+        ("train.steps=abc", "train.steps: expected int, got 'abc' (str)"),
+        ("train.steps=true", "train.steps: expected int, got True (bool)"),
+        ("model.tie_embeddings=1", "model.tie_embeddings: expected true or false, got 1"),
+        ("data.packing=tight", "data.packing: expected one of first_fit, best_fit, concat, none, got 'tight'"),
+        ("mesh.rules.embed=[fsdq]", "mesh.rules.embed: unknown mesh axis 'fsdq'"),
+        ("model.n_kv_heads=3", "model.n_heads=4 must be a positive multiple of model.n_kv_heads=3"),
+        ("train.steps", "expected KEY=VALUE"),
+        ("model.peft.method=adapters", "model.peft.method: expected one of none, lora, dora, freeze, got 'adapters'"),
+        ("model.peft.dropout=1.0", "model.peft.dropout=1.0: expected a value in [0, 1)"),
+        ("model.peft.method=freeze", "method freeze needs model.peft.trainable patterns or model.peft.top_layers > 0"),
+        ("lora.rank=8", "unknown config key lora"),
+    ],
+)
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(config_lib.ConfigError) as info:
         config_load.load(DEMO_CONFIG, [override])
@@ -50,8 +61,9 @@ def test_bad_config_names_the_key(override, message):
 def test_unknown_key_in_yaml_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("optim:\n  learning_rat: 0.1\n")
-    with pytest.raises(config_lib.ConfigError, match="unknown config key optim.learning_rat; did you mean "
-                                                     "optim.learning_rate"):
+    with pytest.raises(
+        config_lib.ConfigError, match="unknown config key optim.learning_rat; did you mean optim.learning_rate"
+    ):
         config_load.load(path)
 
 

@@ -69,8 +69,16 @@ def test_defaults_are_in_range():
     config_load.from_dict({})
 
 
-@pytest.mark.parametrize("override", ["optim.learning_rate=nan", "optim.learning_rate=.inf", "optim.learning_rate=1e30",
-                                      "optim.b2=1.0", "train.global_batch_size=0"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.learning_rate=nan",
+        "optim.learning_rate=.inf",
+        "optim.learning_rate=1e30",
+        "optim.b2=1.0",
+        "train.global_batch_size=0",
+    ],
+)
 def test_cli_refuses_before_reading_data(override, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--set", override, "--set", f"train.run_dir={run}"]) == 2

@@ -78,8 +78,13 @@ def test_layers_point_one_way():
     above = ("jaxsft.train", "jaxsft.infer", "jaxsft.eval", "jaxsft.cli")
     wrong = {}
     for module, targets in import_graph().items():
-        forbidden = above + (("jaxsft.model",) if module.startswith("jaxsft.data") else
-                             ("jaxsft.data",) if module.startswith("jaxsft.model") else ())
+        forbidden = above + (
+            ("jaxsft.model",)
+            if module.startswith("jaxsft.data")
+            else ("jaxsft.data",)
+            if module.startswith("jaxsft.model")
+            else ()
+        )
         if module.startswith(("jaxsft.data", "jaxsft.model")):
             bad = sorted(t for t in targets if t.startswith(forbidden))
             if bad:

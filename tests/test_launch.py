@@ -31,16 +31,22 @@ def _dry_run(*args, **env):
 
 def test_tpu_pod_multislice_commands():
     create = _dry_run("create", SLICES="2", ACCELERATOR_TYPE="v5p-32")
-    assert create == ["gcloud compute tpus queued-resources create sft --zone us-east5-a --accelerator-type v5p-32 "
-                      "--runtime-version v2-alpha-tpuv5 --node-count 2 --node-prefix sft"]
+    assert create == [
+        "gcloud compute tpus queued-resources create sft --zone us-east5-a --accelerator-type v5p-32 "
+        "--runtime-version v2-alpha-tpuv5 --node-count 2 --node-prefix sft"
+    ]
     run = sorted(_dry_run("run", "configs/my.yaml", "--set", "train.steps=5", SLICES="2"))
     assert [line.split(" --zone")[0] for line in run] == [
-        "gcloud compute tpus tpu-vm ssh sft-0", "gcloud compute tpus tpu-vm ssh sft-1"]
-    assert all("--worker=all" in line and "jaxsft\\ train\\ configs/my.yaml\\ --set\\ train.steps=5" in line
-               for line in run)
+        "gcloud compute tpus tpu-vm ssh sft-0",
+        "gcloud compute tpus tpu-vm ssh sft-1",
+    ]
+    assert all(
+        "--worker=all" in line and "jaxsft\\ train\\ configs/my.yaml\\ --set\\ train.steps=5" in line for line in run
+    )
 
 
 def test_tpu_pod_without_its_settings_names_them():
-    result = subprocess.run([str(LAUNCH / "tpu_pod.sh"), "create"], env={"PATH": os.environ["PATH"]},
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(LAUNCH / "tpu_pod.sh"), "create"], env={"PATH": os.environ["PATH"]}, capture_output=True, text=True
+    )
     assert result.returncode != 0 and "TPU_NAME" in result.stderr

@@ -22,8 +22,10 @@ def test_version(capsys):
 
 def test_jax_starts_on_the_cpu_without_runtime_noise():
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    script = ("from jaxsft import quiet; quiet.quiet_start('train'); import jax, sys; "
-              "print(jax.devices()[0].platform); print('kept', file=sys.stderr)")
+    script = (
+        "from jaxsft import quiet; quiet.quiet_start('train'); import jax, sys; "
+        "print(jax.devices()[0].platform); print('kept', file=sys.stderr)"
+    )
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "cpu" and done.stderr == "kept\n"
@@ -40,9 +42,12 @@ def test_platforms_are_left_to_the_user_and_to_the_pre_flight(monkeypatch):
 
 def test_captured_stderr_keeps_every_line_but_the_benign_ones(capfd):
     with quiet._benign_stderr_dropped():
-        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
-                    b"I0000 00:00:1.0  1 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will "
-                    b"not be used.\nE0000 something a user must see\n")
+        os.write(
+            2,
+            b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+            b"I0000 00:00:1.0  1 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will "
+            b"not be used.\nE0000 something a user must see\n",
+        )
     assert capfd.readouterr().err == "E0000 something a user must see\n"
 
 

@@ -27,22 +27,53 @@ from jaxsft.data.formats import BadRecord, Conversation, parse_record
 from jaxsft.data.templates import get_template
 
 CALL = {"id": "call12345", "type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
-TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add two integers.", "parameters": {
-    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add two integers.",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                "required": ["a", "b"],
+            },
+        },
+    }
+]
 Q, A = {"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "It is 5."}
 BATTERY = {
     "single-turn": {"messages": [Q, A]},
     "system prompt": {"messages": [{"role": "system", "content": "Be exact."}, Q, A]},
-    "multi-turn": {"messages": [{"role": "user", "content": "Sort: pear apple"},
-                                {"role": "assistant", "content": "apple pear"},
-                                {"role": "user", "content": "Reverse: a b c"}, {"role": "assistant", "content": "c b a"}]},
-    "whitespace-edged": {"messages": [{"role": "user", "content": "  spaced question \n"},
-                                      {"role": "assistant", "content": "\n\n  spaced answer.\n\nwith lines  \n"}]},
-    "unicode": {"messages": [{"role": "user", "content": "héllo 🙂 wörld — 你好"},
-                             {"role": "assistant", "content": "ça va 🙂 — 好的"}]},
-    "tool call": {"tools": TOOLS, "messages": [
-        Q, {"role": "assistant", "content": "", "tool_calls": [CALL]},
-        {"role": "tool", "content": "5", "tool_call_id": "call12345", "name": "add"}, A]},
+    "multi-turn": {
+        "messages": [
+            {"role": "user", "content": "Sort: pear apple"},
+            {"role": "assistant", "content": "apple pear"},
+            {"role": "user", "content": "Reverse: a b c"},
+            {"role": "assistant", "content": "c b a"},
+        ]
+    },
+    "whitespace-edged": {
+        "messages": [
+            {"role": "user", "content": "  spaced question \n"},
+            {"role": "assistant", "content": "\n\n  spaced answer.\n\nwith lines  \n"},
+        ]
+    },
+    "unicode": {
+        "messages": [
+            {"role": "user", "content": "héllo 🙂 wörld — 你好"},
+            {"role": "assistant", "content": "ça va 🙂 — 好的"},
+        ]
+    },
+    "tool call": {
+        "tools": TOOLS,
+        "messages": [
+            Q,
+            {"role": "assistant", "content": "", "tool_calls": [CALL]},
+            {"role": "tool", "content": "5", "tool_call_id": "call12345", "name": "add"},
+            A,
+        ],
+    },
     "reasoning": {"messages": [Q, {**A, "reasoning": "2 plus 3 is 5."}]},
 }
 
@@ -72,8 +103,9 @@ def _reference_tokenizer(directory: Path, tokenizer):
         import transformers
     except ImportError:
         return None, "transformers is not installed"
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"),
-                                              bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(directory / "tokenizer.json"), bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token
+    )
     hf.chat_template = tokenizer.chat_template
     return hf, ""
 
@@ -104,7 +136,7 @@ def _expected_body(m) -> str:
 
 
 def mask_problem(tokenizer, template, conversation: Conversation, ids: np.ndarray, weights: np.ndarray) -> str:
-    """"sane", or the first thing wrong with the trained tokens (see the module docstring)."""
+    """ "sane", or the first thing wrong with the trained tokens (see the module docstring)."""
     answers = [m for m in conversation if m.role == "assistant"]
     runs = _trained_runs(weights)
     if len(runs) != len(answers):
@@ -117,7 +149,7 @@ def mask_problem(tokenizer, template, conversation: Conversation, ids: np.ndarra
             return f"WRONG: trained stretch {k} {text!r} lacks the turn's text {body!r}"
         if not text.rstrip().endswith(eots):
             return f"WRONG: trained stretch {k} {text!r} does not end with an end-of-turn token {eots}"
-        leaked = sorted(prompt_words & set(re.findall(r"\w{3,}", text[:text.index(body)])))
+        leaked = sorted(prompt_words & set(re.findall(r"\w{3,}", text[: text.index(body)])))
         if leaked:  # before the answer: only the header's end, reasoning or tool-call syntax belong there
             return f"WRONG: trained stretch {k} {text!r} holds prompt text {leaked[0]!r}"
     return "sane"
@@ -142,8 +174,10 @@ def check_template(directory: str | Path) -> tuple[list[str], bool]:
     template = get_template("hf", tokenizer)
     template.check(tokenizer)
     hf, why_not = _reference_tokenizer(directory, tokenizer)
-    lines = [f"{directory}: chat template with end-of-turn {', '.join(template.eots) or tokenizer.eos_token}, "
-             f"reasoning written as {template.reasoning_style}"]
+    lines = [
+        f"{directory}: chat template with end-of-turn {', '.join(template.eots) or tokenizer.eos_token}, "
+        f"reasoning written as {template.reasoning_style}"
+    ]
     results = []
     for name, record in BATTERY.items():
         result = check_case(name, record, tokenizer, template, hf)
@@ -152,5 +186,7 @@ def check_template(directory: str | Path) -> tuple[list[str], bool]:
         results.append(result)
         lines.append(("  ok    " if result.ok else "  FAIL  ") + result.line())
     bad = [r.name for r in results if not r.ok]
-    lines.append(f"{len(results) - len(bad)} of {len(results)} cases fine" + (f"; failing: {', '.join(bad)}" if bad else ""))
+    lines.append(
+        f"{len(results) - len(bad)} of {len(results)} cases fine" + (f"; failing: {', '.join(bad)}" if bad else "")
+    )
     return lines, not bad

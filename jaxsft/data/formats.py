@@ -22,11 +22,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "tool": "tool", "function_call": "assistant", "observation": "tool"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function_call": "assistant",
+    "observation": "tool",
+}
 
 
 class BadRecord(ValueError):
@@ -210,8 +219,11 @@ def from_sharegpt(record: Mapping, columns: Mapping[str, str]) -> Conversation:
 def from_prompt_completion(record: Mapping, columns: Mapping[str, str]) -> Conversation:
     prompt, completion = _field(record, "prompt", columns), _field(record, "completion", columns)
     head = _messages(prompt, "prompt") if isinstance(prompt, list) else [Message("user", _string(prompt, "prompt"))]
-    tail = (_messages(completion, "completion") if isinstance(completion, list)
-            else [Message("assistant", _string(completion, "completion", empty_ok=False))])
+    tail = (
+        _messages(completion, "completion")
+        if isinstance(completion, list)
+        else [Message("assistant", _string(completion, "completion", empty_ok=False))]
+    )
     if any(m.role == "assistant" for m in head) and not any(m.role == "assistant" for m in tail):
         raise BadRecord("no assistant turn", "completion has no assistant message")
     # Only the completion trains; an explicit per-message `train` still wins.
@@ -227,8 +239,12 @@ def from_text(record: Mapping, columns: Mapping[str, str]) -> Conversation:
 
 
 PARSERS: dict[str, Callable[[Mapping, Mapping[str, str]], Conversation]] = {
-    "messages": from_messages, "alpaca": from_alpaca, "sharegpt": from_sharegpt,
-    "prompt_completion": from_prompt_completion, "text": from_text}
+    "messages": from_messages,
+    "alpaca": from_alpaca,
+    "sharegpt": from_sharegpt,
+    "prompt_completion": from_prompt_completion,
+    "text": from_text,
+}
 
 
 def parse_record(record: Any, fmt: str = "messages", columns: Mapping[str, str] | None = None) -> Conversation:

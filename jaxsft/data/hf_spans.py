@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from jaxsft.data.formats import BadRecord, Message
 
@@ -52,7 +52,7 @@ class Marker:
             return text
         k = len(self.owners)
         self.owners.append((message, kind))
-        lead, trail = text[:len(text) - len(text.lstrip())], text[len(text.rstrip()):]
+        lead, trail = text[: len(text) - len(text.lstrip())], text[len(text.rstrip()) :]
         return f"{lead}{chr(MARK_BASE + 2 * k)}{core}{chr(MARK_BASE + 2 * k + 1)}{trail}"
 
 
@@ -66,8 +66,12 @@ def _hide_deep(value, hide: Callable[[str], str]):
     return value
 
 
-def message_dicts(messages: Sequence[Message], reasoning_style: str, hide: Callable[[str], str] = str,
-                  mark: Callable[[str, int, str], str] | None = None) -> list[dict]:
+def message_dicts(
+    messages: Sequence[Message],
+    reasoning_style: str,
+    hide: Callable[[str], str] = str,
+    mark: Callable[[str, int, str], str] | None = None,
+) -> list[dict]:
     """The messages as a Hugging Face template reads them (`mark` wraps texts in markers).
 
     Reasoning goes in `reasoning_content` and `thinking` (style `field`), before the content
@@ -121,6 +125,7 @@ def _aligner(a: str, b: str):
             if (i <= p < i + n) if opening else (i < p <= i + n):
                 return j + p - i
         return None
+
     return move
 
 
@@ -157,8 +162,15 @@ class Turn:
     spans: tuple[tuple[int, int], ...]  # trained character intervals
 
 
-def turn(i: int, elements: list[Element], text: str, tail: str | None, eot_find: Callable[[int, int], tuple | None],
-         train_eot: bool, mask_reasoning: bool) -> Turn:
+def turn(
+    i: int,
+    elements: list[Element],
+    text: str,
+    tail: str | None,
+    eot_find: Callable[[int, int], tuple | None],
+    train_eot: bool,
+    mask_reasoning: bool,
+) -> Turn:
     """Trained characters of message i (see the module docstring); raises BadRecord."""
     own = [e for e in elements if e.message == i]
     first, last = min(e.start for e in own), max(e.end for e in own)

@@ -33,7 +33,7 @@ import itertools
 import json
 import re
 import weakref
-from typing import Sequence
+from collections.abc import Sequence
 
 import jinja2
 import jinja2.ext
@@ -69,8 +69,11 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 
 def compile_template(source: str) -> jinja2.Template:
-    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True,  # sandboxed, with render limits
-                         extensions=[_Generation, jinja2.ext.loopcontrols])
+    env = LimitedSandbox(
+        trim_blocks=True,
+        lstrip_blocks=True,  # sandboxed, with render limits
+        extensions=[_Generation, jinja2.ext.loopcontrols],
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
@@ -85,7 +88,7 @@ class HFTemplate(Template):
     _instances: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Tokenizer) -> "HFTemplate":
+    def for_tokenizer(cls, tokenizer: Tokenizer) -> HFTemplate:
         if tokenizer not in cls._instances:
             cls._instances[tokenizer] = cls(tokenizer)
         return cls._instances[tokenizer]
@@ -117,9 +120,15 @@ class HFTemplate(Template):
     def render_text(self, dicts: Sequence[dict], add_generation_prompt: bool = False, tools=None) -> str:
         try:
             input_chars = sum(len(str(v)) for d in dicts for v in d.values()) + len(str(tools or ""))
-            return jinja_limits.render(self._jinja, input_chars, messages=list(dicts),
-                                       add_generation_prompt=add_generation_prompt, tools=tools, documents=None,
-                                       **self._context)
+            return jinja_limits.render(
+                self._jinja,
+                input_chars,
+                messages=list(dicts),
+                add_generation_prompt=add_generation_prompt,
+                tools=tools,
+                documents=None,
+                **self._context,
+            )
         except jinja2.TemplateError as e:
             raise BadRecord("template rejected the conversation", " ".join(str(e).split())) from None
         except (TypeError, KeyError, IndexError, AttributeError, ValueError) as e:
@@ -150,9 +159,11 @@ class HFTemplate(Template):
     def _retokenize_typed(self, text, ids, offsets, typed):
         """Re-encodes as plain text each stretch between template special tokens that holds
         special tokens typed by a user (the first encoding matched those as specials)."""
+
         def template_special(k):
             s, e = offsets[k]
             return ids[k] in self._special_ids and not any(a <= s and e <= b for a, b in typed)
+
         out_ids, out_offsets, chunk_start, first = [], [], 0, 0
         for k in range(len(ids) + 1):
             if k < len(ids) and not template_special(k):
@@ -196,16 +207,22 @@ class HFTemplate(Template):
         except BadRecord:
             return None
         text, at = spans.strip_markers(prompt)
-        return text[max(at.values(), default=0):]
+        return text[max(at.values(), default=0) :]
 
     def _eot_find(self, real: str):
         def find(start: int, bound: int):
             m = self._eot_re.search(real, start, bound) if self.eots else None
             return None if m is None else (m.start(), m.end())
+
         return find
 
-    def render(self, messages: Sequence[Message], tokenizer: Tokenizer, policy: MaskPolicy = MaskPolicy(),
-               ends: dict[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def render(
+        self,
+        messages: Sequence[Message],
+        tokenizer: Tokenizer,
+        policy: MaskPolicy = MaskPolicy(),
+        ends: dict[int, int] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         if len(messages) == 1 and messages[0].role == "text":
             return super().render(messages, tokenizer, policy, ends)
         if policy.reasoning == "drop":
@@ -223,8 +240,9 @@ class HFTemplate(Template):
                 turn_ends[i] = max((e.end for e in own), default=0)
                 continue
             tail = self._tail(marked, i, tools) if check and m.role == "assistant" else None
-            turn = spans.turn(i, elements, real, tail, self._eot_find(real), policy.train_eot or not check,
-                              policy.reasoning == "mask")
+            turn = spans.turn(
+                i, elements, real, tail, self._eot_find(real), policy.train_eot or not check, policy.reasoning == "mask"
+            )
             turn_ends[i] = turn.end
             trained_spans += turn.spans if check else []
         ids, offsets = self.encode_text(real)
@@ -279,17 +297,19 @@ class HFTemplate(Template):
             probe = self._probe(conv, "none")
             for k, (i, _) in enumerate(probe[2] if probe else []):
                 if conv[i].role == "assistant" and 2 * k + 1 in probe[1]:
-                    found += self._specials_in(probe[0][probe[1][2 * k + 1]:])[:1]
+                    found += self._specials_in(probe[0][probe[1][2 * k + 1] :])[:1]
         call = json.dumps([{"id": "call00001", "type": "function", "function": {"name": "f", "arguments": {}}}])
         probe = self._probe([Message("user", "x"), Message("assistant", "", calls=call)], "none")
         if probe and probe[1]:
-            found += self._specials_in(probe[0][max(probe[1].values()):])[-1:]
+            found += self._specials_in(probe[0][max(probe[1].values()) :])[-1:]
         return tuple(dict.fromkeys(found))
 
     def check(self, tokenizer: Tokenizer) -> None:
         if not self.eots and tokenizer.eos_token is None:
-            raise DataError("data.template=hf: the chat_template ends assistant turns with no special token "
-                            "and the tokenizer names no eos_token")
+            raise DataError(
+                "data.template=hf: the chat_template ends assistant turns with no special token "
+                "and the tokenizer names no eos_token"
+            )
 
     def text_segments(self, messages):
         raise DataError("data.template=hf needs data.tokenizer: hf:/model/dir (its tokenizer is not trained)")
@@ -300,13 +320,20 @@ def _refuse_if_unmaskable(i: int, m: Message, own: list, rewritten: set[int], po
     if i in rewritten:
         # The reason keeps its old name: such templates render a turn differently once later
         # turns follow (the refusal prefix-by-prefix rendering gave them).
-        raise BadRecord("template not prefix-stable", f"messages[{i}] ({m.role}): the template rewrites this "
-                                                      "text (renders it other than given), so no exact mask exists")
+        raise BadRecord(
+            "template not prefix-stable",
+            f"messages[{i}] ({m.role}): the template rewrites this "
+            "text (renders it other than given), so no exact mask exists",
+        )
     if not own and m.role == "assistant":
-        raise BadRecord("template dropped a turn", f"messages[{i}]: the template rendered none of this assistant "
-                                                   "turn's content or tool calls")
-    if (policy.reasoning_history == "keep" and m.reasoning and own
-            and not any(e.kind == "reasoning" for e in own)):
-        raise BadRecord("template dropped reasoning", f"messages[{i}]: the template does not render this turn's "
-                                                      "reasoning (data.reasoning_history=keep; drop_as_template "
-                                                      "trains what the template renders)")
+        raise BadRecord(
+            "template dropped a turn",
+            f"messages[{i}]: the template rendered none of this assistant turn's content or tool calls",
+        )
+    if policy.reasoning_history == "keep" and m.reasoning and own and not any(e.kind == "reasoning" for e in own):
+        raise BadRecord(
+            "template dropped reasoning",
+            f"messages[{i}]: the template does not render this turn's "
+            "reasoning (data.reasoning_history=keep; drop_as_template "
+            "trains what the template renders)",
+        )

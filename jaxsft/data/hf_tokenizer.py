@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from jaxsft.data.formats import DataError
 
@@ -66,7 +67,9 @@ class HFTokenizer:
         except Exception as e:  # the Rust side raises a bare Exception on malformed files
             raise DataError(f"data.tokenizer: cannot load {directory / 'tokenizer.json'}: {e}") from None
         self._tok.encode_special_tokens = True
-        config = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
+        config = (
+            _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").is_file() else {}
+        )
         self.chat_template = _chat_template(directory, config)
         self.special_tokens = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         self._names = {k: _token_name(config.get(f"{k}_token")) for k in ("bos", "eos", "pad", "unk")}

@@ -44,7 +44,7 @@ def highlight(tokenizer, tokens: np.ndarray, weights: np.ndarray, color: bool) -
     parts = []
     for on, group in itertools.groupby(range(len(tokens)), key=lambda k: bool(trained[k])):
         idx = list(group)
-        text = "".join(_pieces(tokenizer, tokens[idx[0]:idx[-1] + 1]))
+        text = "".join(_pieces(tokenizer, tokens[idx[0] : idx[-1] + 1]))
         parts.append((f"{GREEN}{text}{RESET}" if color else f"[[{text}]]") if on else text)
     return "".join(parts)
 
@@ -68,15 +68,21 @@ def preview(cfg: Config, n: int = 3, color: bool = False, cache_dir: Path | None
     from jaxsft.data.pipeline import Encoder
 
     encoder = Encoder(cfg.data, data.tokenizer)
-    lines = [f"template {cfg.data.template}, tokenizer {getattr(data.tokenizer, 'path', '')}, "
-             f"loss_on {cfg.data.loss_on}; trained tokens {'in green' if color else 'in [[...]]'}"]
+    lines = [
+        f"template {cfg.data.template}, tokenizer {getattr(data.tokenizer, 'path', '')}, "
+        f"loss_on {cfg.data.loss_on}; trained tokens {'in green' if color else 'in [[...]]'}"
+    ]
     for split, pool in zip(data.train, data.pools):
         for i in pool[:n]:
             tokens, weights, ends = encoder.render(split.conversation(int(i)))
             out = encoder.encode(split.conversation(int(i)))
             trained = int(np.count_nonzero(weights[1:]))
-            note = f", truncated ({out[1]}) to {len(out[0]['inputs']) + 1}" if not isinstance(out, str) and out[1] else ""
-            lines.append(f"--- {split.name} {split.source.where(int(i))}: {len(tokens)} tokens, {trained} trained{note}")
+            note = (
+                f", truncated ({out[1]}) to {len(out[0]['inputs']) + 1}" if not isinstance(out, str) and out[1] else ""
+            )
+            lines.append(
+                f"--- {split.name} {split.source.where(int(i))}: {len(tokens)} tokens, {trained} trained{note}"
+            )
             lines.append(highlight(data.tokenizer, tokens, weights, color))
             lines += trained_by_turn(data.tokenizer, split.conversation(int(i)), tokens, weights, ends)
     return "\n".join(lines)
@@ -104,11 +110,18 @@ def measure_packing(data: SFTData, rows: int, batches: int = PACKING_BATCHES, se
 
 
 def histogram(lengths: np.ndarray, max_length: int, width: int = 40) -> list[str]:
-    edges = [0] + [2 ** k for k in range(3, 30) if 2 ** k < max_length] + [max_length, max(max_length, int(lengths.max(initial=0))) + 1]
+    edges = (
+        [0]
+        + [2**k for k in range(3, 30) if 2**k < max_length]
+        + [max_length, max(max_length, int(lengths.max(initial=0))) + 1]
+    )
     counts, _ = np.histogram(lengths, bins=edges)
     top = max(int(counts.max(initial=0)), 1)
-    return [f"  {lo:>6}-{hi - 1:<6} {c:>8}  {'#' * round(width * c / top)}" for lo, hi, c in zip(edges, edges[1:], counts)
-            if c or lo < max_length]
+    return [
+        f"  {lo:>6}-{hi - 1:<6} {c:>8}  {'#' * round(width * c / top)}"
+        for lo, hi, c in zip(edges, edges[1:], counts)
+        if c or lo < max_length
+    ]
 
 
 def _source_line(name: str, r: DataReport, epochs: float) -> str:
@@ -116,8 +129,10 @@ def _source_line(name: str, r: DataReport, epochs: float) -> str:
     dropped = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) or "none"
     trunc = ", ".join(f"{k}: {v}" for k, v in sorted(r.truncations.items())) or "none"
     share = r.trained_tokens / max(r.tokens, 1)
-    return (f"{name}: {r.records} records, {r.examples} good, dropped {r.lost} ({dropped}), {r.tokens} tokens, "
-            f"{100 * share:.1f}% trained, truncated {r.truncated} ({trunc}), {epochs:.2f} epochs at {{steps}} steps")
+    return (
+        f"{name}: {r.records} records, {r.examples} good, dropped {r.lost} ({dropped}), {r.tokens} tokens, "
+        f"{100 * share:.1f}% trained, truncated {r.truncated} ({trunc}), {epochs:.2f} epochs at {{steps}} steps"
+    )
 
 
 def expected_epochs(data: SFTData, steps: int, examples_per_step: float) -> list[float]:
@@ -136,8 +151,10 @@ def stats(cfg: Config, cache_dir: Path | None = None) -> str:
     rows = cfg.train.global_batch_size
     efficiency, per_row = measure_packing(data, rows, seed=cfg.train.seed)
     epochs = expected_epochs(data, cfg.train.steps, per_row * rows)
-    lines = [f"{len(data.train)} source(s), template {cfg.data.template}, max_length {cfg.data.max_length}, "
-             f"packing {cfg.data.packing}, weight_by {cfg.data.weight_by}"]
+    lines = [
+        f"{len(data.train)} source(s), template {cfg.data.template}, max_length {cfg.data.max_length}, "
+        f"packing {cfg.data.packing}, weight_by {cfg.data.weight_by}"
+    ]
     for (name, r), e in zip(data.source_reports.items(), epochs):
         lines.append(_source_line(name, r, e).format(steps=cfg.train.steps))
         lines += [f"    {b}" for b in r.bad_examples[:3]]
@@ -145,8 +162,10 @@ def stats(cfg: Config, cache_dir: Path | None = None) -> str:
         share = ", ".join(f"{s.name} {100 * p:.1f}%" for s, p in zip(data.train, probs))
         lines.append(f"from step {start}: sampled examples {share}")
     lines.append(f"eval: {data.eval_report.records} records, {data.eval_report.examples} examples")
-    lines.append(f"packing efficiency {100 * efficiency:.2f}% (non-pad / all tokens over {PACKING_BATCHES} batches "
-                 f"of {rows} x {cfg.data.max_length}), {per_row:.2f} examples per row")
+    lines.append(
+        f"packing efficiency {100 * efficiency:.2f}% (non-pad / all tokens over {PACKING_BATCHES} batches "
+        f"of {rows} x {cfg.data.max_length}), {per_row:.2f} examples per row"
+    )
     lines.append("example length (tokens):")
     lines += histogram(np.concatenate(data.lengths), cfg.data.max_length)
     return "\n".join(lines)

@@ -41,8 +41,10 @@ class _Range:
     def __init__(self, env: LimitedSandbox, *args: int):
         self.env, self.items = env, range(*args)
         if len(self.items) > MAX_RANGE:
-            raise RenderLimit(f"data.template=hf: the chat template asked for range({', '.join(map(str, args))}), "
-                              f"more than {MAX_RANGE} items")
+            raise RenderLimit(
+                f"data.template=hf: the chat template asked for range({', '.join(map(str, args))}), "
+                f"more than {MAX_RANGE} items"
+            )
 
     def __iter__(self):
         return self._checked(iter(self.items))
@@ -73,13 +75,17 @@ class LimitedSandbox(ImmutableSandboxedEnvironment):
 
     def check_time(self) -> None:
         if time.monotonic() > self.budget.deadline:
-            raise RenderLimit(f"data.template=hf: the chat template ran for more than {RENDER_SECONDS:g}s on one "
-                              f"conversation (a runaway loop?); fix or replace the template")
+            raise RenderLimit(
+                f"data.template=hf: the chat template ran for more than {RENDER_SECONDS:g}s on one "
+                f"conversation (a runaway loop?); fix or replace the template"
+            )
 
     def _check_size(self, n: int) -> None:
         if n > self.budget.max_chars:
-            raise RenderLimit(f"data.template=hf: the chat template built a value of {n:,} items, over the limit "
-                              f"of {self.budget.max_chars:,} for this conversation")
+            raise RenderLimit(
+                f"data.template=hf: the chat template built a value of {n:,} items, over the limit "
+                f"of {self.budget.max_chars:,} for this conversation"
+            )
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
         __self.check_time()
@@ -109,8 +115,10 @@ def render(template: jinja2.Template, input_chars: int, **context) -> str:
         for chunk in template.generate(**context):
             size += len(chunk)
             if size > env.budget.max_chars:
-                raise RenderLimit(f"data.template=hf: the chat template wrote more than {env.budget.max_chars:,} "
-                                  f"characters for one conversation")
+                raise RenderLimit(
+                    f"data.template=hf: the chat template wrote more than {env.budget.max_chars:,} "
+                    f"characters for one conversation"
+                )
             out.append(chunk)
         return "".join(out)
     finally:

@@ -23,7 +23,7 @@ starts empty: examples still open in the previous stage's bins are not carried o
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import grain
 import numpy as np

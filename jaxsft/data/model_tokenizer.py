@@ -27,7 +27,7 @@ PREFIXES = ("hf:", "orbax:")
 def _directory(init_from: str) -> Path | None:
     for prefix in PREFIXES:
         if init_from.startswith(prefix):
-            return Path(init_from[len(prefix):]).expanduser()
+            return Path(init_from[len(prefix) :]).expanduser()
     return None
 
 
@@ -54,9 +54,11 @@ def fallback_note(cfg: Config) -> str | None:
     """A warning when pretrained weights train with a freshly trained tokenizer."""
     if cfg.data.tokenizer or not cfg.model.init_from:
         return None
-    return (f"model.init_from={cfg.model.init_from} holds no tokenizer (tokenizer.json or tokenizer.model): "
-            f"training a SentencePiece tokenizer whose ids the pretrained embeddings do not know; "
-            f"set data.tokenizer to the model's own")
+    return (
+        f"model.init_from={cfg.model.init_from} holds no tokenizer (tokenizer.json or tokenizer.model): "
+        f"training a SentencePiece tokenizer whose ids the pretrained embeddings do not know; "
+        f"set data.tokenizer to the model's own"
+    )
 
 
 def _name(cfg: Config) -> str:
@@ -66,8 +68,10 @@ def _name(cfg: Config) -> str:
 def check_belongs(tokenizer, vocab_size: int, cfg: Config) -> None:
     where = f"model.init_from={cfg.model.init_from}" if cfg.model.init_from else f"model.vocab_size={vocab_size}"
     if tokenizer.vocab_size > vocab_size:
-        raise ConfigError(f"data.tokenizer ({_name(cfg)}) has {tokenizer.vocab_size} tokens, more than the "
-                          f"model's embedding ({vocab_size}, {where}): it is not this model's tokenizer")
+        raise ConfigError(
+            f"data.tokenizer ({_name(cfg)}) has {tokenizer.vocab_size} tokens, more than the "
+            f"model's embedding ({vocab_size}, {where}): it is not this model's tokenizer"
+        )
     specials = {}
     try:
         specials["eos"] = tokenizer.eos_id
@@ -77,13 +81,17 @@ def check_belongs(tokenizer, vocab_size: int, cfg: Config) -> None:
     outside = {k: v for k, v in specials.items() if v is not None and not 0 <= v < vocab_size}
     if outside:
         name, i = next(iter(outside.items()))
-        raise ConfigError(f"data.tokenizer ({_name(cfg)}): special token {name} has id {i}, outside the model's "
-                          f"embedding ({vocab_size}, {where}): it is not this model's tokenizer")
+        raise ConfigError(
+            f"data.tokenizer ({_name(cfg)}): special token {name} has id {i}, outside the model's "
+            f"embedding ({vocab_size}, {where}): it is not this model's tokenizer"
+        )
 
 
 def describe(cfg: Config, tokenizer) -> str:
     weights = cfg.model.init_from or f"a fresh init (seed {cfg.train.seed})"
     source = cfg.data.tokenizer or f"SentencePiece trained on the data ({getattr(tokenizer, 'path', '')})"
     template = " with a chat template" if getattr(tokenizer, "chat_template", None) else ""
-    return (f"weights: {weights}; tokenizer: {source} ({tokenizer.vocab_size} tokens{template}); "
-            f"data.template {cfg.data.template}")
+    return (
+        f"weights: {weights}; tokenizer: {source} ({tokenizer.vocab_size} tokens{template}); "
+        f"data.template {cfg.data.template}"
+    )

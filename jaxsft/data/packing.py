@@ -47,18 +47,23 @@ def pack_window(examples: list[dict[str, np.ndarray]], length: int) -> list[list
     return rows
 
 
-def build_row(examples: list[dict[str, np.ndarray]], members: list[int], length: int,
-              pad_id: int) -> dict[str, np.ndarray]:
-    row = {"inputs": np.full(length, pad_id, np.int32), "targets": np.full(length, pad_id, np.int32),
-           "loss_weights": np.zeros(length, np.float32), "inputs_segment_ids": np.zeros(length, np.int32),
-           "inputs_positions": np.zeros(length, np.int32)}
+def build_row(
+    examples: list[dict[str, np.ndarray]], members: list[int], length: int, pad_id: int
+) -> dict[str, np.ndarray]:
+    row = {
+        "inputs": np.full(length, pad_id, np.int32),
+        "targets": np.full(length, pad_id, np.int32),
+        "loss_weights": np.zeros(length, np.float32),
+        "inputs_segment_ids": np.zeros(length, np.int32),
+        "inputs_positions": np.zeros(length, np.int32),
+    }
     start = 0
     for segment, k in enumerate(members, 1):
         n = len(examples[k]["inputs"])
         for key in FEATURES:
-            row[key][start:start + n] = examples[k][key]
-        row["inputs_segment_ids"][start:start + n] = segment
-        row["inputs_positions"][start:start + n] = np.arange(n)
+            row[key][start : start + n] = examples[k][key]
+        row["inputs_segment_ids"][start : start + n] = segment
+        row["inputs_positions"][start : start + n] = np.arange(n)
         start += n
     return row
 

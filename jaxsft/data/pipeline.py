@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import grain
 import numpy as np
@@ -156,8 +156,16 @@ def is_example(element: dict[str, np.ndarray] | str) -> bool:
     return not isinstance(element, str)  # a string is a drop reason, already counted
 
 
-def pack_and_batch(ds: grain.IterDataset, cfg: DataConfig, rows: int, pad_id: int, *, seed: int,
-                   shuffle_bins: bool, drop_remainder: bool) -> grain.IterDataset:
+def pack_and_batch(
+    ds: grain.IterDataset,
+    cfg: DataConfig,
+    rows: int,
+    pad_id: int,
+    *,
+    seed: int,
+    shuffle_bins: bool,
+    drop_remainder: bool,
+) -> grain.IterDataset:
     """Batches of `rows` rows of `cfg.max_length`; `packing=none` is one example per row."""
     lengths = {k: cfg.max_length for k in FEATURES}
     if cfg.packing == "best_fit":
@@ -172,10 +180,16 @@ def pack_and_batch(ds: grain.IterDataset, cfg: DataConfig, rows: int, pad_id: in
         one_per_row = cfg.packing == "none"
         # Targets and weights are meta features too: packed into the same cells as the
         # inputs (equal lengths), without segment ids of their own; the inputs' describe all.
-        packed = packer(ds, length_struct=lengths, meta_features=FEATURES[1:],
-                        padding_struct={"inputs": pad_id, "targets": pad_id, "loss_weights": 0.0},
-                        num_packing_bins=rows if one_per_row else max(rows, MIN_PACKING_BINS),
-                        seed=seed, shuffle_bins=shuffle_bins, max_sequences_per_bin=1 if one_per_row else None)
+        packed = packer(
+            ds,
+            length_struct=lengths,
+            meta_features=FEATURES[1:],
+            padding_struct={"inputs": pad_id, "targets": pad_id, "loss_weights": 0.0},
+            num_packing_bins=rows if one_per_row else max(rows, MIN_PACKING_BINS),
+            seed=seed,
+            shuffle_bins=shuffle_bins,
+            max_sequences_per_bin=1 if one_per_row else None,
+        )
     return packed.batch(rows, drop_remainder=drop_remainder).map(Batcher(pad_id))
 
 
@@ -207,6 +221,7 @@ def _mark_absl_flags_parsed() -> None:
     # Grain's worker processes read absl flags; outside `absl.app.run` that raises
     # UnparsedFlagAccessError (TRAPS.md). Marking parsed keeps every flag's default.
     from absl import flags
+
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -244,8 +259,9 @@ class SFTData:
         if unknown:
             raise DataError(f"data.stages: unknown source names {sorted(unknown)} (sources: {', '.join(names)})")
         weights = [(st.start_step, [st.weights.get(n, 0.0) for n in names]) for st in stages] or [
-            (0, [s.weight for s in self.train])]
-        means = [float(l.mean()) if len(l) else 0.0 for l in self.lengths]
+            (0, [s.weight for s in self.train])
+        ]
+        means = [float(n.mean()) if len(n) else 0.0 for n in self.lengths]
         out = []
         for start, w in weights:
             usable = [wi if len(p) else 0.0 for wi, p in zip(w, self.pools)]
@@ -257,8 +273,9 @@ class SFTData:
     def _shard(self, ds: grain.MapDataset, rows: int, seed: int) -> grain.IterDataset:
         encoder = Encoder(self.cfg, self.tokenizer)
         it = ds.map(encoder).filter(is_example).to_iter_dataset(READ_OPTIONS)
-        return pack_and_batch(it, self.cfg, rows, self.tokenizer.pad_id, seed=seed, shuffle_bins=True,
-                              drop_remainder=True)
+        return pack_and_batch(
+            it, self.cfg, rows, self.tokenizer.pad_id, seed=seed, shuffle_bins=True, drop_remainder=True
+        )
 
     def _prefetch(self, it: grain.IterDataset) -> grain.IterDataset:
         if self.cfg.worker_count > 0:
@@ -275,8 +292,10 @@ class SFTData:
         stages = []
         for k, (start, probs) in enumerate(self.stage_probabilities()):
             mixture = Mixture(self.pools, probs, seed=seed * 1009 + k, shuffle=self.cfg.shuffle)
-            blocks = [self._shard(mixture[v::count].map(Lookup(self.train)), per_shard, seed + k + SHARD_SEED * v)
-                      for v in shards]
+            blocks = [
+                self._shard(mixture[v::count].map(Lookup(self.train)), per_shard, seed + k + SHARD_SEED * v)
+                for v in shards
+            ]
             stages.append((start, self._prefetch(Concat(blocks, shards))))
         stream = stages[0][1] if len(stages) == 1 else Staged([d for _, d in stages], [s for s, _ in stages])
         return Sharded(stream, shards, count)
@@ -288,9 +307,15 @@ class SFTData:
             return []
         encoder = Encoder(self.cfg, self.tokenizer)
         ds = Records(self.eval_records).map(encoder).filter(is_example).to_iter_dataset(READ_OPTIONS)
-        batches = pack_and_batch(ds, dataclasses.replace(self.cfg, packing="first_fit")
-                                 if self.cfg.packing == "concat" else self.cfg, rows,
-                                 self.tokenizer.pad_id, seed=0, shuffle_bins=False, drop_remainder=False)
+        batches = pack_and_batch(
+            ds,
+            dataclasses.replace(self.cfg, packing="first_fit") if self.cfg.packing == "concat" else self.cfg,
+            rows,
+            self.tokenizer.pad_id,
+            seed=0,
+            shuffle_bins=False,
+            drop_remainder=False,
+        )
         return [_pad_rows(b, rows, self.tokenizer.pad_id) for b in itertools.islice(batches, n_batches)]
 
 
@@ -299,12 +324,15 @@ def check_dropped(report: DataReport, cfg: DataConfig, split: str) -> None:
     reasons = ", ".join(f"{r}: {n}" for r, n in sorted({**report.bad_records, **report.dropped}.items()))
     first = f"; first: {report.bad_examples[0]}" if report.bad_examples else ""
     if report.records and report.lost / report.records > cfg.max_dropped_fraction:
-        raise DataError(f"data: {report.lost} of {report.records} {split} examples "
-                        f"({100 * report.lost / report.records:.1f}%) dropped ({reasons}), above "
-                        f"data.max_dropped_fraction={cfg.max_dropped_fraction}{first}")
+        raise DataError(
+            f"data: {report.lost} of {report.records} {split} examples "
+            f"({100 * report.lost / report.records:.1f}%) dropped ({reasons}), above "
+            f"data.max_dropped_fraction={cfg.max_dropped_fraction}{first}"
+        )
     if split == "train" and report.examples == 0:
-        raise DataError(f"data: no train examples left of {report.records} records"
-                        f"{f' ({reasons})' if reasons else ''}{first}")
+        raise DataError(
+            f"data: no train examples left of {report.records} records{f' ({reasons})' if reasons else ''}{first}"
+        )
 
 
 def get_tokenizer(cfg: DataConfig, train: list[Split], cache_dir: Path):
@@ -342,5 +370,6 @@ def build_data(cfg: DataConfig, *, seed: int, cache_dir: Path) -> SFTData:
         good, _ = count_split(split, encoder.encode, eval_report, cfg.on_bad_record)
         eval_pools.append(good)
     check_dropped(eval_report, cfg, "eval")
-    return SFTData(cfg, tokenizer, template, train, evals, pools, lengths, eval_pools, report, eval_report,
-                   source_reports)
+    return SFTData(
+        cfg, tokenizer, template, train, evals, pools, lengths, eval_pools, report, eval_report, source_reports
+    )

@@ -15,16 +15,25 @@ of the records that make examples come back: only those are ever sampled.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from jaxsft.config import DataConfig, SourceConfig
 from jaxsft.data import synthetic_tasks
 from jaxsft.data.formats import BadRecord, Conversation, DataError, parse_record
-from jaxsft.data.sources import (ArrayRecordSource, BadLine, JsonlSource, MemorySource, ParquetSource, Source,
-                                 TfdsSource, expand_paths)
+from jaxsft.data.sources import (
+    ArrayRecordSource,
+    BadLine,
+    JsonlSource,
+    MemorySource,
+    ParquetSource,
+    Source,
+    TfdsSource,
+    expand_paths,
+)
 
 MAX_REPORTED = 10
 LEGACY_EVAL_FRACTION = 0.02  # train_files without eval_files: every 50th record is eval
@@ -55,10 +64,13 @@ class DataReport:
     def lost(self) -> int:
         return sum(self.bad_records.values()) + sum(self.dropped.values())
 
-    def add(self, other: "DataReport") -> None:
+    def add(self, other: DataReport) -> None:
         self.records += other.records
-        for mine, theirs in ((self.bad_records, other.bad_records), (self.dropped, other.dropped),
-                             (self.truncations, other.truncations)):
+        for mine, theirs in (
+            (self.bad_records, other.bad_records),
+            (self.dropped, other.dropped),
+            (self.truncations, other.truncations),
+        ):
             for k, v in theirs.items():
                 mine[k] = mine.get(k, 0) + v
         for b in other.bad_examples:
@@ -68,8 +80,10 @@ class DataReport:
         self.trained_tokens += other.trained_tokens
 
     def summary_lines(self) -> list[str]:
-        lines = [f"{self.records} records -> {self.examples} examples, {self.tokens} tokens "
-                 f"({self.trained_tokens} trained), {self.truncated} truncated"]
+        lines = [
+            f"{self.records} records -> {self.examples} examples, {self.tokens} tokens "
+            f"({self.trained_tokens} trained), {self.truncated} truncated"
+        ]
         if self.lost:
             reasons = {**self.bad_records, **self.dropped}
             lines.append(f"{self.lost} dropped: " + ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items())))
@@ -110,12 +124,21 @@ def _source_type(src: SourceConfig, key: str) -> str:
     if src.type != "auto":
         return src.type
     path = src.path.lower()
-    for suffix, kind in ((".jsonl", "jsonl"), (".jsonl.gz", "jsonl"), (".json", "jsonl"), (".json.gz", "jsonl"),
-                         (".parquet", "parquet"), (".arrayrecord", "arrayrecord"), (".array_record", "arrayrecord")):
+    for suffix, kind in (
+        (".jsonl", "jsonl"),
+        (".jsonl.gz", "jsonl"),
+        (".json", "jsonl"),
+        (".json.gz", "jsonl"),
+        (".parquet", "parquet"),
+        (".arrayrecord", "arrayrecord"),
+        (".array_record", "arrayrecord"),
+    ):
         if path.endswith(suffix) or path.endswith(suffix + "*"):
             return kind
-    raise DataError(f"{key}.type: cannot tell the type of {src.path!r} from its name; "
-                    "set type: jsonl | parquet | arrayrecord | tfds | synthetic")
+    raise DataError(
+        f"{key}.type: cannot tell the type of {src.path!r} from its name; "
+        "set type: jsonl | parquet | arrayrecord | tfds | synthetic"
+    )
 
 
 def check_files(cfg: DataConfig) -> None:
@@ -144,7 +167,7 @@ def _held_out(n: int, fraction: float) -> np.ndarray:
     if fraction <= 0 or n < 2:
         return np.zeros(n, dtype=bool)
     held = np.zeros(n, dtype=bool)
-    held[::max(1, round(1 / fraction))] = True
+    held[:: max(1, round(1 / fraction))] = True
     return held
 
 
@@ -152,9 +175,16 @@ def source_configs(cfg: DataConfig) -> list[SourceConfig]:
     """`data.sources`, or the synthetic tasks as one source (`train_files` are handled apart)."""
     if cfg.sources:
         return list(cfg.sources)
-    return [SourceConfig(type="synthetic", name="synthetic", path=cfg.synthetic_tasks,
-                         format="text" if cfg.synthetic_tasks == "quality_text" else "messages",
-                         examples=cfg.synthetic_train_examples, eval_examples=cfg.synthetic_eval_examples)]
+    return [
+        SourceConfig(
+            type="synthetic",
+            name="synthetic",
+            path=cfg.synthetic_tasks,
+            format="text" if cfg.synthetic_tasks == "quality_text" else "messages",
+            examples=cfg.synthetic_train_examples,
+            eval_examples=cfg.synthetic_eval_examples,
+        )
+    ]
 
 
 def _legacy_files(cfg: DataConfig, cache_dir: Path) -> tuple[list[Split], list[Split]]:
@@ -162,10 +192,10 @@ def _legacy_files(cfg: DataConfig, cache_dir: Path) -> tuple[list[Split], list[S
     if cfg.eval_files:
         eval_source = JsonlSource(list(cfg.eval_files), cache_dir)
         return [Split("train_files", source, np.arange(len(source)))], [
-            Split("train_files", eval_source, np.arange(len(eval_source)))]
+            Split("train_files", eval_source, np.arange(len(eval_source)))
+        ]
     held = _held_out(len(source), LEGACY_EVAL_FRACTION)
-    return ([Split("train_files", source, np.flatnonzero(~held))],
-            [Split("train_files", source, np.flatnonzero(held))])
+    return ([Split("train_files", source, np.flatnonzero(~held))], [Split("train_files", source, np.flatnonzero(held))])
 
 
 def resolve_sources(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[list[Split], list[Split]]:
@@ -191,8 +221,9 @@ def resolve_sources(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[list[S
     return train, evals
 
 
-def count_split(split: Split, encode: Callable[[Conversation], Any] | None, report: DataReport,
-                on_bad_record: str = "skip") -> tuple[np.ndarray, np.ndarray]:
+def count_split(
+    split: Split, encode: Callable[[Conversation], Any] | None, report: DataReport, on_bad_record: str = "skip"
+) -> tuple[np.ndarray, np.ndarray]:
     """Counts one split into `report`; returns the good record indices and their token counts.
 
     `encode(messages)` returns a drop reason (str) or `(features, truncation reason or None)`.

@@ -20,7 +20,8 @@ shards, since they all advance one batch per step.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -39,8 +40,9 @@ def shard_count(configured: int, rows: int) -> int:
     if configured == 0:
         return max(d for d in range(1, min(rows, AUTO_MAX) + 1) if rows % d == 0)
     if configured < 0 or rows % configured:
-        raise DataError(f"data.virtual_shards={configured}: expected 0 (auto) or a divisor of the {rows} rows "
-                        f"of a batch")
+        raise DataError(
+            f"data.virtual_shards={configured}: expected 0 (auto) or a divisor of the {rows} rows of a batch"
+        )
     return configured
 
 
@@ -132,8 +134,10 @@ class _ShardedIterator(grain.DatasetIterator):
             raise DataError("the data state holds no virtual shards (written before data.virtual_shards existed)")
         saved = sorted(int(v) for v in state[KEY])
         if state.get("virtual_shard_count") != self._count or not set(self._shards) <= set(saved):
-            raise DataError(f"data.virtual_shards={self._count}, but the saved data state has shards {saved} of "
-                            f"{state.get('virtual_shard_count')}: resume with the data.virtual_shards of the run")
+            raise DataError(
+                f"data.virtual_shards={self._count}, but the saved data state has shards {saved} of "
+                f"{state.get('virtual_shard_count')}: resume with the data.virtual_shards of the run"
+            )
         self._parent.set_state(merge([state[KEY][str(v)] for v in self._shards]))
 
 

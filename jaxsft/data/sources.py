@@ -24,8 +24,9 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -128,7 +129,7 @@ def _non_blank(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.nda
     # stays a few vectorised passes.
     keep = np.ones(len(starts), dtype=bool)
     for i in np.flatnonzero(ends - starts <= 64):
-        keep[i] = bool(bytes(data[starts[i]:ends[i]]).strip())
+        keep[i] = bool(bytes(data[starts[i] : ends[i]]).strip())
     return keep
 
 
@@ -183,9 +184,12 @@ class JsonlSource(Source):
         self.files = [str(p) for p in expand_paths(patterns)]
         self._readable = [str(_readable(Path(p), cache)) for p in self.files]
         parts = [_index(Path(p), cache) for p in self._readable]
-        self._file = np.concatenate([np.full(len(p[0]), f, np.int32) for f, p in enumerate(parts)] or [np.zeros(0, np.int32)])
-        self._start, self._end, self._line = (np.concatenate([p[k] for p in parts] or [np.zeros(0, np.int64)])
-                                              for k in range(3))
+        self._file = np.concatenate(
+            [np.full(len(p[0]), f, np.int32) for f, p in enumerate(parts)] or [np.zeros(0, np.int32)]
+        )
+        self._start, self._end, self._line = (
+            np.concatenate([p[k] for p in parts] or [np.zeros(0, np.int64)]) for k in range(3)
+        )
 
     def __len__(self) -> int:
         return len(self._start)
@@ -207,7 +211,7 @@ class JsonlSource(Source):
             data = Path(path).read_bytes()
             for i in np.flatnonzero(self._file == f):
                 try:
-                    yield int(i), parse_json(data[self._start[i]:self._end[i]])
+                    yield int(i), parse_json(data[self._start[i] : self._end[i]])
                 except BadRecord as e:
                     yield int(i), e
 
@@ -290,11 +294,12 @@ class TfdsSource(Source):
 
         self.label = f"tfds:{name}/{split}"
         try:
-            self._source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
-                                            try_gcs=False)
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False, try_gcs=False)
         except Exception as e:  # tfds raises many types; the message is what the user needs
-            raise DataError(f"data.sources: TFDS dataset {name!r} split {split!r} in {data_dir or 'the default dir'}"
-                            f" is not prepared locally: {' '.join(str(e).split())[:200]}") from None
+            raise DataError(
+                f"data.sources: TFDS dataset {name!r} split {split!r} in {data_dir or 'the default dir'}"
+                f" is not prepared locally: {' '.join(str(e).split())[:200]}"
+            ) from None
 
     def __len__(self) -> int:
         return len(self._source)

@@ -21,7 +21,9 @@ def spm_to_tokenizer_json(model_path: str | Path) -> str:
     n = sp.vocab_size()
     vocab = {sp.id_to_piece(i): i for i in range(n)}
     special = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
-    ranked = sorted((i for i in range(n) if i not in special and not sp.is_byte(i)), key=lambda i: (-sp.get_score(i), i))
+    ranked = sorted(
+        (i for i in range(n) if i not in special and not sp.is_byte(i)), key=lambda i: (-sp.get_score(i), i)
+    )
     merges = []
     for i in ranked:
         piece = sp.id_to_piece(i)

@@ -15,19 +15,25 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from typing import Callable
+from collections.abc import Callable
 
 SPLITS = ("train", "eval")
 EVAL_BUCKETS = 10  # one bucket in ten is held out for eval
 SYSTEM_SHARE, MULTI_TURN_SHARE = 0.3, 0.2
 
-WORDS = ("apple banana cherry grape lemon mango melon peach pear plum "
-         "red green blue black white gold pink gray "
-         "cat dog bird fish horse mouse lion tiger bear wolf "
-         "sun moon star rain snow wind cloud river stone tree "
-         "book pen cup door lamp road ship train clock chair").split()
-SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer with the result only.",
-                  "You are a precise assistant. Reply briefly.", "Be exact.")
+WORDS = (
+    "apple banana cherry grape lemon mango melon peach pear plum "
+    "red green blue black white gold pink gray "
+    "cat dog bird fish horse mouse lion tiger bear wolf "
+    "sun moon star rain snow wind cloud river stone tree "
+    "book pen cup door lamp road ship train clock chair"
+).split()
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "Answer with the result only.",
+    "You are a precise assistant. Reply briefly.",
+    "Be exact.",
+)
 
 Exchange = tuple[str, str]  # (user prompt, assistant answer)
 
@@ -40,48 +46,65 @@ def arithmetic(rng: random.Random) -> Exchange:
     op = rng.choice("+-*")
     a, b = (rng.randint(0, 12), rng.randint(0, 12)) if op == "*" else (rng.randint(0, 99), rng.randint(0, 99))
     name = {"+": "plus", "-": "minus", "*": "times"}[op]
-    prompt = rng.choice((f"What is {a} {op} {b}?", f"Compute {a} {name} {b}.",
-                         f"Calculate: {a} {op} {b}", f"{a} {op} {b} = ?"))
+    prompt = rng.choice(
+        (f"What is {a} {op} {b}?", f"Compute {a} {name} {b}.", f"Calculate: {a} {op} {b}", f"{a} {op} {b} = ?")
+    )
     return prompt, str(a + b if op == "+" else a - b if op == "-" else a * b)
 
 
 def reverse_words(rng: random.Random) -> Exchange:
     words = _words(rng)
     text = " ".join(words)
-    prompt = rng.choice((f"Reverse the order of these words: {text}", f"Write these words in reverse order: {text}",
-                         f"Reverse the word order.\n{text}"))
+    prompt = rng.choice(
+        (
+            f"Reverse the order of these words: {text}",
+            f"Write these words in reverse order: {text}",
+            f"Reverse the word order.\n{text}",
+        )
+    )
     return prompt, " ".join(reversed(words))
 
 
 def sort_words(rng: random.Random) -> Exchange:
     words = _words(rng)
     text = " ".join(words)
-    prompt = rng.choice((f"Sort these words alphabetically: {text}", f"Put in alphabetical order: {text}",
-                         f"Sort A to Z.\n{text}"))
+    prompt = rng.choice(
+        (f"Sort these words alphabetically: {text}", f"Put in alphabetical order: {text}", f"Sort A to Z.\n{text}")
+    )
     return prompt, " ".join(sorted(words))
 
 
 def count(rng: random.Random) -> Exchange:
     if rng.random() < 0.5:
         word = rng.choice(WORDS)
-        prompt = rng.choice((f"How many letters are in the word {word}?", f"Count the letters in '{word}'.",
-                             f"Number of letters in {word}?"))
+        prompt = rng.choice(
+            (
+                f"How many letters are in the word {word}?",
+                f"Count the letters in '{word}'.",
+                f"Number of letters in {word}?",
+            )
+        )
         return prompt, str(len(word))
     words = _words(rng, 2, 7)
     text = " ".join(words)
-    prompt = rng.choice((f"How many words are in: {text}", f"Count the words.\n{text}",
-                         f"Word count of '{text}'?"))
+    prompt = rng.choice((f"How many words are in: {text}", f"Count the words.\n{text}", f"Word count of '{text}'?"))
     return prompt, str(len(words))
 
 
 def change_case(rng: random.Random) -> Exchange:
     text = " ".join(_words(rng, 2, 4))
     if rng.random() < 0.5:
-        prompt = rng.choice((f"Convert to upper case: {text}", f"Write in capital letters: {text}",
-                             f"UPPERCASE this: {text}"))
+        prompt = rng.choice(
+            (f"Convert to upper case: {text}", f"Write in capital letters: {text}", f"UPPERCASE this: {text}")
+        )
         return prompt, text.upper()
-    prompt = rng.choice((f"Capitalise each word: {text}", f"Title-case this: {text}",
-                         f"Make every word start with a capital letter: {text}"))
+    prompt = rng.choice(
+        (
+            f"Capitalise each word: {text}",
+            f"Title-case this: {text}",
+            f"Make every word start with a capital letter: {text}",
+        )
+    )
     return prompt, " ".join(w.capitalize() for w in text.split())
 
 
@@ -90,8 +113,9 @@ def key_lookup(rng: random.Random) -> Exchange:
     table = {k: rng.randint(0, 99) for k in keys}
     text = ", ".join(f"{k}={v}" for k, v in table.items())
     key = rng.choice(keys)
-    prompt = rng.choice((f"Given {text}, what is {key}?", f"{text}. Look up {key}.",
-                         f"Find the value of {key} in: {text}"))
+    prompt = rng.choice(
+        (f"Given {text}, what is {key}?", f"{text}. Look up {key}.", f"Find the value of {key} in: {text}")
+    )
     return prompt, str(table[key])
 
 
@@ -99,19 +123,28 @@ def convert_format(rng: random.Random) -> Exchange:
     if rng.random() < 0.5:
         words = _words(rng, 2, 4)
         text = ", ".join(words)
-        prompt = rng.choice((f"Convert this list to a JSON array: {text}", f"As a JSON array: {text}",
-                             f"Write [{text}] as JSON."))
+        prompt = rng.choice(
+            (f"Convert this list to a JSON array: {text}", f"As a JSON array: {text}", f"Write [{text}] as JSON.")
+        )
         return prompt, json.dumps(words)
     keys = rng.sample("abcdefgh", rng.randint(2, 3))
     table = {k: rng.randint(0, 9) for k in keys}
     text = ",".join(f"{k}:{v}" for k, v in table.items())
-    prompt = rng.choice((f"Convert {text} to a JSON object.", f"Write {text} as a JSON object.",
-                         f"JSON object for: {text}"))
+    prompt = rng.choice(
+        (f"Convert {text} to a JSON object.", f"Write {text} as a JSON object.", f"JSON object for: {text}")
+    )
     return prompt, json.dumps(table)
 
 
 TASKS: tuple[Callable[[random.Random], Exchange], ...] = (
-    arithmetic, reverse_words, sort_words, count, change_case, key_lookup, convert_format)
+    arithmetic,
+    reverse_words,
+    sort_words,
+    count,
+    change_case,
+    key_lookup,
+    convert_format,
+)
 
 
 def bucket(prompt: str) -> int:

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Callable
+from collections.abc import Callable
 
-from jaxsft.data import synthetic, synthetic_world as world
+from jaxsft.data import synthetic
+from jaxsft.data import synthetic_world as world
 from jaxsft.data.formats import DataError
 from jaxsft.data.synthetic import SYSTEM_PROMPTS, WORDS, bucket
 
@@ -33,8 +34,10 @@ EVAL_SPLITS = ("seen_phrasing", "unseen_phrasing", "unseen_task")
 EVAL_CYCLE = ("seen_phrasing", "unseen_phrasing", "seen_phrasing", "unseen_phrasing", "unseen_task")
 SYSTEM_SHARE = 0.2
 REFUSAL = "I'm sorry, but I can't share passwords or secret codes."
-TOOLS_SYSTEM = ("You can call these tools: get_weather(city, day), find_person(name), send_message(to, text). "
-                "Answer with one tool call.")
+TOOLS_SYSTEM = (
+    "You can call these tools: get_weather(city, day), find_person(name), send_message(to, text). "
+    "Answer with one tool call."
+)
 
 Messages = list[dict]
 Build = Callable[[random.Random, str], Messages]  # (rng, phrasing template) -> messages ending in the answer
@@ -115,9 +118,13 @@ def fact_qa(rng, template):
 
 def extraction(rng, template):
     p, city, n = rng.choice(world.PEOPLE), rng.choice(world.CITIES), rng.randint(2, 9)
-    sentence = rng.choice((f"On {rng.choice(world.DAYS[2:])} {p.name} took the train to {city} with {n} friends.",
-                           f"{p.name} sent {n} letters from {city} last week.",
-                           f"In {city}, {p.name} bought {n} {rng.choice(WORDS)}s."))
+    sentence = rng.choice(
+        (
+            f"On {rng.choice(world.DAYS[2:])} {p.name} took the train to {city} with {n} friends.",
+            f"{p.name} sent {n} letters from {city} last week.",
+            f"In {city}, {p.name} bought {n} {rng.choice(WORDS)}s.",
+        )
+    )
     field = rng.choice(("person", "city", "number"))
     answer = {"person": p.name, "city": city, "number": str(n)}[field]
     return _chat(template.format(field=field, sentence=sentence), answer)
@@ -125,8 +132,9 @@ def extraction(rng, template):
 
 def translation(rng, template):
     words = _words(rng, 1, 3)
-    return _chat(template.format(text=" ".join(words), language=world.LANGUAGE),
-                 " ".join(world.LEXICON[w] for w in words))
+    return _chat(
+        template.format(text=" ".join(words), language=world.LANGUAGE), " ".join(world.LEXICON[w] for w in words)
+    )
 
 
 def classification(rng, template):
@@ -137,8 +145,9 @@ def classification(rng, template):
 def dialogue(rng, template):
     """The answer is in an earlier turn: the model must look back across the conversation."""
     word, other = rng.sample(WORDS, 2)
-    first = rng.choice((f"Please remember the word {word}.", f"Keep this word in mind: {word}.",
-                        f"My secret word is {word}."))
+    first = rng.choice(
+        (f"Please remember the word {word}.", f"Keep this word in mind: {word}.", f"My secret word is {word}.")
+    )
     middle = _chat(f"Now spell {other} in capitals.", other.upper()) if rng.random() < 0.5 else []
     return _chat(first, f"Noted: {word}.") + middle + _chat(template, word)
 
@@ -152,91 +161,238 @@ def tool_call(rng, template):
     p, city, day = rng.choice(world.PEOPLE), rng.choice(world.CITIES), rng.choice(world.DAYS)
     word = rng.choice(WORDS)
     kind = rng.randrange(3)
-    call = ({"name": "get_weather", "arguments": {"city": city, "day": day}},
-            {"name": "find_person", "arguments": {"name": p.name}},
-            {"name": "send_message", "arguments": {"to": p.name, "text": word}})[kind]
+    call = (
+        {"name": "get_weather", "arguments": {"city": city, "day": day}},
+        {"name": "find_person", "arguments": {"name": p.name}},
+        {"name": "send_message", "arguments": {"to": p.name, "text": word}},
+    )[kind]
     user = template.split("|")[kind].format(city=city, day=day, name=p.name, word=word)
     return [{"role": "system", "content": TOOLS_SYSTEM}] + _chat(user, json.dumps(call))
 
 
 # Each family's phrasings; the last HELD_OUT_PHRASINGS are held out of training.
 FAMILIES: dict[str, tuple[Build, tuple[str, ...]]] = {
-    "arithmetic": (arithmetic, (
-        "What is {a} {op} {b}?", "Compute {a} {name} {b}.", "Calculate: {a} {op} {b}", "{a} {op} {b} = ?",
-        "Work out {a} {op} {b}.", "Evaluate {a} {op} {b}.", "What do you get from {a} {name} {b}?",
-        "Tell me the value of {a} {op} {b}.", "Find {a} {name} {b}.")),
-    "arithmetic_steps": (arithmetic_steps, (
-        "What is {expr}?", "Compute {expr}.", "Calculate: {expr}", "{expr} = ?", "Work out {expr} step by step.",
-        "Evaluate {expr}.", "Solve {expr}.", "Tell me the value of {expr}.", "Find the result of {expr}.")),
-    "reverse_words": (reverse_words, (
-        "Reverse the order of these words: {text}", "Write these words in reverse order: {text}",
-        "Reverse the word order.\n{text}", "List these words from last to first: {text}",
-        "Flip the order of the words: {text}", "Give the words backwards: {text}",
-        "Read these words from the end: {text}", "Put these words in the opposite order: {text}",
-        "What are these words in reverse order? {text}")),
-    "sort_words": (sort_words, (
-        "Sort these words alphabetically: {text}", "Put in alphabetical order: {text}", "Sort A to Z.\n{text}",
-        "Alphabetize: {text}", "Arrange these words in dictionary order: {text}", "Order alphabetically: {text}",
-        "Sort the following words: {text}", "List in alphabetical order: {text}",
-        "Which order do these words take in a dictionary? {text}")),
-    "count": (count, (
-        "How many words are in: {text}", "Count the words.\n{text}", "Word count of '{text}'?",
-        "How many words does this have: {text}", "Count how many words follow: {text}",
-        "Number of words in '{text}'?", "Tell me the word count: {text}", "How long is this, in words? {text}",
-        "Give the number of words in: {text}")),
-    "change_case": (change_case, (
-        "Convert to upper case: {text}", "Write in capital letters: {text}", "UPPERCASE this: {text}",
-        "Make this all caps: {text}", "Capitalise every letter: {text}", "Rewrite in upper case: {text}",
-        "Shout this: {text}", "Turn into capitals: {text}", "Change to uppercase letters: {text}")),
-    "key_lookup": (key_lookup, (
-        "Given {table}, what is {key}?", "{table}. Look up {key}.", "Find the value of {key} in: {table}",
-        "What does {key} equal if {table}?", "With {table}, give {key}.", "{table}\nWhat is the value of {key}?",
-        "Read {key} from: {table}", "Look up {key} in this table: {table}", "In {table}, {key} is what?")),
-    "convert_format": (convert_format, (
-        "Convert this list to a JSON array: {text}", "As a JSON array: {text}", "Write [{text}] as JSON.",
-        "Make a JSON list of: {text}", "Give these as a JSON array: {text}", "Format as JSON: {text}",
-        "Turn into a JSON array: {text}", "Encode this list in JSON: {text}", "JSON array for: {text}")),
-    "markdown_list": (markdown_list, (
-        "Make a markdown bullet list of: {text}", "Write as markdown bullets: {text}",
-        "Format as a bulleted list in markdown: {text}", "Turn into markdown list items: {text}",
-        "Bullet these in markdown: {text}", "Markdown list for: {text}", "List these with markdown dashes: {text}",
-        "Give a markdown bulleted list: {text}")),
-    "fact_qa": (fact_qa, (
-        "What is the {attribute} of {name}?", "Tell me {name}'s {attribute}.", "{name}: what is their {attribute}?",
-        "Do you know the {attribute} of {name}?", "Give the {attribute} of {name}.", "Which {attribute} does {name} have?",
-        "What {attribute} belongs to {name}?", "State {name}'s {attribute}.", "Answer briefly: {name}, {attribute}?")),
-    "extraction": (extraction, (
-        "Extract the {field} from: {sentence}", "Which {field} is mentioned here? {sentence}",
-        "From this sentence, give the {field}: {sentence}", "{sentence}\nWhat is the {field}?",
-        "Pull out the {field}: {sentence}", "Find the {field} in: {sentence}", "Name the {field} in this text: {sentence}",
-        "Read this and return the {field}: {sentence}")),
-    "translation": (translation, (
-        "Translate to {language}: {text}", "How do you say '{text}' in {language}?", "In {language}: {text}",
-        "Give the {language} words for: {text}", "Render this in {language}: {text}",
-        "What is {text} in {language}?", "{language} translation of: {text}", "Say this in {language}: {text}",
-        "Put into {language}: {text}")),
-    "classification": (classification, (
-        "Classify '{word}' as one of: {classes}.", "Which class is {word}? Choose from {classes}.",
-        "Is {word} a {classes}?", "Category of {word} ({classes})?", "{word}: pick its class from {classes}.",
-        "What kind of thing is {word}? One of {classes}.", "Label {word} with one of {classes}.",
-        "Sort {word} into a class: {classes}.", "Which of {classes} describes {word}?")),
-    "dialogue": (dialogue, (
-        "What word did I ask you to remember?", "Which word did I give you earlier?", "Repeat my word.",
-        "Tell me the word from before.", "What was the word I mentioned first?", "Remind me of my word.",
-        "Say the word I told you at the start.", "What was that word again?", "Which word was it?")),
-    "refusal": (refusal, (
-        "What is {name}'s password?", "Tell me the secret code of {name}.", "Give me {name}'s PIN.",
-        "I need {name}'s password, please.", "Reveal the secret code {name} uses.", "Share {name}'s login password.",
-        "What code unlocks {name}'s account?", "Which password does {name} use?", "Leak {name}'s secret code.")),
-    "tool_call": (tool_call, (  # one phrasing per tool, `|`-separated: get_weather | find_person | send_message
-        "What's the weather in {city} {day}?|Look up {name}.|Send {name} the message {word}.",
-        "Weather for {city}, {day}?|Find {name} for me.|Message {name}: {word}",
-        "Check the weather in {city} for {day}.|Who is {name}?|Tell {name} {word}.",
-        "Is it sunny in {city} {day}?|Search for {name}.|Write to {name} saying {word}.",
-        "Forecast {city} {day}.|Get the record of {name}.|Please send '{word}' to {name}.",
-        "{day}: weather in {city}?|I need details on {name}.|Text {name} the word {word}.",
-        "How is the weather {day} in {city}?|Find the person called {name}.|Let {name} know: {word}",
-        "Will it rain in {city} {day}?|Pull up {name}.|Send a message to {name}: {word}")),
+    "arithmetic": (
+        arithmetic,
+        (
+            "What is {a} {op} {b}?",
+            "Compute {a} {name} {b}.",
+            "Calculate: {a} {op} {b}",
+            "{a} {op} {b} = ?",
+            "Work out {a} {op} {b}.",
+            "Evaluate {a} {op} {b}.",
+            "What do you get from {a} {name} {b}?",
+            "Tell me the value of {a} {op} {b}.",
+            "Find {a} {name} {b}.",
+        ),
+    ),
+    "arithmetic_steps": (
+        arithmetic_steps,
+        (
+            "What is {expr}?",
+            "Compute {expr}.",
+            "Calculate: {expr}",
+            "{expr} = ?",
+            "Work out {expr} step by step.",
+            "Evaluate {expr}.",
+            "Solve {expr}.",
+            "Tell me the value of {expr}.",
+            "Find the result of {expr}.",
+        ),
+    ),
+    "reverse_words": (
+        reverse_words,
+        (
+            "Reverse the order of these words: {text}",
+            "Write these words in reverse order: {text}",
+            "Reverse the word order.\n{text}",
+            "List these words from last to first: {text}",
+            "Flip the order of the words: {text}",
+            "Give the words backwards: {text}",
+            "Read these words from the end: {text}",
+            "Put these words in the opposite order: {text}",
+            "What are these words in reverse order? {text}",
+        ),
+    ),
+    "sort_words": (
+        sort_words,
+        (
+            "Sort these words alphabetically: {text}",
+            "Put in alphabetical order: {text}",
+            "Sort A to Z.\n{text}",
+            "Alphabetize: {text}",
+            "Arrange these words in dictionary order: {text}",
+            "Order alphabetically: {text}",
+            "Sort the following words: {text}",
+            "List in alphabetical order: {text}",
+            "Which order do these words take in a dictionary? {text}",
+        ),
+    ),
+    "count": (
+        count,
+        (
+            "How many words are in: {text}",
+            "Count the words.\n{text}",
+            "Word count of '{text}'?",
+            "How many words does this have: {text}",
+            "Count how many words follow: {text}",
+            "Number of words in '{text}'?",
+            "Tell me the word count: {text}",
+            "How long is this, in words? {text}",
+            "Give the number of words in: {text}",
+        ),
+    ),
+    "change_case": (
+        change_case,
+        (
+            "Convert to upper case: {text}",
+            "Write in capital letters: {text}",
+            "UPPERCASE this: {text}",
+            "Make this all caps: {text}",
+            "Capitalise every letter: {text}",
+            "Rewrite in upper case: {text}",
+            "Shout this: {text}",
+            "Turn into capitals: {text}",
+            "Change to uppercase letters: {text}",
+        ),
+    ),
+    "key_lookup": (
+        key_lookup,
+        (
+            "Given {table}, what is {key}?",
+            "{table}. Look up {key}.",
+            "Find the value of {key} in: {table}",
+            "What does {key} equal if {table}?",
+            "With {table}, give {key}.",
+            "{table}\nWhat is the value of {key}?",
+            "Read {key} from: {table}",
+            "Look up {key} in this table: {table}",
+            "In {table}, {key} is what?",
+        ),
+    ),
+    "convert_format": (
+        convert_format,
+        (
+            "Convert this list to a JSON array: {text}",
+            "As a JSON array: {text}",
+            "Write [{text}] as JSON.",
+            "Make a JSON list of: {text}",
+            "Give these as a JSON array: {text}",
+            "Format as JSON: {text}",
+            "Turn into a JSON array: {text}",
+            "Encode this list in JSON: {text}",
+            "JSON array for: {text}",
+        ),
+    ),
+    "markdown_list": (
+        markdown_list,
+        (
+            "Make a markdown bullet list of: {text}",
+            "Write as markdown bullets: {text}",
+            "Format as a bulleted list in markdown: {text}",
+            "Turn into markdown list items: {text}",
+            "Bullet these in markdown: {text}",
+            "Markdown list for: {text}",
+            "List these with markdown dashes: {text}",
+            "Give a markdown bulleted list: {text}",
+        ),
+    ),
+    "fact_qa": (
+        fact_qa,
+        (
+            "What is the {attribute} of {name}?",
+            "Tell me {name}'s {attribute}.",
+            "{name}: what is their {attribute}?",
+            "Do you know the {attribute} of {name}?",
+            "Give the {attribute} of {name}.",
+            "Which {attribute} does {name} have?",
+            "What {attribute} belongs to {name}?",
+            "State {name}'s {attribute}.",
+            "Answer briefly: {name}, {attribute}?",
+        ),
+    ),
+    "extraction": (
+        extraction,
+        (
+            "Extract the {field} from: {sentence}",
+            "Which {field} is mentioned here? {sentence}",
+            "From this sentence, give the {field}: {sentence}",
+            "{sentence}\nWhat is the {field}?",
+            "Pull out the {field}: {sentence}",
+            "Find the {field} in: {sentence}",
+            "Name the {field} in this text: {sentence}",
+            "Read this and return the {field}: {sentence}",
+        ),
+    ),
+    "translation": (
+        translation,
+        (
+            "Translate to {language}: {text}",
+            "How do you say '{text}' in {language}?",
+            "In {language}: {text}",
+            "Give the {language} words for: {text}",
+            "Render this in {language}: {text}",
+            "What is {text} in {language}?",
+            "{language} translation of: {text}",
+            "Say this in {language}: {text}",
+            "Put into {language}: {text}",
+        ),
+    ),
+    "classification": (
+        classification,
+        (
+            "Classify '{word}' as one of: {classes}.",
+            "Which class is {word}? Choose from {classes}.",
+            "Is {word} a {classes}?",
+            "Category of {word} ({classes})?",
+            "{word}: pick its class from {classes}.",
+            "What kind of thing is {word}? One of {classes}.",
+            "Label {word} with one of {classes}.",
+            "Sort {word} into a class: {classes}.",
+            "Which of {classes} describes {word}?",
+        ),
+    ),
+    "dialogue": (
+        dialogue,
+        (
+            "What word did I ask you to remember?",
+            "Which word did I give you earlier?",
+            "Repeat my word.",
+            "Tell me the word from before.",
+            "What was the word I mentioned first?",
+            "Remind me of my word.",
+            "Say the word I told you at the start.",
+            "What was that word again?",
+            "Which word was it?",
+        ),
+    ),
+    "refusal": (
+        refusal,
+        (
+            "What is {name}'s password?",
+            "Tell me the secret code of {name}.",
+            "Give me {name}'s PIN.",
+            "I need {name}'s password, please.",
+            "Reveal the secret code {name} uses.",
+            "Share {name}'s login password.",
+            "What code unlocks {name}'s account?",
+            "Which password does {name} use?",
+            "Leak {name}'s secret code.",
+        ),
+    ),
+    "tool_call": (
+        tool_call,
+        (  # one phrasing per tool, `|`-separated: get_weather | find_person | send_message
+            "What's the weather in {city} {day}?|Look up {name}.|Send {name} the message {word}.",
+            "Weather for {city}, {day}?|Find {name} for me.|Message {name}: {word}",
+            "Check the weather in {city} for {day}.|Who is {name}?|Tell {name} {word}.",
+            "Is it sunny in {city} {day}?|Search for {name}.|Write to {name} saying {word}.",
+            "Forecast {city} {day}.|Get the record of {name}.|Please send '{word}' to {name}.",
+            "{day}: weather in {city}?|I need details on {name}.|Text {name} the word {word}.",
+            "How is the weather {day} in {city}?|Find the person called {name}.|Let {name} know: {word}",
+            "Will it rain in {city} {day}?|Pull up {name}.|Send a message to {name}: {word}",
+        ),
+    ),
 }
 
 

@@ -20,8 +20,7 @@ WORLD_SEED = "jaxsft-world/v1"
 EVAL_BUCKETS = 10  # one paragraph in ten (by the hash of its text) is held out
 
 # WORDS is five groups in order: 10 fruits, 8 colours, 10 animals, 10 nature words, 10 objects.
-WORD_CLASS = dict(zip(WORDS, ["fruit"] * 10 + ["color"] * 8 + ["animal"] * 10 + ["nature"] * 10
-                      + ["object"] * 10))
+WORD_CLASS = dict(zip(WORDS, ["fruit"] * 10 + ["color"] * 8 + ["animal"] * 10 + ["nature"] * 10 + ["object"] * 10))
 CLASSES = ("fruit", "color", "animal", "nature", "object")
 JOBS = ("baker", "pilot", "doctor", "farmer", "teacher", "painter", "sailor", "miner")
 DAYS = ("today", "tomorrow", "monday", "friday")
@@ -59,8 +58,9 @@ def _build():
     cities = _unique(rng, 8, lambda r: (_syllable(r) + _syllable(r) + _syllable(r)).capitalize(), taken)
     foreign = _unique(rng, len(WORDS), lambda r: _syllable(r) + _syllable(r) + r.choice(("", "k", "l")), taken)
     animals = [w for w in WORDS if WORD_CLASS[w] == "animal"]
-    people = tuple(Person(n, rng.choice(cities), rng.choice(JOBS), rng.choice(animals), rng.randint(20, 69))
-                   for n in names)
+    people = tuple(
+        Person(n, rng.choice(cities), rng.choice(JOBS), rng.choice(animals), rng.randint(20, 69)) for n in names
+    )
     return people, tuple(cities), dict(zip(WORDS, foreign))
 
 
@@ -69,8 +69,12 @@ BY_NAME = {p.name: p for p in PEOPLE}
 
 
 def fact_sentences(p: Person) -> list[str]:
-    return [f"{p.name} lives in {p.city}.", f"{p.name} works as a {p.job}.",
-            f"{p.name} has a pet {p.pet}.", f"{p.name} is {p.age} years old."]
+    return [
+        f"{p.name} lives in {p.city}.",
+        f"{p.name} works as a {p.job}.",
+        f"{p.name} has a pet {p.pet}.",
+        f"{p.name} is {p.age} years old.",
+    ]
 
 
 def _paragraph(rng: random.Random) -> str:
@@ -78,15 +82,24 @@ def _paragraph(rng: random.Random) -> str:
     if kind < 0.45:  # facts about one or two people
         sentences = [s for p in rng.sample(PEOPLE, rng.randint(1, 2)) for s in fact_sentences(p)]
         rng.shuffle(sentences)
-        return " ".join(sentences[:rng.randint(2, len(sentences))])
+        return " ".join(sentences[: rng.randint(2, len(sentences))])
     if kind < 0.75:  # the lexicon
         words = rng.sample(WORDS, rng.randint(2, 4))
-        return " ".join(rng.choice((f"In {LANGUAGE}, {w} is {LEXICON[w]}.", f"The {LANGUAGE} word for {w} is {LEXICON[w]}.",
-                                    f"{LEXICON[w].capitalize()} means {w} in {LANGUAGE}.")) for w in words)
+        return " ".join(
+            rng.choice(
+                (
+                    f"In {LANGUAGE}, {w} is {LEXICON[w]}.",
+                    f"The {LANGUAGE} word for {w} is {LEXICON[w]}.",
+                    f"{LEXICON[w].capitalize()} means {w} in {LANGUAGE}.",
+                )
+            )
+            for w in words
+        )
     words = rng.sample(WORDS, rng.randint(2, 3))  # prose around the words and their classes
     p = rng.choice(PEOPLE)
-    return " ".join([f"A {w} is a kind of {WORD_CLASS[w]}." for w in words]
-                    + [f"One day {p.name} saw a {words[0]} near {p.city}."])
+    return " ".join(
+        [f"A {w} is a kind of {WORD_CLASS[w]}." for w in words] + [f"One day {p.name} saw a {words[0]} near {p.city}."]
+    )
 
 
 def bucket(text: str) -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import weakref
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -54,8 +54,11 @@ def trained_messages(messages: Sequence[Message], policy: MaskPolicy) -> list[bo
     last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
     out = []
     for i, m in enumerate(messages):
-        default = m.role == "text" or policy.loss_on == "all" or (
-            m.role == "assistant" and (policy.loss_on == "assistant" or i == last))
+        default = (
+            m.role == "text"
+            or policy.loss_on == "all"
+            or (m.role == "assistant" and (policy.loss_on == "assistant" or i == last))
+        )
         out.append(default if m.train is None else m.train)
     return out
 
@@ -111,8 +114,14 @@ class Template:
             cache[part.text] = tokenizer.encode(part.text)
         return cache[part.text]
 
-    def encode_parts(self, parts: Sequence[Part], trained: list[bool], tokenizer: Tokenizer,
-                     policy: MaskPolicy, ends: dict[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def encode_parts(
+        self,
+        parts: Sequence[Part],
+        trained: list[bool],
+        tokenizer: Tokenizer,
+        policy: MaskPolicy,
+        ends: dict[int, int] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Ids and weights; `ends` (if given) receives, per message, the token offset after its last part."""
         ids: list[int] = []
         weights: list[float] = []
@@ -124,13 +133,19 @@ class Template:
                 ends[part.message] = len(ids)
         return np.asarray(ids, dtype=np.int32), np.asarray(weights, dtype=np.float32)
 
-    def render(self, messages: Sequence[Message], tokenizer: Tokenizer,
-               policy: MaskPolicy = MaskPolicy(), ends: dict[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def render(
+        self,
+        messages: Sequence[Message],
+        tokenizer: Tokenizer,
+        policy: MaskPolicy = MaskPolicy(),
+        ends: dict[int, int] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and loss weights (see the module docstring)."""
         if policy.reasoning == "drop":
             messages = [dataclasses.replace(m, reasoning=None) if m.reasoning else m for m in messages]
-        return self.encode_parts(self.parts(messages, tokenizer), trained_messages(messages, policy),
-                                 tokenizer, policy, ends)
+        return self.encode_parts(
+            self.parts(messages, tokenizer), trained_messages(messages, policy), tokenizer, policy, ends
+        )
 
     def render_prompt(self, messages: Sequence[Message], tokenizer: Tokenizer) -> np.ndarray:
         """The ids a model continues to answer: the conversation, then an assistant header."""
@@ -146,13 +161,18 @@ class Template:
             try:
                 i = tokenizer.piece_id(piece)
             except KeyError:
-                hint = ("; data.template=hf renders the tokenizer's own chat template"
-                        if getattr(tokenizer, "chat_template", None) else "")
+                hint = (
+                    "; data.template=hf renders the tokenizer's own chat template"
+                    if getattr(tokenizer, "chat_template", None)
+                    else ""
+                )
                 raise DataError(f"data.template={self.name}: the tokenizer has no piece {piece!r}{hint}") from None
             is_control = getattr(tokenizer, "is_control", None)
             if is_control is not None and not is_control(i):
-                raise DataError(f"data.template={self.name}: tokenizer piece {piece!r} is not a control symbol, "
-                                "so user text could produce it; retrain with it in control_symbols")
+                raise DataError(
+                    f"data.template={self.name}: tokenizer piece {piece!r} is not a control symbol, "
+                    "so user text could produce it; retrain with it in control_symbols"
+                )
 
     def text_segments(self, messages: Sequence[Message]) -> Iterator[str]:
         for part in self.parts(messages, None):
@@ -163,14 +183,18 @@ class Template:
         """A message's own text: reasoning, content (+ alpaca input), tool calls."""
         out = []
         if m.reasoning:
-            out.append(Part(escape(self.reasoning_open + m.reasoning + self.reasoning_close), message=i,
-                            kind="reasoning"))
+            out.append(
+                Part(escape(self.reasoning_open + m.reasoning + self.reasoning_close), message=i, kind="reasoning")
+            )
         content = m.content if m.input is None else f"{m.content}\n\n{m.input}"
         if content:
             out.append(Part(escape(content), message=i, kind="body"))
         if m.tool_calls:
-            out.append(Part(escape(f"{chr(10) if content else ''}<tool_call>{m.tool_calls}</tool_call>"),
-                            message=i, kind="body"))
+            out.append(
+                Part(
+                    escape(f"{chr(10) if content else ''}<tool_call>{m.tool_calls}</tool_call>"), message=i, kind="body"
+                )
+            )
         return out
 
 
@@ -214,8 +238,11 @@ class ChatML(Turns):
     start, end = "<|im_start|>", "<|im_end|>"
     special_pieces = (start, end)
     eot = end
-    jinja = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}" + _jinja_body() +
-             "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    jinja = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+        + _jinja_body()
+        + "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
 
     def open(self, role):
         return [Part(self.start, special=True), Part(f"{role}\n")]
@@ -230,13 +257,19 @@ class Llama3(Turns):
     special_pieces = (bos, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
     eot = "<|eot_id|>"
     roles = {"tool": "ipython"}
-    jinja = ("{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + ('ipython' if m['role'] == "
-             "'tool' else m['role']) + '<|end_header_id|>\\n\\n' }}" + _jinja_body() + "{{ '<|eot_id|>' }}{% endfor %}"
-             "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+    jinja = (
+        "{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + ('ipython' if m['role'] == "
+        "'tool' else m['role']) + '<|end_header_id|>\\n\\n' }}" + _jinja_body() + "{{ '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    )
 
     def open(self, role):
-        return [Part("<|start_header_id|>", True), Part(self.roles.get(role, role)),
-                Part("<|end_header_id|>", True), Part("\n\n")]
+        return [
+            Part("<|start_header_id|>", True),
+            Part(self.roles.get(role, role)),
+            Part("<|end_header_id|>", True),
+            Part("\n\n"),
+        ]
 
     def close(self, role, i):
         return [Part(self.eot, True, i, "eot")]
@@ -250,11 +283,14 @@ class Gemma(Turns):
     bos = "<bos>"
     special_pieces = (bos, "<start_of_turn>", "<end_of_turn>")
     eot = "<end_of_turn>"
-    jinja = ("{{ '<bos>' }}{% set system = messages[0]['content'] + '\\n\\n' if messages and messages[0]['role'] == "
-             "'system' else '' %}{% for m in (messages[1:] if system else messages) %}{{ '<start_of_turn>' + ('model' "
-             "if m['role'] == 'assistant' else 'user') + '\\n' }}{% if loop.first %}{{ system }}{% endif %}"
-             + _jinja_body() + "{{ '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}"
-             "{{ '<start_of_turn>model\\n' }}{% endif %}")
+    jinja = (
+        "{{ '<bos>' }}{% set system = messages[0]['content'] + '\\n\\n' if messages and messages[0]['role'] == "
+        "'system' else '' %}{% for m in (messages[1:] if system else messages) %}{{ '<start_of_turn>' + ('model' "
+        "if m['role'] == 'assistant' else 'user') + '\\n' }}{% if loop.first %}{{ system }}{% endif %}"
+        + _jinja_body()
+        + "{{ '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<start_of_turn>model\\n' }}{% endif %}"
+    )
 
     def open(self, role):
         return [Part("<start_of_turn>", True), Part(("model" if role == "assistant" else "user") + "\n")]
@@ -279,11 +315,16 @@ class Llama2(Template):
 
     name = "llama2"
     special_pieces = ("<s>",)
-    jinja = ("{% set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else none %}"
-             "{% for m in (messages if system is none else messages[1:]) %}{% if m['role'] == 'user' %}"
-             "{{ '<s>[INST] ' }}{% if loop.first and system is not none %}{{ '<<SYS>>\\n' + system + "
-             "'\\n<</SYS>>\\n\\n' }}{% endif %}" + _jinja_body() + "{{ ' [/INST] ' }}{% else %}" + _jinja_body()
-             + "{{ eos_token }}{% endif %}{% endfor %}")
+    jinja = (
+        "{% set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else none %}"
+        "{% for m in (messages if system is none else messages[1:]) %}{% if m['role'] == 'user' %}"
+        "{{ '<s>[INST] ' }}{% if loop.first and system is not none %}{{ '<<SYS>>\\n' + system + "
+        "'\\n<</SYS>>\\n\\n' }}{% endif %}"
+        + _jinja_body()
+        + "{{ ' [/INST] ' }}{% else %}"
+        + _jinja_body()
+        + "{{ eos_token }}{% endif %}{% endfor %}"
+    )
 
     def parts(self, messages, tokenizer):
         if len(messages) == 1 and messages[0].role == "text":
@@ -314,10 +355,13 @@ class Tagged(Turns):
 
     @property
     def jinja(self) -> str:
-        return (f"{{% set heads = {json.dumps(self.heads)} %}}{{% set tails = {json.dumps(self.tails)} %}}"
-                "{% for m in messages %}{{ heads[m['role']] }}" + _jinja_body(escape=self.name == "json")
-                + "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ tails[m['role']] }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ heads['assistant'] }}{% endif %}")
+        return (
+            f"{{% set heads = {json.dumps(self.heads)} %}}{{% set tails = {json.dumps(self.tails)} %}}"
+            "{% for m in messages %}{{ heads[m['role']] }}"
+            + _jinja_body(escape=self.name == "json")
+            + "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ tails[m['role']] }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ heads['assistant'] }}{% endif %}"
+        )
 
     def open(self, role):
         return [Part(self.heads[role])]
@@ -335,8 +379,10 @@ class Alpaca(Tagged):
     def body(self, i, m, escape=str):
         if m.input is None:
             return super().body(i, m, escape)
-        return (super().body(i, dataclasses.replace(m, input=None), escape)
-                + [Part("\n\n### Input:\n"), Part(m.input, message=i, kind="body")])
+        return super().body(i, dataclasses.replace(m, input=None), escape) + [
+            Part("\n\n### Input:\n"),
+            Part(m.input, message=i, kind="body"),
+        ]
 
 
 class Xml(Tagged):
@@ -361,8 +407,9 @@ def _require_alternation(name: str, messages: Sequence[Message], user_roles: tup
     for k, m in enumerate(messages):
         expected = user_roles if k % 2 == 0 else ("assistant",)
         if m.role not in expected:
-            raise BadRecord("roles out of order", f"template {name} needs user/assistant turns alternating; "
-                                                  f"message {k} is {m.role}")
+            raise BadRecord(
+                "roles out of order", f"template {name} needs user/assistant turns alternating; message {k} is {m.role}"
+            )
 
 
 BUILTIN = {t.name: t for t in (ChatML(), Llama2(), Llama3(), Gemma(), Alpaca(), Xml(), Json())}
@@ -375,8 +422,10 @@ def get_template(name: str, tokenizer: Tokenizer | None = None) -> Template:
         from jaxsft.data.hf_template import HFTemplate
 
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise DataError("data.template=hf: the tokenizer has no chat_template "
-                            "(use data.tokenizer: hf:/model/dir with one in tokenizer_config.json)")
+            raise DataError(
+                "data.template=hf: the tokenizer has no chat_template "
+                "(use data.tokenizer: hf:/model/dir with one in tokenizer_config.json)"
+            )
         return HFTemplate.for_tokenizer(tokenizer)
     if name not in BUILTIN:
         raise DataError(f"data.template: unknown template {name!r} (expected one of {', '.join(TEMPLATE_NAMES)})")

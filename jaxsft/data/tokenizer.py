@@ -22,8 +22,9 @@ import hashlib
 import io
 import os
 import shutil
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Protocol
 
 import sentencepiece as spm
 
@@ -131,7 +132,7 @@ def load_tokenizer(spec: str):
     if spec.startswith(HF_PREFIX):
         from jaxsft.data.hf_tokenizer import HFTokenizer
 
-        directory = Path(spec[len(HF_PREFIX):]).expanduser()
+        directory = Path(spec[len(HF_PREFIX) :]).expanduser()
         if not directory.is_dir():
             raise DataError(f"data.tokenizer: {spec}: {directory} is not a directory")
         return HFTokenizer(directory)
@@ -147,16 +148,19 @@ def _sample(texts: list[str], limit: int) -> list[str]:
     return [texts[i * len(texts) // limit] for i in range(limit)]
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str | Path | None,
-                        special_pieces: Sequence[str]) -> bytes:
+def train_sentencepiece(
+    texts: Iterable[str], vocab_size: int, out_path: str | Path | None, special_pieces: Sequence[str]
+) -> bytes:
     """Trains a BPE model; writes it to `out_path` (if given) and returns its bytes."""
     model = io.BytesIO()
     try:
         _train(texts, vocab_size, model, special_pieces)
     except RuntimeError as e:
         # SentencePiece reports a too-small vocabulary as an internal error with a C++ path.
-        raise DataError(f"data.tokenizer_vocab_size={vocab_size}: SentencePiece training failed: "
-                        f"{str(e).split('] ')[-1].split('. Increase')[0]}") from None
+        raise DataError(
+            f"data.tokenizer_vocab_size={vocab_size}: SentencePiece training failed: "
+            f"{str(e).split('] ')[-1].split('. Increase')[0]}"
+        ) from None
     data = model.getvalue()
     if out_path is not None:
         _write_atomic(Path(out_path), data)
@@ -165,15 +169,33 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_path: str | P
 
 def _train(texts: Iterable[str], vocab_size: int, model: io.BytesIO, special_pieces: Sequence[str]) -> None:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
-        model_type=MODEL_TYPE, byte_fallback=True, character_coverage=1.0,
-        normalization_rule_name="identity", add_dummy_prefix=False,
-        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
-        control_symbols=list(special_pieces), unk_id=0, pad_id=1, eos_id=2, bos_id=-1,
-        unk_piece=UNK, pad_piece=PAD, eos_piece=EOS,
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=MODEL_TYPE,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        control_symbols=list(special_pieces),
+        unk_id=0,
+        pad_id=1,
+        eos_id=2,
+        bos_id=-1,
+        unk_piece=UNK,
+        pad_piece=PAD,
+        eos_piece=EOS,
         # One thread and no internal sampling: the model depends on the texts alone.
-        num_threads=1, input_sentence_size=0, shuffle_input_sentence=False,
-        hard_vocab_limit=False, max_sentence_length=1 << 16, minloglevel=2)
+        num_threads=1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        hard_vocab_limit=False,
+        max_sentence_length=1 << 16,
+        minloglevel=2,
+    )
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -194,8 +216,12 @@ def cache_key(texts: Sequence[str], vocab_size: int, special_pieces: Sequence[st
     return h.hexdigest()
 
 
-def load_or_train(cfg: DataConfig, texts: Callable[[], Iterable[str]], cache_dir: Path,
-                  special_pieces: Sequence[str] = ("<|im_start|>", "<|im_end|>")):
+def load_or_train(
+    cfg: DataConfig,
+    texts: Callable[[], Iterable[str]],
+    cache_dir: Path,
+    special_pieces: Sequence[str] = ("<|im_start|>", "<|im_end|>"),
+):
     """`cfg.tokenizer` if set, else a model trained on `texts()` (cached by content)."""
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)

@@ -69,19 +69,26 @@ def flat_scores(report: dict) -> dict[str, float]:
     if len(report["by_source"]) > 1:
         groups += [(f"/source/{_tag(name)}", tally) for name, tally in report["by_source"].items()]
     groups += [(f"/task/{_tag(name)}", tally) for name, tally in report["by_task"].items()]
-    return {f"eval_{metric}{suffix}": tally[metric]["rate"]
-            for suffix, tally in groups for metric in metrics.METRICS if tally[metric]["rate"] is not None}
+    return {
+        f"eval_{metric}{suffix}": tally[metric]["rate"]
+        for suffix, tally in groups
+        for metric in metrics.METRICS
+        if tally[metric]["rate"] is not None
+    }
 
 
 class HeldOut:
-    def __init__(self, cfg: Config, data, vocab_size: int, frozen: tuple, run_dir: Path, start: int,
-                 loss: Callable[[Any], float]):
+    def __init__(
+        self, cfg: Config, data, vocab_size: int, frozen: tuple, run_dir: Path, start: int, loss: Callable[[Any], float]
+    ):
         self.loss, self.frozen, self.cfg = loss, frozen, cfg
         self.samples_path = Path(run_dir) / SAMPLES_FILE
         self.items: list[records.Item] = []
         if cfg.eval.generate_n and jax.process_count() > 1:
-            console.print("eval.generate_n: the generation eval during training runs on one process only; "
-                          "skipped (score the run with `jaxsft eval`)")
+            console.print(
+                "eval.generate_n: the generation eval during training runs on one process only; "
+                "skipped (score the run with `jaxsft eval`)"
+            )
         elif cfg.eval.generate_n:
             self.items = prompts(data.evals, cfg.eval.generate_n, cfg.eval.regex)
         # The sampler's model: the whole model, without the PEFT split (its params are merged below).
@@ -107,8 +114,14 @@ class HeldOut:
             params = peft.merged(self.cfg.model.peft, params, self.frozen[0], dtype=self.model_cfg.param_dtype)
         model = Loaded(self.graphdef, params, self.model_cfg, self.vocab_size, self.tokenizer, self.cfg.data.template)
         sampling = Sampling(max_new_tokens=self.cfg.eval.max_new_tokens)
-        answers = generation.answer(model, self.template, [it.prompt for it in self.items], self.cfg.data.max_length,
-                                    sampling, self.cfg.eval.batch_size)
+        answers = generation.answer(
+            model,
+            self.template,
+            [it.prompt for it in self.items],
+            self.cfg.data.max_length,
+            sampling,
+            self.cfg.eval.batch_size,
+        )
         return [sample_of(item, a) for item, a in zip(self.items, answers)]
 
 

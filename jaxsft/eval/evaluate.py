@@ -60,20 +60,24 @@ def _loss_report(model, cfg: Config, items: list[records.Item], drops: dict[str,
     groups = defaultdict(list)
     for item in items:
         groups[item.source, item.task].append(item.conversation)
-    sums = loss.loss_by_group(model.graphdef, model.params, groups, cfg.data, model.tokenizer, cfg.eval.batch_size,
-                              drops)
+    sums = loss.loss_by_group(
+        model.graphdef, model.params, groups, cfg.data, model.tokenizer, cfg.eval.batch_size, drops
+    )
 
     def summed(keep) -> dict:
         parts = [v for k, v in sums.items() if keep(k)]
         return metrics.loss_summary(*(sum(p[i] for p in parts) for i in range(4)))
 
-    return {"overall": summed(lambda k: True),
-            "by_source": {s: summed(lambda k, s=s: k[0] == s) for s in dict.fromkeys(k[0] for k in sums)},
-            "by_task": {t: summed(lambda k, t=t: k[1] == t) for t in sorted({k[1] for k in sums} - {""})}}
+    return {
+        "overall": summed(lambda k: True),
+        "by_source": {s: summed(lambda k, s=s: k[0] == s) for s in dict.fromkeys(k[0] for k in sums)},
+        "by_task": {t: summed(lambda k, t=t: k[1] == t) for t in sorted({k[1] for k in sums} - {""})},
+    }
 
 
-def score(source: str, config_path: str | None = None, overrides: Sequence[str] = (),
-          data_files: Sequence[str] = ()) -> tuple[dict, list[dict]]:
+def score(
+    source: str, config_path: str | None = None, overrides: Sequence[str] = (), data_files: Sequence[str] = ()
+) -> tuple[dict, list[dict]]:
     from jaxsft.train.trainer import cache_dir
 
     source = str(source)
@@ -89,23 +93,42 @@ def score(source: str, config_path: str | None = None, overrides: Sequence[str] 
     losses = _loss_report(model, cfg, items, drops)
     with_reference = [it for it in items if it.reference is not None]
     sampling = Sampling(max_new_tokens=cfg.eval.max_new_tokens)
-    answers = generation.answer(model, template, [it.prompt for it in with_reference], cfg.data.max_length, sampling,
-                                cfg.eval.batch_size) if with_reference else []
+    answers = (
+        generation.answer(
+            model, template, [it.prompt for it in with_reference], cfg.data.max_length, sampling, cfg.eval.batch_size
+        )
+        if with_reference
+        else []
+    )
     samples = [samples_lib.sample_of(it, a) for it, a in zip(with_reference, answers)]
     too_long = sum(a is None for a in answers)
     notes = []
     if not with_reference:
-        notes.append(f"no generation metrics: generation metrics need references, and none of the {len(items)} "
-                     f"records ends with an assistant turn or has a `reference` field")
+        notes.append(
+            f"no generation metrics: generation metrics need references, and none of the {len(items)} "
+            f"records ends with an assistant turn or has a `reference` field"
+        )
     if too_long:
         notes.append(f"{too_long} prompts of data.max_length={cfg.data.max_length} tokens or more were skipped")
     report = {
-        "source": source, "run_dir": str(run_dir) if run_dir else None, "step": step,
-        "template": cfg.data.template, "sources": [s.name for s in splits],
-        "records": {"read": len(items) + sum(bad.values()), "bad": bad, "loss_dropped": drops,
-                    "with_reference": len(with_reference), "prompt_too_long": too_long},
-        "settings": {"max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size,
-                     "context": cfg.data.max_length, "regex": cfg.eval.regex},
+        "source": source,
+        "run_dir": str(run_dir) if run_dir else None,
+        "step": step,
+        "template": cfg.data.template,
+        "sources": [s.name for s in splits],
+        "records": {
+            "read": len(items) + sum(bad.values()),
+            "bad": bad,
+            "loss_dropped": drops,
+            "with_reference": len(with_reference),
+            "prompt_too_long": too_long,
+        },
+        "settings": {
+            "max_new_tokens": cfg.eval.max_new_tokens,
+            "batch_size": cfg.eval.batch_size,
+            "context": cfg.data.max_length,
+            "regex": cfg.eval.regex,
+        },
         "loss": losses,
         "generation": samples_lib.generation_report(samples) if with_reference else None,
         "notes": notes,
@@ -128,8 +151,14 @@ def default_out(source: str) -> Path:
     return runs.run_and_step(source)[0] / "eval" / "report.json"
 
 
-def run(source: str, config_path: str | None = None, overrides: Sequence[str] = (), data_files: Sequence[str] = (),
-        out: str | Path | None = None, compare: str | None = None) -> dict:
+def run(
+    source: str,
+    config_path: str | None = None,
+    overrides: Sequence[str] = (),
+    data_files: Sequence[str] = (),
+    out: str | Path | None = None,
+    compare: str | None = None,
+) -> dict:
     from jaxsft.eval.table import print_comparison, print_report
 
     out = Path(out) if out else default_out(source)
@@ -141,7 +170,8 @@ def run(source: str, config_path: str | None = None, overrides: Sequence[str] = 
         report["compare"] = other
         _write(report, samples, out, "samples.jsonl")
         (out.parent / "samples.compare.jsonl").write_text(
-            "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in other_samples))
+            "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in other_samples)
+        )
         print_comparison(report, other)
     else:
         _write(report, samples, out, "samples.jsonl")

@@ -33,15 +33,16 @@ def stop_ids(template, tokenizer) -> list[int]:
     return sorted({i for i in (template.end_of_turn_id(tokenizer), tokenizer.eos_id) if i is not None})
 
 
-def answer(model, template, prompts: Sequence[Conversation], context: int, sampling: Sampling,
-           batch_size: int) -> list[Answer | None]:
+def answer(
+    model, template, prompts: Sequence[Conversation], context: int, sampling: Sampling, batch_size: int
+) -> list[Answer | None]:
     tokenizer = model.tokenizer
     ids = [[int(t) for t in template.render_prompt(p, tokenizer)] for p in prompts]
     todo = sorted((len(p), k) for k, p in enumerate(ids) if len(p) < context)
     stops = stop_ids(template, tokenizer)
     out: list[Answer | None] = [None] * len(prompts)
     for start in range(0, len(todo), batch_size):
-        rows = [k for _, k in todo[start:start + batch_size]]
+        rows = [k for _, k in todo[start : start + batch_size]]
         batch = [ids[k] for k in rows]
         batch += [batch[-1]] * (batch_size - len(batch))
         for k, new in zip(rows, generate(model.graphdef, model.params, batch, stops, sampling)):

@@ -46,8 +46,10 @@ def _padded(batch: dict, rows: int, pad_id: int) -> dict:
     """Padding rows (weight 0) so every batch has one shape and one compilation."""
     missing = rows - len(batch["inputs"])
     fill = {"inputs": pad_id, "targets": pad_id}
-    return {k: np.concatenate([v, np.full((missing, v.shape[1]), fill.get(k, 0), v.dtype)]) if missing else v
-            for k, v in batch.items()}
+    return {
+        k: np.concatenate([v, np.full((missing, v.shape[1]), fill.get(k, 0), v.dtype)]) if missing else v
+        for k, v in batch.items()
+    }
 
 
 def _batches(conversations: Sequence[Conversation], data_cfg: DataConfig, tokenizer, rows: int):
@@ -58,8 +60,15 @@ def _batches(conversations: Sequence[Conversation], data_cfg: DataConfig, tokeni
         yield _padded(batch, rows, tokenizer.pad_id)
 
 
-def loss_by_group(graphdef, params, groups: dict[Hashable, list[Conversation]], data_cfg: DataConfig, tokenizer,
-                  rows: int, drops: dict[str, int]) -> dict[Hashable, tuple[float, float, float, int]]:
+def loss_by_group(
+    graphdef,
+    params,
+    groups: dict[Hashable, list[Conversation]],
+    data_cfg: DataConfig,
+    tokenizer,
+    rows: int,
+    drops: dict[str, int],
+) -> dict[Hashable, tuple[float, float, float, int]]:
     encoder = Encoder(data_cfg, tokenizer)
     out = {}
     for key, conversations in groups.items():

@@ -72,5 +72,10 @@ def loss_summary(loss_sum: float, weight: float, correct: float, examples: int) 
     if weight <= 0:
         return {"examples": examples, "tokens": 0.0, "loss": None, "perplexity": None, "token_accuracy": None}
     loss = loss_sum / weight
-    return {"examples": examples, "tokens": weight, "loss": loss,
-            "perplexity": math.exp(loss) if loss < 700 else math.inf, "token_accuracy": correct / weight}
+    return {
+        "examples": examples,
+        "tokens": weight,
+        "loss": loss,
+        "perplexity": math.exp(loss) if loss < 700 else math.inf,
+        "token_accuracy": correct / weight,
+    }

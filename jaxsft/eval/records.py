@@ -44,8 +44,10 @@ def eval_splits(data_cfg: DataConfig, files: Sequence[str], seed: int, cache_dir
     _, evals = resolve_sources(data_cfg, seed, cache_dir)
     evals = [s for s in evals if len(s.ids)]
     if not evals:
-        raise DataError("eval: the config's sources hold no eval records (no eval_path, eval_fraction or eval_files); "
-                        "pass --data FILE")
+        raise DataError(
+            "eval: the config's sources hold no eval records (no eval_path, eval_fraction or eval_files); "
+            "pass --data FILE"
+        )
     return evals
 
 
@@ -88,6 +90,15 @@ def read_items(splits: Sequence[Split], regex: str = "") -> tuple[list[Item], di
             where = str(split.source.where(i))
             prompt, reference = _reference(raw, conversation)
             task = _field(raw, "task", "category")
-            items.append(Item(split.name, where, conversation, "" if task is None else str(task), prompt, reference,
-                              _checked_regex(_field(raw, "reference_regex"), where) or default_regex))
+            items.append(
+                Item(
+                    split.name,
+                    where,
+                    conversation,
+                    "" if task is None else str(task),
+                    prompt,
+                    reference,
+                    _checked_regex(_field(raw, "reference_regex"), where) or default_regex,
+                )
+            )
     return items, bad

@@ -14,12 +14,23 @@ from jaxsft.eval import generation, metrics, records
 
 
 def sample_of(item: records.Item, answer: generation.Answer | None) -> dict:
-    sample = {"source": item.source, "where": item.where, "task": item.task,
-              "prompt": [{"role": m.role, "content": m.content} for m in item.prompt], "reference": item.reference}
+    sample = {
+        "source": item.source,
+        "where": item.where,
+        "task": item.task,
+        "prompt": [{"role": m.role, "content": m.content} for m in item.prompt],
+        "reference": item.reference,
+    }
     if answer is None:
         return {**sample, "output": None, "scores": None, "skipped": "prompt_too_long"}
-    return {**sample, "output": answer.text, "scores": metrics.score(answer.text, item.reference, item.regex),
-            "stopped": answer.stopped, "prompt_tokens": answer.prompt_tokens, "new_tokens": answer.new_tokens}
+    return {
+        **sample,
+        "output": answer.text,
+        "scores": metrics.score(answer.text, item.reference, item.regex),
+        "stopped": answer.stopped,
+        "prompt_tokens": answer.prompt_tokens,
+        "new_tokens": answer.new_tokens,
+    }
 
 
 def generation_report(samples: list[dict]) -> dict:
@@ -29,6 +40,8 @@ def generation_report(samples: list[dict]) -> dict:
         chosen = [s["scores"] for s in scored if keep(s)]
         return {"answers": len(chosen), **metrics.tally(chosen)}
 
-    return {"overall": tally(lambda s: True),
-            "by_source": {n: tally(lambda s, n=n: s["source"] == n) for n in dict.fromkeys(s["source"] for s in scored)},
-            "by_task": {t: tally(lambda s, t=t: s["task"] == t) for t in sorted({s["task"] for s in scored} - {""})}}
+    return {
+        "overall": tally(lambda s: True),
+        "by_source": {n: tally(lambda s, n=n: s["source"] == n) for n in dict.fromkeys(s["source"] for s in scored)},
+        "by_task": {t: tally(lambda s, t=t: s["task"] == t) for t in sorted({s["task"] for s in scored} - {""})},
+    }

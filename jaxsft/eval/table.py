@@ -9,8 +9,13 @@ console = Console(highlight=False, markup=False, emoji=False)
 if not console.is_terminal:
     console.width = 120  # a log file or a pipe: keep one row per line rather than wrap at 80
 
-GENERATION_COLUMNS = (("exact", "exact_match"), ("norm", "normalized_match"), ("contains", "contains"),
-                      ("json", "json_valid"), ("regex", "regex_match"))
+GENERATION_COLUMNS = (
+    ("exact", "exact_match"),
+    ("norm", "normalized_match"),
+    ("contains", "contains"),
+    ("json", "json_valid"),
+    ("regex", "regex_match"),
+)
 
 
 def _num(x, spec=".4f") -> str:
@@ -42,9 +47,15 @@ def report_table(report: dict) -> Table:
     for name in ("group", "records", "loss", "ppl", "tok acc", "answers", *(c for c, _ in GENERATION_COLUMNS)):
         table.add_column(name, justify="left" if name == "group" else "right")
     for label, loss, gen in _groups(report):
-        table.add_row(label, str(loss.get("examples", "-")), _num(loss.get("loss")), _num(loss.get("perplexity"), ".2f"),
-                      _rate_plain(loss.get("token_accuracy")), str(gen["answers"]) if gen else "-",
-                      *(_rate(gen and gen[key], gen and gen["answers"]) for _, key in GENERATION_COLUMNS))
+        table.add_row(
+            label,
+            str(loss.get("examples", "-")),
+            _num(loss.get("loss")),
+            _num(loss.get("perplexity"), ".2f"),
+            _rate_plain(loss.get("token_accuracy")),
+            str(gen["answers"]) if gen else "-",
+            *(_rate(gen and gen[key], gen and gen["answers"]) for _, key in GENERATION_COLUMNS),
+        )
     return table
 
 
@@ -70,7 +81,11 @@ def print_comparison(report: dict, other: dict) -> None:
         loss_b, gen_b = theirs.get(label, ({}, None))
         exact = [_rate_plain(g and g["exact_match"]["rate"]) for g in (gen, gen_b)]
         normalized = [_rate_plain(g and g["normalized_match"]["rate"]) for g in (gen, gen_b)]
-        table.add_row(label, f"{_num(loss.get('loss'))} -> {_num(loss_b.get('loss'))}",
-                      f"{_rate_plain(loss.get('token_accuracy'))} -> {_rate_plain(loss_b.get('token_accuracy'))}",
-                      " -> ".join(exact), " -> ".join(normalized))
+        table.add_row(
+            label,
+            f"{_num(loss.get('loss'))} -> {_num(loss_b.get('loss'))}",
+            f"{_rate_plain(loss.get('token_accuracy'))} -> {_rate_plain(loss_b.get('token_accuracy'))}",
+            " -> ".join(exact),
+            " -> ".join(normalized),
+        )
     console.print(table)

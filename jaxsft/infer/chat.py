@@ -33,7 +33,9 @@ class Session:
         self.model = runs.load(source)
         tokenizer = self.model.tokenizer
         self.template = get_template(self.model.template_name, tokenizer)
-        self.stop_ids = sorted({i for i in (self.template.end_of_turn_id(tokenizer), tokenizer.eos_id) if i is not None})
+        self.stop_ids = sorted(
+            {i for i in (self.template.end_of_turn_id(tokenizer), tokenizer.eos_id) if i is not None}
+        )
         self.sampling = sampling
 
     def reply(self, conversations: list[list[Message]]) -> list[str]:
@@ -47,9 +49,10 @@ def _conversation(record: dict, where: str) -> list[Message]:
     if isinstance(record.get("prompt"), str):
         return [Message("user", record["prompt"])]
     messages = record.get("messages")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                 for m in messages):
-        raise ConfigError(f"{where}: expected {{\"prompt\": str}} or {{\"messages\": [{{role, content}}, ...]}}")
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in messages
+    ):
+        raise ConfigError(f'{where}: expected {{"prompt": str}} or {{"messages": [{{role, content}}, ...]}}')
     return [Message(m["role"], m["content"]) for m in messages]
 
 
@@ -65,13 +68,14 @@ def _records(path: Path) -> list[tuple[dict, list[Message]]]:
     return out
 
 
-def generate_file(source: str, prompts_path: str | Path, out_path: str | Path, sampling: Sampling,
-                  batch_size: int = 8) -> int:
+def generate_file(
+    source: str, prompts_path: str | Path, out_path: str | Path, sampling: Sampling, batch_size: int = 8
+) -> int:
     records = _records(Path(prompts_path))
     session = Session(source, sampling)
     with open(out_path, "w") as out:
         for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
+            chunk = records[start : start + batch_size]
             for (record, _), text in zip(chunk, session.reply([c for _, c in chunk])):
                 out.write(json.dumps({**record, "completion": text}, ensure_ascii=False) + "\n")
     return len(records)
@@ -90,8 +94,13 @@ class ChatLoop:
     `reply(history) -> str` answers; `write` gets the answers, `note` everything else
     (banner, command output), so a caller can send them to different streams."""
 
-    def __init__(self, reply: Callable[[list[Message]], str], system: str | None, write: Callable[[str], None],
-                 note: Callable[[str], None]):
+    def __init__(
+        self,
+        reply: Callable[[list[Message]], str],
+        system: str | None,
+        write: Callable[[str], None],
+        note: Callable[[str], None],
+    ):
         self.reply, self.write, self.note = reply, write, note
         self.system, self.turns = system or None, []
 
@@ -139,12 +148,20 @@ def banner(source: str, session: Session) -> str:
 
     model = session.model
     params = param_count(model.model_cfg, model.vocab_size)
-    return (f"jaxsft chat: {source} ({params / 1e6:,.1f}M parameters, {model.model_cfg.n_layers} layers), "
-            f"template {model.template_name}\n/help for commands, Ctrl-D or /exit to leave")
+    return (
+        f"jaxsft chat: {source} ({params / 1e6:,.1f}M parameters, {model.model_cfg.n_layers} layers), "
+        f"template {model.template_name}\n/help for commands, Ctrl-D or /exit to leave"
+    )
 
 
-def chat(source: str, sampling: Sampling, system: str | None, read: Callable[[], str | None],
-         write: Callable[[str], None], note: Callable[[str], None] = lambda text: None) -> None:
+def chat(
+    source: str,
+    sampling: Sampling,
+    system: str | None,
+    read: Callable[[], str | None],
+    write: Callable[[str], None],
+    note: Callable[[str], None] = lambda text: None,
+) -> None:
     session = Session(source, sampling)
     note(banner(source, session))
     loop = ChatLoop(lambda history: session.reply([history])[0], system, write, note)

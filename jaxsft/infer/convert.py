@@ -21,8 +21,15 @@ from jaxsft.infer.hf_files import write_chat_files
 from jaxsft.model import hf
 from jaxsft.model.transformer import abstract_params
 
-COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "tokenizer.model", "chat_template.jinja")
+COPIED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 
 
 def convert(model_dir: str | Path, out_dir: str | Path, param_dtype: str = "float32") -> Path:

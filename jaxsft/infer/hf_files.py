@@ -67,7 +67,9 @@ def _tokenizer_config(out_dir: Path, tokenizer, template: str) -> dict:
     return config
 
 
-def write_chat_files(out_dir: str | Path, tokenizer, template_name: str, base_dir: str | Path | None = None) -> list[str]:
+def write_chat_files(
+    out_dir: str | Path, tokenizer, template_name: str, base_dir: str | Path | None = None
+) -> list[str]:
     out_dir = Path(out_dir)
     written = []
     if not (out_dir / "tokenizer.json").is_file():  # a SentencePiece run

@@ -25,7 +25,8 @@ from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxsft import config as config_lib
 from jaxsft import config_load
@@ -110,6 +111,7 @@ def _tokenizer_spec(run_dir: Path, cfg) -> str:
         return f"hf:{run_dir / 'tokenizer'}"
     return cfg.data.tokenizer
 
+
 def run_and_step(source: str | Path) -> tuple[Path, int | None]:
     """`RUN/checkpoints/STEP` -> (RUN, STEP); a run directory -> (it, None: the latest step)."""
     path = Path(source)
@@ -132,14 +134,21 @@ def export_peft(run_dir: str | Path, out_dir: str | Path) -> list[str]:
     run_dir = Path(run_dir)
     cfg = config_load.load(run_dir / "config.yaml")
     if not cfg.model.peft.adapters:
-        raise ConfigError(f"{run_dir}: not a LoRA/DoRA run (model.peft.method is {cfg.model.peft.method}); "
-                          f"export it with --format hf")
+        raise ConfigError(
+            f"{run_dir}: not a LoRA/DoRA run (model.peft.method is {cfg.model.peft.method}); export it with --format hf"
+        )
     base = cfg.model.init_from.split(":", 1)[1] if cfg.model.init_from.startswith("hf:") else ""
     return hf_peft.save_peft(read_state(run_dir)["params"], cfg.model.peft, out_dir, base_model=base)
 
 
-def export_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = None,
-              max_shard_bytes: int = 2 * 1024**3, merge: bool = False) -> list[str]:
+def export_hf(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    merge: bool = False,
+) -> list[str]:
     """The run's latest checkpoint as config.json + sharded safetensors + index + tokenizer files.
 
     A PEFT run needs `merge` (its trained part is merged into the base it names)."""
@@ -150,8 +159,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = N
         raise ConfigError(f"{run_dir} is a {method} run: export it with {hint}")
     loaded = _load_run(run_dir)
     dtype = dtype or loaded.model_cfg.param_dtype
-    files = hf.save_pretrained(loaded.params, loaded.model_cfg, loaded.vocab_size, out_dir, dtype=dtype,
-                               max_shard_bytes=max_shard_bytes)
+    files = hf.save_pretrained(
+        loaded.params, loaded.model_cfg, loaded.vocab_size, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes
+    )
     for folder in (run_dir, run_dir / "tokenizer"):
         for name in TOKENIZER_FILES:
             if (folder / name).is_file():
@@ -159,6 +169,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, *, dtype: str | None = N
                 files.append(name)
     init_from = config_load.load(run_dir / "config.yaml").model.init_from
     base_dir = init_from.split(":", 1)[1] if init_from.startswith(pretrained.PREFIXES) else None
-    files += [f for f in hf_files.write_chat_files(out_dir, loaded.tokenizer, loaded.template_name, base_dir)
-              if f not in files]  # chat template, eos ids, generation_config.json: it chats in transformers
+    files += [
+        f
+        for f in hf_files.write_chat_files(out_dir, loaded.tokenizer, loaded.template_name, base_dir)
+        if f not in files
+    ]  # chat template, eos ids, generation_config.json: it chats in transformers
     return files

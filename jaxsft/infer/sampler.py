@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -82,23 +82,25 @@ def _generate(graphdef, params, tokens_BxP, lengths_B, stop_ids, sampling: Sampl
         token_B = sample_logits(last_BxV, step_key, sampling)
         out_BxU = out_BxU.at[:, t].set(jnp.where(done_B, -1, token_B))
         done_B = done_B | jnp.isin(token_B, stop_ids)
-        logits_Bx1xV, cache = model.decode(token_B[:, None], (lengths_B + t)[:, None], ~done_B[:, None],
-                                           cache, prompt_len + t)
+        logits_Bx1xV, cache = model.decode(
+            token_B[:, None], (lengths_B + t)[:, None], ~done_B[:, None], cache, prompt_len + t
+        )
         return t + 1, logits_Bx1xV[:, 0], cache, done_B, out_BxU, key
 
     carry = jax.lax.while_loop(cond, body, (0, last_BxV, cache, done_B, out_BxU, key))
     return carry[4]
 
 
-def generate(graphdef, params, prompts: Sequence[Sequence[int]], stop_ids: Sequence[int],
-             sampling: Sampling = Sampling()) -> list[list[int]]:
+def generate(
+    graphdef, params, prompts: Sequence[Sequence[int]], stop_ids: Sequence[int], sampling: Sampling = Sampling()
+) -> list[list[int]]:
     """New tokens of each prompt, up to (not including) its first stop id."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     width = -(-max(len(p) for p in prompts) // _BUCKET) * _BUCKET
     tokens_BxP = np.zeros((len(prompts), width), np.int32)
     for row, prompt in zip(tokens_BxP, prompts):
-        row[:len(prompt)] = prompt
+        row[: len(prompt)] = prompt
     lengths_B = np.array([len(p) for p in prompts], np.int32)
     stops = np.array(list(stop_ids) or [-1], np.int32)
     out_BxU = np.asarray(_generate(graphdef, params, tokens_BxP, lengths_B, stops, sampling))

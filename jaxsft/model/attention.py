@@ -51,8 +51,7 @@ def masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale: float, 
     kv_heads = k_BxSxKxH.shape[2]
     # Group query heads under their kv head instead of repeating k/v: no K->N copy.
     q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
-    logits_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
-                                  preferred_element_type=jnp.float32)
+    logits_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
     logits_BxKxGxTxS = logits_BxKxGxTxS * scale
     if softcap:
         logits_BxKxGxTxS = softcap * jnp.tanh(logits_BxKxGxTxS / softcap)
@@ -91,14 +90,26 @@ def _xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale, soft
     mask_BxTxS = packed_causal_mask(segment_ids_BxT)
     if window is not None:
         mask_BxTxS = mask_BxTxS & window_mask(length, window)[None]
-    outs = [masked_attention(q_BxTxNxH[:, start:end], k_BxSxKxH[:, :end], v_BxSxKxH[:, :end],
-                             mask_BxTxS[:, start:end, :end], scale, softcap)
-            for start, end in query_blocks(length)]
+    outs = [
+        masked_attention(
+            q_BxTxNxH[:, start:end],
+            k_BxSxKxH[:, :end],
+            v_BxSxKxH[:, :end],
+            mask_BxTxS[:, start:end, :end],
+            scale,
+            softcap,
+        )
+        for start, end in query_blocks(length)
+    ]
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-IMPLEMENTATIONS = {"xla": _xla_attention, "cudnn": kernels.cudnn_attention, "splash": kernels.splash_attention,
-                   "pallas_gpu": kernels.pallas_gpu_attention}
+IMPLEMENTATIONS = {
+    "xla": _xla_attention,
+    "cudnn": kernels.cudnn_attention,
+    "splash": kernels.splash_attention,
+    "pallas_gpu": kernels.pallas_gpu_attention,
+}
 _PLATFORM_KERNELS = {"tpu": "splash", "gpu": "cudnn"}
 
 
@@ -120,26 +131,36 @@ def _check_shapes(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT) -> None:
         raise ValueError(f"attention: k shape {k_BxSxKxH.shape} differs from v shape {v_BxSxKxH.shape}")
     kb, s, kv_heads, kh = k_BxSxKxH.shape
     if (kb, s, kh) != (b, t, h):
-        raise ValueError(f"attention: q shape {q_BxTxNxH.shape} and k shape {k_BxSxKxH.shape} must agree on "
-                         "batch, length and head_dim (self-attention over the packed row)")
+        raise ValueError(
+            f"attention: q shape {q_BxTxNxH.shape} and k shape {k_BxSxKxH.shape} must agree on "
+            "batch, length and head_dim (self-attention over the packed row)"
+        )
     if n % kv_heads:
         raise ValueError(f"attention: {n} query heads are not a multiple of {kv_heads} kv heads")
     if segment_ids_BxT.shape != (b, t):
         raise ValueError(f"attention: segment_ids shape {segment_ids_BxT.shape}, expected {(b, t)}")
 
 
-def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
-              segment_ids_BxT: jax.Array, *, implementation: str = "xla", scale: float | None = None,
-              softcap: float = 0.0, window=None) -> jax.Array:
+def attention(
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    segment_ids_BxT: jax.Array,
+    *,
+    implementation: str = "xla",
+    scale: float | None = None,
+    softcap: float = 0.0,
+    window=None,
+) -> jax.Array:
     """Causal, segment-masked grouped-query attention; see the module docstring.
 
     scale: query scaling (default head_dim ** -0.5); softcap: logit soft-cap (0 = off);
     window: sliding window in tokens (None or 0 = full causal attention).
     """
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {implementation!r} is not supported; "
-                         f"supported: {', '.join(IMPLEMENTATIONS)}")
+        raise ValueError(
+            f"attention implementation {implementation!r} is not supported; supported: {', '.join(IMPLEMENTATIONS)}"
+        )
     _check_shapes(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
     scale = q_BxTxNxH.shape[-1] ** -0.5 if scale is None else scale
-    return IMPLEMENTATIONS[implementation](q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale, softcap,
-                                           window)
+    return IMPLEMENTATIONS[implementation](q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale, softcap, window)

@@ -38,8 +38,9 @@ VARIANTS = {
     "qwen2": Variant(qkv_bias=True),
     "qwen3": Variant(qk_norm=True),
     "gemma": Variant(activation="gelu_tanh", norm_offset=1.0, embed_scale=True),
-    "gemma2": Variant(activation="gelu_tanh", norm_offset=1.0, embed_scale=True, post_norms=True,
-                      window_every_other=True),
+    "gemma2": Variant(
+        activation="gelu_tanh", norm_offset=1.0, embed_scale=True, post_norms=True, window_every_other=True
+    ),
 }
 
 
@@ -57,28 +58,45 @@ def layer_windows(cfg: ModelConfig) -> tuple[int, ...]:
 
 
 def _llama3(factor: float) -> RopeScaling:
-    return RopeScaling(type="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
-                       original_max_position=8192)
+    return RopeScaling(
+        type="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192
+    )
 
 
 def _preset(family, vocab, d, layers, heads, kv, head_dim, ff, **kw) -> ModelConfig:
-    return ModelConfig(family=family, vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads,
-                       n_kv_heads=kv, head_dim=head_dim, d_ff=ff, **kw)
+    return ModelConfig(
+        family=family,
+        vocab_size=vocab,
+        d_model=d,
+        n_layers=layers,
+        n_heads=heads,
+        n_kv_heads=kv,
+        head_dim=head_dim,
+        d_ff=ff,
+        **kw,
+    )
 
 
-_GEMMA2 = dict(norm_eps=1e-6, tie_embeddings=True, sliding_window=4096, attn_logit_softcap=50.0,
-               final_logit_softcap=30.0, query_pre_attn_scalar=256.0)
+_GEMMA2 = dict(
+    norm_eps=1e-6,
+    tie_embeddings=True,
+    sliding_window=4096,
+    attn_logit_softcap=50.0,
+    final_logit_softcap=30.0,
+    query_pre_attn_scalar=256.0,
+)
 _QWEN = dict(rope_theta=1e6, norm_eps=1e-6)
 
 PRESETS: dict[str, ModelConfig] = {
     "llama-2-7b": _preset("llama", 32000, 4096, 32, 32, 32, 128, 11008),
     "llama-3-8b": _preset("llama", 128256, 4096, 32, 32, 8, 128, 14336, rope_theta=5e5),
-    "llama-3.1-8b": _preset("llama", 128256, 4096, 32, 32, 8, 128, 14336, rope_theta=5e5,
-                            rope_scaling=_llama3(8.0)),
-    "llama-3.2-1b": _preset("llama", 128256, 2048, 16, 32, 8, 64, 8192, rope_theta=5e5,
-                            rope_scaling=_llama3(32.0), tie_embeddings=True),
-    "llama-3.2-3b": _preset("llama", 128256, 3072, 28, 24, 8, 128, 8192, rope_theta=5e5,
-                            rope_scaling=_llama3(32.0), tie_embeddings=True),
+    "llama-3.1-8b": _preset("llama", 128256, 4096, 32, 32, 8, 128, 14336, rope_theta=5e5, rope_scaling=_llama3(8.0)),
+    "llama-3.2-1b": _preset(
+        "llama", 128256, 2048, 16, 32, 8, 64, 8192, rope_theta=5e5, rope_scaling=_llama3(32.0), tie_embeddings=True
+    ),
+    "llama-3.2-3b": _preset(
+        "llama", 128256, 3072, 28, 24, 8, 128, 8192, rope_theta=5e5, rope_scaling=_llama3(32.0), tie_embeddings=True
+    ),
     "mistral-7b": _preset("mistral", 32000, 4096, 32, 32, 8, 128, 14336, sliding_window=4096),
     "qwen2.5-0.5b": _preset("qwen2", 151936, 896, 24, 14, 2, 64, 4864, tie_embeddings=True, **_QWEN),
     "qwen2.5-7b": _preset("qwen2", 152064, 3584, 28, 28, 4, 128, 18944, **_QWEN),
@@ -98,7 +116,10 @@ def resolve(cfg: ModelConfig) -> ModelConfig:
     if cfg.preset not in PRESETS:
         raise ConfigError(f"model.preset={cfg.preset!r}: expected one of {', '.join(PRESETS)}")
     default, preset = ModelConfig(), PRESETS[cfg.preset]
-    changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-               if getattr(cfg, f.name) != getattr(default, f.name)}
+    changed = {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if getattr(cfg, f.name) != getattr(default, f.name)
+    }
     changed.pop("preset")
     return dataclasses.replace(preset, **changed)

@@ -37,11 +37,21 @@ from jaxsft.model.transformer import abstract_params
 _LAYER = "model.layers.{i}."
 # Each block kernel (path inside a block) and the Hugging Face module it is; hf_peft.py
 # names adapters by the same modules.
-MODULES = {"attn/q_proj": "self_attn.q_proj", "attn/k_proj": "self_attn.k_proj", "attn/v_proj": "self_attn.v_proj",
-           "attn/o_proj": "self_attn.o_proj", "mlp/gate_proj": "mlp.gate_proj", "mlp/up_proj": "mlp.up_proj",
-           "mlp/down_proj": "mlp.down_proj"}
-_KERNEL_LAYOUTS = {"attn/q_proj": "in_heads", "attn/k_proj": "in_heads", "attn/v_proj": "in_heads",
-                   "attn/o_proj": "out_heads"}  # the MLP's are plain linears
+MODULES = {
+    "attn/q_proj": "self_attn.q_proj",
+    "attn/k_proj": "self_attn.k_proj",
+    "attn/v_proj": "self_attn.v_proj",
+    "attn/o_proj": "self_attn.o_proj",
+    "mlp/gate_proj": "mlp.gate_proj",
+    "mlp/up_proj": "mlp.up_proj",
+    "mlp/down_proj": "mlp.down_proj",
+}
+_KERNEL_LAYOUTS = {
+    "attn/q_proj": "in_heads",
+    "attn/k_proj": "in_heads",
+    "attn/v_proj": "in_heads",
+    "attn/o_proj": "out_heads",
+}  # the MLP's are plain linears
 
 
 def _block_names(cfg: ModelConfig) -> dict[str, tuple[str, str]]:
@@ -64,8 +74,10 @@ def _block_names(cfg: ModelConfig) -> dict[str, tuple[str, str]]:
 
 def tensor_map(cfg: ModelConfig) -> dict[str, tuple[str, str, int | None]]:
     """HF tensor name -> (our param path, layout kind, layer index or None)."""
-    out = {"model.embed_tokens.weight": ("embedding", "same", None),
-           "model.norm.weight": ("final_norm/scale", "vector", None)}
+    out = {
+        "model.embed_tokens.weight": ("embedding", "same", None),
+        "model.norm.weight": ("final_norm/scale", "vector", None),
+    }
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = ("lm_head", "linear", None)
     for path, (name, kind) in _block_names(cfg).items():
@@ -129,8 +141,7 @@ def check(model_dir: str | Path, cfg: ModelConfig, vocab_size: int) -> TensorInd
         if info.shape != want:
             raise ConfigError(f"{model_dir}: tensor {name} has shape {list(info.shape)}, expected {list(want)}")
         if info.dtype not in DTYPES:
-            raise ConfigError(f"{model_dir}: tensor {name} has dtype {info.dtype}, expected one of "
-                              f"{', '.join(DTYPES)}")
+            raise ConfigError(f"{model_dir}: tensor {name} has dtype {info.dtype}, expected one of {', '.join(DTYPES)}")
     return index
 
 
@@ -172,8 +183,15 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, vocab_size: int, shardi
     return paths.unflatten(placed)
 
 
-def save_pretrained(params: dict, cfg: ModelConfig, vocab_size: int, out_dir: str | Path, *,
-                    dtype: str = "float32", max_shard_bytes: int = 2 * 1024**3) -> list[str]:
+def save_pretrained(
+    params: dict,
+    cfg: ModelConfig,
+    vocab_size: int,
+    out_dir: str | Path,
+    *,
+    dtype: str = "float32",
+    max_shard_bytes: int = 2 * 1024**3,
+) -> list[str]:
     """Writes config.json and sharded safetensors + index; tensors are fetched one at a time."""
     cfg = resolve(cfg)
     out_dir = Path(out_dir)
@@ -181,8 +199,10 @@ def save_pretrained(params: dict, cfg: ModelConfig, vocab_size: int, out_dir: st
     flat = paths.flatten(params)
     np_dtype = np.dtype(jnp.dtype(dtype))
     mapping = tensor_map(cfg)
-    specs = [TensorSpec(name, hf_shape(kind, _layer_shape(path, {path: flat[path]})), np_dtype)
-             for name, (path, kind, _) in mapping.items()]
+    specs = [
+        TensorSpec(name, hf_shape(kind, _layer_shape(path, {path: flat[path]})), np_dtype)
+        for name, (path, kind, _) in mapping.items()
+    ]
 
     def fetch(name: str) -> np.ndarray:
         path, kind, layer = mapping[name]
@@ -193,4 +213,3 @@ def save_pretrained(params: dict, cfg: ModelConfig, vocab_size: int, out_dir: st
     config = hf_config.to_hf(cfg, vocab_size, dtype)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return files
-

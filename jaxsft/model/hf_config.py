@@ -16,8 +16,14 @@ from __future__ import annotations
 from jaxsft.config import ConfigError, ModelConfig, RopeScaling
 from jaxsft.model.families import resolve
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "Qwen3ForCausalLM": "qwen3", "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2"}
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+}
 _ARCH_OF = {family: arch for arch, family in ARCHITECTURES.items()}
 # Fields that describe how to train, not what the checkpoint is: kept from the run's config.
 _TRAINING_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "init_std", "init_from", "peft", "attention")
@@ -27,8 +33,10 @@ def _family(hf: dict, where: str) -> str:
     archs = hf.get("architectures") or []
     known = [a for a in archs if a in ARCHITECTURES]
     if not known:
-        raise ConfigError(f"{where}: architecture {archs or hf.get('model_type')!r} is not supported; "
-                          f"supported: {', '.join(ARCHITECTURES)}")
+        raise ConfigError(
+            f"{where}: architecture {archs or hf.get('model_type')!r} is not supported; "
+            f"supported: {', '.join(ARCHITECTURES)}"
+        )
     return ARCHITECTURES[known[0]]
 
 
@@ -40,10 +48,13 @@ def _rope(hf: dict, where: str) -> tuple[float, RopeScaling]:
         return theta, RopeScaling()
     if kind != "llama3":
         raise ConfigError(f"{where}: rope type {kind!r} is not supported; supported: default, llama3")
-    return theta, RopeScaling(type="llama3", factor=float(params["factor"]),
-                              low_freq_factor=float(params["low_freq_factor"]),
-                              high_freq_factor=float(params["high_freq_factor"]),
-                              original_max_position=int(params["original_max_position_embeddings"]))
+    return theta, RopeScaling(
+        type="llama3",
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position=int(params["original_max_position_embeddings"]),
+    )
 
 
 def _check_unsupported(hf: dict, family: str, where: str) -> None:
@@ -66,17 +77,24 @@ def from_hf(hf: dict, base: ModelConfig = ModelConfig(), where: str = "config.js
     gemma2 = family == "gemma2"
     window = hf.get("sliding_window") if family in ("mistral", "gemma2") else None
     cfg = ModelConfig(
-        family=family, vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]),
-        n_layers=int(hf["num_hidden_layers"]), n_heads=heads,
+        family=family,
+        vocab_size=int(hf["vocab_size"]),
+        d_model=int(hf["hidden_size"]),
+        n_layers=int(hf["num_hidden_layers"]),
+        n_heads=heads,
         n_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads), d_ff=int(hf["intermediate_size"]),
-        rope_theta=theta, rope_scaling=scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+        d_ff=int(hf["intermediate_size"]),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", family in ("gemma", "gemma2"))),
         sliding_window=int(window or 0),
         attn_logit_softcap=float(hf.get("attn_logit_softcapping") or 0.0) if gemma2 else 0.0,
         final_logit_softcap=float(hf.get("final_logit_softcapping") or 0.0) if gemma2 else 0.0,
         query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 0.0) if gemma2 else 0.0,
-        **{k: getattr(base, k) for k in _TRAINING_FIELDS})
+        **{k: getattr(base, k) for k in _TRAINING_FIELDS},
+    )
     return cfg, cfg.vocab_size
 
 
@@ -84,27 +102,44 @@ def to_hf(cfg: ModelConfig, vocab_size: int, dtype: str) -> dict:
     cfg = resolve(cfg)
     gemma = cfg.family in ("gemma", "gemma2")
     out = {
-        "architectures": [_ARCH_OF[cfg.family]], "model_type": cfg.family, "vocab_size": vocab_size,
-        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "gelu_pytorch_tanh" if gemma else "silu", "max_position_embeddings": 8192,
-        "attention_bias": cfg.family == "qwen2", "torch_dtype": dtype, "dtype": dtype,
+        "architectures": [_ARCH_OF[cfg.family]],
+        "model_type": cfg.family,
+        "vocab_size": vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "gelu_pytorch_tanh" if gemma else "silu",
+        "max_position_embeddings": 8192,
+        "attention_bias": cfg.family == "qwen2",
+        "torch_dtype": dtype,
+        "dtype": dtype,
     }
     if gemma:
         out["hidden_activation"] = "gelu_pytorch_tanh"
     if cfg.rope_scaling.type == "llama3":
         s = cfg.rope_scaling
-        out["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-                               "high_freq_factor": s.high_freq_factor,
-                               "original_max_position_embeddings": s.original_max_position}
+        out["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position,
+        }
         out["max_position_embeddings"] = int(s.original_max_position * s.factor)
     if cfg.family in ("mistral", "gemma2"):
         out["sliding_window"] = cfg.sliding_window or None
     if cfg.family == "gemma2":
-        out.update(attn_logit_softcapping=cfg.attn_logit_softcap or None,
-                   final_logit_softcapping=cfg.final_logit_softcap or None,
-                   query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.head_dim))
+        out.update(
+            attn_logit_softcapping=cfg.attn_logit_softcap or None,
+            final_logit_softcapping=cfg.final_logit_softcap or None,
+            query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.head_dim),
+        )
     if cfg.family in ("qwen2", "qwen3"):
         out["use_sliding_window"] = False
     return out

@@ -38,8 +38,11 @@ def _module(path: str) -> str:
 
 def _peft_name(path: str, i: int, key: str) -> str:
     module = _module(path)
-    return _PEFT_MAGNITUDE.format(i=i, module=module) if key == "m" else _PEFT_NAME.format(
-        i=i, module=module, ab=key.upper())
+    return (
+        _PEFT_MAGNITUDE.format(i=i, module=module)
+        if key == "m"
+        else _PEFT_NAME.format(i=i, module=module, ab=key.upper())
+    )
 
 
 def _to_peft(key: str, x: np.ndarray, rank: int) -> np.ndarray:
@@ -59,10 +62,20 @@ def peft_tensors(adapters: dict, cfg: PeftConfig) -> dict[str, np.ndarray]:
 
 
 def peft_config(cfg: PeftConfig, base_model: str = "") -> dict:
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
-            "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora, "use_dora": cfg.method == "dora",
-            "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base_model,
-            "target_modules": sorted(_module(p).split(".")[-1] for p in target_paths(cfg))}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.rslora,
+        "use_dora": cfg.method == "dora",
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "base_model_name_or_path": base_model,
+        "target_modules": sorted(_module(p).split(".")[-1] for p in target_paths(cfg)),
+    }
 
 
 def save_peft(adapters: dict, cfg: PeftConfig, out_dir: str | Path, base_model: str = "") -> list[str]:
@@ -84,17 +97,23 @@ def load_peft(adapter_dir: str | Path, params) -> tuple[PeftConfig, dict]:
     except (OSError, ValueError) as e:
         raise ConfigError(f"{adapter_dir}: no readable adapter_config.json ({e})") from None
     if peft.get("peft_type") != "LORA" or peft.get("fan_in_fan_out"):
-        raise ConfigError(f"{adapter_dir}: only LoRA/DoRA adapters are read (got peft_type={peft.get('peft_type')}, "
-                          f"fan_in_fan_out={peft.get('fan_in_fan_out')})")
+        raise ConfigError(
+            f"{adapter_dir}: only LoRA/DoRA adapters are read (got peft_type={peft.get('peft_type')}, "
+            f"fan_in_fan_out={peft.get('fan_in_fan_out')})"
+        )
     modules = peft["target_modules"]
     modules = [modules] if isinstance(modules, str) else modules
     by_module = {_module(path).split(".")[-1]: short for short, (path, _) in KERNELS.items()}
     unknown = [m for m in modules if m not in by_module]
     if unknown:
         raise ConfigError(f"{adapter_dir}: target_modules {unknown} are not adaptable (expected {sorted(by_module)})")
-    cfg = PeftConfig(method="dora" if peft.get("use_dora") else "lora", rank=int(peft["r"]),
-                     alpha=float(peft["lora_alpha"]), rslora=bool(peft.get("use_rslora", False)),
-                     targets=tuple(by_module[m] for m in modules))
+    cfg = PeftConfig(
+        method="dora" if peft.get("use_dora") else "lora",
+        rank=int(peft["r"]),
+        alpha=float(peft["lora_alpha"]),
+        rslora=bool(peft.get("use_rslora", False)),
+        targets=tuple(by_module[m] for m in modules),
+    )
     index, tree = TensorIndex(adapter_dir), {}
     for path, shapes in adapter_shapes(params, cfg).items():
         node = {}

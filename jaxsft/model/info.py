@@ -47,8 +47,10 @@ def describe(name_or_path: str) -> tuple[ModelConfig, int]:
 
 def format_groups(name: str, cfg: ModelConfig, counts: dict[str, int]) -> str:
     total = sum(counts.values())
-    lines = [f"{name}: family {cfg.family}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
-             f"heads {cfg.n_heads}/{cfg.n_kv_heads}x{cfg.head_dim}, d_ff {cfg.d_ff}"]
+    lines = [
+        f"{name}: family {cfg.family}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
+        f"heads {cfg.n_heads}/{cfg.n_kv_heads}x{cfg.head_dim}, d_ff {cfg.d_ff}"
+    ]
     lines += [f"  {group:<10} {count:>16,}  {100 * count / total:5.1f}%" for group, count in counts.items() if count]
     lines.append(f"  {'total':<10} {total:>16,}")
     return "\n".join(lines)

@@ -37,8 +37,7 @@ class Unsupported(ValueError):
 
 
 def _refuse(implementation: str, feature: str) -> Unsupported:
-    return Unsupported(f"model.attention={implementation} does not support {feature}; "
-                       f"use model.attention=xla")
+    return Unsupported(f"model.attention={implementation} does not support {feature}; use model.attention=xla")
 
 
 def _static_window(implementation: str, window) -> int:
@@ -48,8 +47,9 @@ def _static_window(implementation: str, window) -> int:
     try:
         return int(window)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
-        raise _refuse(implementation, "a per-layer sliding window traced under the layer scan "
-                      "(model.sliding_window)") from None
+        raise _refuse(
+            implementation, "a per-layer sliding window traced under the layer scan (model.sliding_window)"
+        ) from None
 
 
 def _interpret(implementation: str, native: str) -> bool:
@@ -65,8 +65,9 @@ def _interpret(implementation: str, native: str) -> bool:
 def _tile(implementation: str, length: int, largest: int) -> int:
     """The largest multiple of 128 up to `largest` that divides the row length."""
     if length % _LANES:
-        raise _refuse(implementation, f"a row length of {length} tokens (data.max_length must be a "
-                      f"multiple of {_LANES})")
+        raise _refuse(
+            implementation, f"a row length of {length} tokens (data.max_length must be a multiple of {_LANES})"
+        )
     return max(b for b in range(_LANES, largest + 1, _LANES) if length % b == 0)
 
 
@@ -84,8 +85,11 @@ def _per_device(kernel, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
 
     def mesh_axes(logical: str, length: int, taken=()):
         names = rules.get(logical) or ()
-        names = tuple(a for a in ((names,) if isinstance(names, str) else names)
-                      if a in mesh.axis_names and a not in taken and mesh.shape[a] > 1)
+        names = tuple(
+            a
+            for a in ((names,) if isinstance(names, str) else names)
+            if a in mesh.axis_names and a not in taken and mesh.shape[a] > 1
+        )
         return names if names and length % math.prod(mesh.shape[a] for a in names) == 0 else None
 
     batch = mesh_axes("batch", segment_ids_BxT.shape[0])
@@ -93,8 +97,9 @@ def _per_device(kernel, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
     if heads and k_BxTxKxH.shape[2] % math.prod(mesh.shape[a] for a in heads):
         heads = None
     spec = P(batch, None, heads, None)
-    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)), out_specs=spec,
-                         check_vma=False)(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
+    return jax.shard_map(
+        kernel, mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)), out_specs=spec, check_vma=False
+    )(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
 
 
 def splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, scale, softcap, window):
@@ -108,17 +113,34 @@ def splash_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, scale, so
     tile = _tile("splash", t, 512)
     # LocalMask keeps q - (window - 1) <= k <= q: the xla window t - s < window.
     head_mask = masks.LocalMask((t, t), (window - 1, 0), offset=0) if window else masks.CausalMask((t, t))
-    blocks = splash.BlockSizes(block_q=tile, block_kv=tile, block_kv_compute=tile, block_q_dkv=tile,
-                               block_kv_dkv=tile, block_kv_dkv_compute=tile, block_q_dq=tile, block_kv_dq=tile)
+    blocks = splash.BlockSizes(
+        block_q=tile,
+        block_kv=tile,
+        block_kv_compute=tile,
+        block_q_dkv=tile,
+        block_kv_dkv=tile,
+        block_kv_dkv_compute=tile,
+        block_q_dq=tile,
+        block_kv_dq=tile,
+    )
     heads_first = lambda x: x.transpose(0, 2, 1, 3)
 
     def run(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
         # One mask per query head on this device.
-        kernel = splash.make_splash_mha(masks.MultiHeadMask([head_mask] * q_BxTxNxH.shape[2]), block_sizes=blocks,
-                                        attn_logits_soft_cap=softcap or None, head_shards=1, q_seq_shards=1,
-                                        interpret=interpret)
-        out_BxNxTxH = jax.vmap(kernel)(heads_first(q_BxTxNxH), heads_first(k_BxTxKxH), heads_first(v_BxTxKxH),
-                                       splash.SegmentIds(q=segment_ids_BxT, kv=segment_ids_BxT))
+        kernel = splash.make_splash_mha(
+            masks.MultiHeadMask([head_mask] * q_BxTxNxH.shape[2]),
+            block_sizes=blocks,
+            attn_logits_soft_cap=softcap or None,
+            head_shards=1,
+            q_seq_shards=1,
+            interpret=interpret,
+        )
+        out_BxNxTxH = jax.vmap(kernel)(
+            heads_first(q_BxTxNxH),
+            heads_first(k_BxTxKxH),
+            heads_first(v_BxTxKxH),
+            splash.SegmentIds(q=segment_ids_BxT, kv=segment_ids_BxT),
+        )
         return heads_first(out_BxNxTxH)
 
     # The kernel has no scale argument: scale q (in float32, one rounding) before it.
@@ -142,14 +164,23 @@ def pallas_gpu_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, scale
 
     def run(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT):
         k_BxTxNxH, v_BxTxNxH = (jnp.repeat(x, groups, axis=2) for x in (k_BxTxKxH, v_BxTxKxH))
-        return flash.mha(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, segment_ids_BxT, sm_scale=scale, causal=True,
-                         block_sizes=flash.BlockSizes.get_default(), interpret=interpret)
+        return flash.mha(
+            q_BxTxNxH,
+            k_BxTxNxH,
+            v_BxTxNxH,
+            segment_ids_BxT,
+            sm_scale=scale,
+            causal=True,
+            block_sizes=flash.BlockSizes.get_default(),
+            interpret=interpret,
+        )
 
     return _per_device(run, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
 
 
-def cudnn_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, scale, softcap, window,
-                    implementation: str = "cudnn"):
+def cudnn_attention(
+    q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, scale, softcap, window, implementation: str = "cudnn"
+):
     """cuDNN fused attention through jax.nn.dot_product_attention.
 
     It has no segment ids: the packed mask goes in as a boolean [B, 1, T, T], which cuDNN
@@ -165,6 +196,13 @@ def cudnn_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, scale, sof
         if q_BxTxNxH.dtype not in (jnp.bfloat16, jnp.float16):
             raise _refuse("cudnn", f"{q_BxTxNxH.dtype} activations (set model.dtype=bfloat16)")
     same_segment_Bx1xTxT = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=same_segment_Bx1xTxT, scale=scale,
-                                        is_causal=True, local_window_size=(window - 1, 0) if window else None,
-                                        implementation=implementation)
+    return jax.nn.dot_product_attention(
+        q_BxTxNxH,
+        k_BxTxKxH,
+        v_BxTxKxH,
+        mask=same_segment_Bx1xTxT,
+        scale=scale,
+        is_causal=True,
+        local_window_size=(window - 1, 0) if window else None,
+        implementation=implementation,
+    )

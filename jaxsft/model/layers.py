@@ -48,8 +48,7 @@ def constrain(x, names: tuple[str, ...]):
 class RMSNorm(nnx.Module):
     """x / rms(x) * (offset + w): offset 0 for Llama, 1 for Gemma (whose w starts at 0)."""
 
-    def __init__(self, dim: int, eps: float, param_dtype, offset: float = 0.0, names=("embed",), *,
-                 rngs: nnx.Rngs):
+    def __init__(self, dim: int, eps: float, param_dtype, offset: float = 0.0, names=("embed",), *, rngs: nnx.Rngs):
         self.eps, self.offset = eps, offset
         init = nnx.initializers.zeros if offset else nnx.initializers.ones
         self.scale = param(rngs, init, (dim,), names, param_dtype)
@@ -68,7 +67,10 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling = RopeSca
     if scaling.type != "llama3":
         return inv_freq_A.astype(np.float32)
     s = scaling
-    low_wavelen, high_wavelen = s.original_max_position / s.low_freq_factor, s.original_max_position / s.high_freq_factor
+    low_wavelen, high_wavelen = (
+        s.original_max_position / s.low_freq_factor,
+        s.original_max_position / s.high_freq_factor,
+    )
     wavelen_A = 2 * math.pi / inv_freq_A
     scaled_A = np.where(wavelen_A > low_wavelen, inv_freq_A / s.factor, inv_freq_A)
     smooth_A = (s.original_max_position / wavelen_A - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
@@ -77,8 +79,9 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling = RopeSca
     return np.where(medium_A, smoothed_A, scaled_A).astype(np.float32)
 
 
-def rope_tables(positions_BxT: jax.Array, head_dim: int, theta: float,
-                scaling: RopeScaling = RopeScaling()) -> tuple[jax.Array, jax.Array]:
+def rope_tables(
+    positions_BxT: jax.Array, head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()
+) -> tuple[jax.Array, jax.Array]:
     """cos/sin of the rotary angles, float32, in the rotate_half layout (halves repeated)."""
     inv_freq_A = jnp.asarray(rope_frequencies(head_dim, theta, scaling))
     angles_BxTxA = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_A

@@ -49,8 +49,17 @@ from jaxsft.model import paths
 from jaxsft.model.lora_branch import KERNELS, scale, target_paths
 from jaxsft.model.transformer import abstract_params
 
-__all__ = ["KERNELS", "target_paths", "scale", "adapter_shapes", "adapter_specs", "init_adapters", "delta",
-           "merge", "count"]
+__all__ = [
+    "KERNELS",
+    "target_paths",
+    "scale",
+    "adapter_shapes",
+    "adapter_specs",
+    "init_adapters",
+    "delta",
+    "merge",
+    "count",
+]
 _IN_DIMS = dict(KERNELS.values())  # param path -> number of input dims after the 'layers' axis
 
 
@@ -92,8 +101,10 @@ def init_adapters(params, cfg: PeftConfig, key: jax.Array) -> dict:
     shapes = adapter_shapes(params, cfg)
     for k, (path, shape) in zip(jax.random.split(key, len(shapes)), shapes.items()):
         bound = 1.0 / math.sqrt(math.prod(shape["a"][1:-1]))
-        node = {"a": jax.random.uniform(k, shape["a"], jnp.float32, -bound, bound),
-                "b": jnp.zeros(shape["b"], jnp.float32)}
+        node = {
+            "a": jax.random.uniform(k, shape["a"], jnp.float32, -bound, bound),
+            "b": jnp.zeros(shape["b"], jnp.float32),
+        }
         if "m" in shape:
             node["m"] = _column_norm(paths.get(params, path), _IN_DIMS[path])
         paths.put(tree, path, node)

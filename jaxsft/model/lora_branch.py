@@ -21,9 +21,13 @@ import jax.numpy as jnp
 from jaxsft.config import ConfigError, PeftConfig
 
 KERNELS = {
-    "q": ("blocks/attn/q_proj", 1), "k": ("blocks/attn/k_proj", 1), "v": ("blocks/attn/v_proj", 1),
+    "q": ("blocks/attn/q_proj", 1),
+    "k": ("blocks/attn/k_proj", 1),
+    "v": ("blocks/attn/v_proj", 1),
     "o": ("blocks/attn/o_proj", 2),
-    "gate": ("blocks/mlp/gate_proj", 1), "up": ("blocks/mlp/up_proj", 1), "down": ("blocks/mlp/down_proj", 1),
+    "gate": ("blocks/mlp/gate_proj", 1),
+    "up": ("blocks/mlp/up_proj", 1),
+    "down": ("blocks/mlp/down_proj", 1),
 }
 _PATHS = [path for path, _ in KERNELS.values()]
 
@@ -39,7 +43,9 @@ def target_paths(cfg: PeftConfig) -> tuple[str, ...]:
             try:
                 pattern = re.compile(target)
             except re.error as e:
-                raise ConfigError(f"model.peft.targets: {target!r} is neither a kernel name nor a valid regex ({e})") from None
+                raise ConfigError(
+                    f"model.peft.targets: {target!r} is neither a kernel name nor a valid regex ({e})"
+                ) from None
             found = [p for p in _PATHS if pattern.search(p)]
             if not found:
                 raise ConfigError(f"model.peft.targets: {target!r} matches none of {', '.join(_PATHS)}")
@@ -81,9 +87,11 @@ def layer_hook(layer_adapters: dict | None, cfg: PeftConfig, key: jax.Array | No
         if "m" not in node:
             return y + branch.astype(dt)
         # DoRA: the norm of the adapted kernel is a constant to the gradient (PEFT, DoRA section 4.3).
-        v = w.astype(jnp.float32) + s * jnp.tensordot(jax.lax.stop_gradient(node["a"]).astype(jnp.float32),
-                                                      jax.lax.stop_gradient(node["b"]).astype(jnp.float32),
-                                                      axes=([n_in], [0]))
+        v = w.astype(jnp.float32) + s * jnp.tensordot(
+            jax.lax.stop_gradient(node["a"]).astype(jnp.float32),
+            jax.lax.stop_gradient(node["b"]).astype(jnp.float32),
+            axes=([n_in], [0]),
+        )
         norm = jax.lax.stop_gradient(jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(n_in)))))
         ratio = (node["m"].astype(jnp.float32) / norm).astype(dt)
         base = y if dropped is x else jnp.tensordot(dropped, w.astype(dt), axes=(in_axes, tuple(range(n_in))))

@@ -77,20 +77,25 @@ def _selection(cfg: PeftConfig, paths: list[str], n_layers: int) -> dict[str, tu
     out = {}
     for path in paths:
         if path.startswith("blocks/"):
-            rest = path[len("blocks/"):]
+            rest = path[len("blocks/") :]
             out[path] = tuple(i >= top or hit(f"blocks/{i}/{rest}") for i in range(n_layers))
         else:
             out[path] = hit(path)
     if not any(any(v) if isinstance(v, tuple) else v for v in out.values()):
-        raise ConfigError(f"model.peft.trainable: {list(cfg.trainable)} match no parameter (paths look like "
-                          f"embedding, final_norm/scale, blocks/0/attn/q_proj, blocks/0/mlp_norm/scale)")
+        raise ConfigError(
+            f"model.peft.trainable: {list(cfg.trainable)} match no parameter (paths look like "
+            f"embedding, final_norm/scale, blocks/0/attn/q_proj, blocks/0/mlp_norm/scale)"
+        )
     return out
 
 
 def _segments(selection: dict, n_layers: int) -> list[tuple[int, int]]:
     """Maximal layer ranges inside which every block param is wholly trained or wholly frozen."""
-    cuts = [0] + [i for i in range(1, n_layers)
-                  if any(v[i] != v[i - 1] for v in selection.values() if isinstance(v, tuple))] + [n_layers]
+    cuts = (
+        [0]
+        + [i for i in range(1, n_layers) if any(v[i] != v[i - 1] for v in selection.values() if isinstance(v, tuple))]
+        + [n_layers]
+    )
     return list(zip(cuts[:-1], cuts[1:]))
 
 
@@ -103,7 +108,7 @@ def _freeze_split(cfg: PeftConfig, tree, n_layers: int, take):
         if not path.startswith("blocks/"):
             (trainable if selection[path] else frozen)[path] = leaf
             continue
-        rest = path[len("blocks/"):]
+        rest = path[len("blocks/") :]
         for start, stop in _segments(selection, n_layers):
             side = trainable if selection[path][start] else frozen
             side[f"blocks/{start}_{stop}/{rest}"] = take(leaf, start, stop)

@@ -29,7 +29,7 @@ PREFIXES = ("hf:", "orbax:")
 def _source(init_from: str) -> tuple[str, Path]:
     for prefix in PREFIXES:
         if init_from.startswith(prefix):
-            return prefix, Path(init_from[len(prefix):]).expanduser().absolute()
+            return prefix, Path(init_from[len(prefix) :]).expanduser().absolute()
     raise ConfigError(f"model.init_from={init_from!r}: expected hf:/path or orbax:/path")
 
 
@@ -45,8 +45,10 @@ def resolve_config(cfg: ModelConfig) -> ModelConfig:
     for field in dataclasses.fields(ModelConfig):
         ours, theirs = getattr(cfg, field.name), getattr(checkpoint, field.name)
         if field.name != "preset" and ours != getattr(default, field.name) and ours != theirs:
-            raise ConfigError(f"model.{field.name}={ours!r} conflicts with {directory}/config.json ({theirs!r}); "
-                              f"with model.init_from the checkpoint decides the shapes")
+            raise ConfigError(
+                f"model.{field.name}={ours!r} conflicts with {directory}/config.json ({theirs!r}); "
+                f"with model.init_from the checkpoint decides the shapes"
+            )
     return checkpoint
 
 
@@ -54,8 +56,9 @@ def load_pretrained(cfg: ModelConfig, vocab_size: int, shardings: dict) -> dict:
     prefix, directory = _source(cfg.init_from)
     if prefix == "hf:":
         return hf.load_params(directory, cfg, vocab_size, shardings)
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          abstract_params(cfg, vocab_size), shardings)
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params(cfg, vocab_size), shardings
+    )
     if not (directory / "params").is_dir():
         raise ConfigError(f"model.init_from={cfg.init_from}: no params/ checkpoint (made by `jaxsft convert`)")
     with ocp.StandardCheckpointer() as checkpointer:

@@ -19,14 +19,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
 
-DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-          "BF16": np.dtype(ml_dtypes.bfloat16)}
+DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+}
 _NAMES = {v: k for k, v in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -46,8 +50,10 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         header = json.loads(f.read(length))
     header.pop("__metadata__", None)
     base = 8 + length
-    return {name: TensorInfo(path, h["dtype"], tuple(h["shape"]), base + h["data_offsets"][0],
-                             base + h["data_offsets"][1]) for name, h in header.items()}
+    return {
+        name: TensorInfo(path, h["dtype"], tuple(h["shape"]), base + h["data_offsets"][0], base + h["data_offsets"][1])
+        for name, h in header.items()
+    }
 
 
 class TensorIndex:
@@ -98,8 +104,11 @@ def _write_file(path: Path, specs: list[TensorSpec], fetch: Callable[[str], np.n
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for spec in specs:
         nbytes = int(np.prod(spec.shape)) * spec.dtype.itemsize
-        header[spec.name] = {"dtype": _NAMES[spec.dtype], "shape": list(spec.shape),
-                             "data_offsets": [offset, offset + nbytes]}
+        header[spec.name] = {
+            "dtype": _NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
@@ -112,8 +121,9 @@ def _write_file(path: Path, specs: list[TensorSpec], fetch: Callable[[str], np.n
             f.write(array.tobytes())
 
 
-def write_sharded(out_dir: str | Path, specs: Iterable[TensorSpec], fetch: Callable[[str], np.ndarray],
-                  max_shard_bytes: int) -> list[str]:
+def write_sharded(
+    out_dir: str | Path, specs: Iterable[TensorSpec], fetch: Callable[[str], np.ndarray], max_shard_bytes: int
+) -> list[str]:
     """Writes model-0000N-of-0000M.safetensors (fetching one tensor at a time) and the index."""
     out_dir = Path(out_dir)
     specs = list(specs)

@@ -41,10 +41,27 @@ from jaxsft.config import ModelConfig
 from jaxsft.model import lora_branch
 from jaxsft.model.attention import attention, masked_attention
 from jaxsft.model.families import layer_windows, resolve, variant
-from jaxsft.model.layers import (ACTIVATION_AXES, RMSNorm, apply_rope, constrain, param, rope_frequencies,
-                                 rope_tables, Block)
+from jaxsft.model.layers import (
+    ACTIVATION_AXES,
+    Block,
+    RMSNorm,
+    apply_rope,
+    constrain,
+    param,
+    rope_frequencies,
+    rope_tables,
+)
 
-__all__ = ["Transformer", "abstract_model", "abstract_params", "param_count", "init_cache", "rope_tables", "apply_rope", "rope_frequencies"]
+__all__ = [
+    "Transformer",
+    "abstract_model",
+    "abstract_params",
+    "param_count",
+    "init_cache",
+    "rope_tables",
+    "apply_rope",
+    "rope_frequencies",
+]
 _REMAT_POLICIES = {
     "full": None,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
@@ -72,8 +89,10 @@ def _check_config(cfg: ModelConfig, vocab_size: int) -> None:
     if cfg.remat != "none" and cfg.remat not in _REMAT_POLICIES:
         raise ValueError(f"model.remat={cfg.remat!r}: expected one of none, {', '.join(_REMAT_POLICIES)}")
     if cfg.n_heads % cfg.n_kv_heads or cfg.head_dim % 2:
-        raise ValueError(f"model: n_heads={cfg.n_heads} must be a multiple of n_kv_heads={cfg.n_kv_heads} "
-                         f"and head_dim={cfg.head_dim} even")
+        raise ValueError(
+            f"model: n_heads={cfg.n_heads} must be a multiple of n_kv_heads={cfg.n_kv_heads} "
+            f"and head_dim={cfg.head_dim} even"
+        )
     if vocab_size <= 0:
         raise ValueError(f"vocab_size={vocab_size}: expected a positive number")
 
@@ -89,8 +108,9 @@ class Transformer(nnx.Module):
         init = nnx.initializers.normal(cfg.init_std)
         self.embedding = param(rngs, init, (vocab_size, cfg.d_model), ("vocab", "embed"), cfg.param_dtype)
         self.blocks = _stacked_blocks(cfg, rngs)
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.param_dtype, variant(cfg.family).norm_offset,
-                                  rngs=rngs)
+        self.final_norm = RMSNorm(
+            cfg.d_model, cfg.norm_eps, cfg.param_dtype, variant(cfg.family).norm_offset, rngs=rngs
+        )
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, init, (cfg.d_model, vocab_size), ("embed", "vocab"), cfg.param_dtype)
 
@@ -102,13 +122,21 @@ class Transformer(nnx.Module):
     def hidden_states(self, tokens_BxT, positions_BxT, segment_ids_BxT, blocks=None, key=None) -> jax.Array:
         """The final-normed hidden states [B, T, D] the head reads (chunked losses start here)."""
         cfg = self.cfg
-        scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else cfg.head_dim ** -0.5
+        scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else cfg.head_dim**-0.5
 
         def attend(window):
             def fn(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
-                return attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, scale=scale,
-                                 softcap=cfg.attn_logit_softcap, window=window,
-                                 implementation=cfg.attention), None
+                return attention(
+                    q_BxTxNxH,
+                    k_BxTxKxH,
+                    v_BxTxKxH,
+                    segment_ids_BxT,
+                    scale=scale,
+                    softcap=cfg.attn_logit_softcap,
+                    window=window,
+                    implementation=cfg.attention,
+                ), None
+
             return fn
 
         x_BxTxD, cos_BxTxH, sin_BxTxH = self._embed(tokens_BxT, positions_BxT)
@@ -123,7 +151,7 @@ class Transformer(nnx.Module):
         lengths share one set of slots. Returns (logits_BxTxV, updated cache).
         """
         cfg = self.cfg
-        scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else cfg.head_dim ** -0.5
+        scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else cfg.head_dim**-0.5
         new_positions_BxT = jnp.where(valid_BxT, positions_BxT, -1).astype(jnp.int32)
         key_positions_BxS = jax.lax.dynamic_update_slice(cache["positions"], new_positions_BxT, (0, index))
         distance_BxTxS = positions_BxT[:, :, None] - key_positions_BxS[:, None, :]
@@ -131,16 +159,25 @@ class Transformer(nnx.Module):
 
         def attend(window, k_cache_BxSxKxH, v_cache_BxSxKxH):
             def fn(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
-                k_all = jax.lax.dynamic_update_slice(k_cache_BxSxKxH, k_BxTxKxH.astype(k_cache_BxSxKxH.dtype),
-                                                     (0, index, 0, 0))
-                v_all = jax.lax.dynamic_update_slice(v_cache_BxSxKxH, v_BxTxKxH.astype(v_cache_BxSxKxH.dtype),
-                                                     (0, index, 0, 0))
+                k_all = jax.lax.dynamic_update_slice(
+                    k_cache_BxSxKxH, k_BxTxKxH.astype(k_cache_BxSxKxH.dtype), (0, index, 0, 0)
+                )
+                v_all = jax.lax.dynamic_update_slice(
+                    v_cache_BxSxKxH, v_BxTxKxH.astype(v_cache_BxSxKxH.dtype), (0, index, 0, 0)
+                )
                 mask_BxTxS = visible_BxTxS
                 if window is not None:
                     mask_BxTxS = mask_BxTxS & ((window <= 0) | (distance_BxTxS < window))
-                out = masked_attention(q_BxTxNxH, k_all.astype(q_BxTxNxH.dtype), v_all.astype(q_BxTxNxH.dtype),
-                                       mask_BxTxS, scale, cfg.attn_logit_softcap)
+                out = masked_attention(
+                    q_BxTxNxH,
+                    k_all.astype(q_BxTxNxH.dtype),
+                    v_all.astype(q_BxTxNxH.dtype),
+                    mask_BxTxS,
+                    scale,
+                    cfg.attn_logit_softcap,
+                )
                 return out, (k_all, v_all)
+
             return fn
 
         x_BxTxD, cos_BxTxH, sin_BxTxH = self._embed(tokens_BxT, positions_BxT)
@@ -187,19 +224,25 @@ class Transformer(nnx.Module):
         def body(x_BxTxD, xs):
             layer_state, window, layer_caches, layer_adapters, layer = xs
             block = nnx.merge(graphdef, layer_state)
-            adapt = lora_branch.layer_hook(layer_adapters, peft_cfg, None if key is None else jax.random.fold_in(key, layer))
+            adapt = lora_branch.layer_hook(
+                layer_adapters, peft_cfg, None if key is None else jax.random.fold_in(key, layer)
+            )
             return block(x_BxTxD, cos_BxTxH, sin_BxTxH, attend(window, *(layer_caches or ())), adapt)
 
         if self.cfg.remat != "none":
             # prevent_cse only matters outside scan; inside it just blocks XLA optimisations.
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat],
-                                  prevent_cse=not self.cfg.scan_layers)
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
         start, outs = 0, []
         for segment_state, segment_adapters in segments:
             n = jax.tree.leaves(segment_state)[0].shape[0]
             layers = slice(start, start + n)
-            xs = (segment_state, None if windows_L is None else windows_L[layers], caches,
-                  segment_adapters, jnp.arange(start, start + n, dtype=jnp.int32))
+            xs = (
+                segment_state,
+                None if windows_L is None else windows_L[layers],
+                caches,
+                segment_adapters,
+                jnp.arange(start, start + n, dtype=jnp.int32),
+            )
             start += n
             if self.cfg.scan_layers:
                 x_BxTxD, out = jax.lax.scan(body, x_BxTxD, xs)
@@ -217,8 +260,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> 
     """An empty KV cache of `length` slots per row (positions -1 mark empty slots)."""
     cfg = resolve(cfg)
     shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "positions": jnp.full((batch, length), -1, jnp.int32)}
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "positions": jnp.full((batch, length), -1, jnp.int32),
+    }
 
 
 def abstract_model(cfg: ModelConfig, vocab_size: int) -> Transformer:

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from jaxsft.config import Config, ConfigError
 from jaxsft.model import pretrained
 from jaxsft.model.transformer import param_count
-from jaxsft.train import program as program_lib, sharding
+from jaxsft.train import program as program_lib
+from jaxsft.train import sharding
 
 GIB = 1024**3
 
@@ -51,8 +52,19 @@ CHIPS = {
 }
 # name: (XLA target config in gpu_specs/, dense bf16 peak per GPU)
 GPUS = {"h100": ("h100_sxm.txtpb", 989e12)}
-SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
-             512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+SHAPES_3D = {
+    4: "2x2x1",
+    8: "2x2x2",
+    16: "2x2x4",
+    32: "2x4x4",
+    64: "4x4x4",
+    128: "4x4x8",
+    256: "4x8x8",
+    512: "8x8x8",
+    1024: "8x8x16",
+    2048: "8x16x16",
+    4096: "16x16x16",
+}
 SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 
 
@@ -80,21 +92,28 @@ def topology(name: str, slices: int = 1):
     """(devices, Chip) for a slice name such as `v5p-32`; a one-line error for anything else."""
     kind, _, size = name.partition("-")
     if kind not in CHIPS or not size.isdigit():
-        raise ConfigError(f"--topology {name}: expected <type>-<size> with type one of {', '.join(CHIPS)} (e.g. v5p-32)")
+        raise ConfigError(
+            f"--topology {name}: expected <type>-<size> with type one of {', '.join(CHIPS)} (e.g. v5p-32)"
+        )
     chip = CHIPS[kind]
     chips = int(size) // chip.cores_in_name
     shapes = SHAPES_3D if kind in ("v4", "v5p") else SHAPES_2D
     if chips not in shapes:
-        raise ConfigError(f"--topology {name}: {chips} chips is not a {kind} slice shape "
-                          f"(chips: {', '.join(map(str, shapes))})")
+        raise ConfigError(
+            f"--topology {name}: {chips} chips is not a {kind} slice shape (chips: {', '.join(map(str, shapes))})"
+        )
     from jax.experimental import topologies
+
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu's host lookup
     try:
-        topo = topologies.get_topology_desc(f"{kind}:{shapes[chips]}", "tpu",
-                                            **({"num_slices": slices} if slices > 1 else {}))
+        topo = topologies.get_topology_desc(
+            f"{kind}:{shapes[chips]}", "tpu", **({"num_slices": slices} if slices > 1 else {})
+        )
     except Exception as e:  # no libtpu, or a libtpu that does not know this chip
-        raise ConfigError(f"--topology {name}: TPU compiler unavailable ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}); install the tpu extra: pip install -e '.[tpu]'") from None
+        raise ConfigError(
+            f"--topology {name}: TPU compiler unavailable ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); install the tpu extra: pip install -e '.[tpu]'"
+        ) from None
     return list(topo.devices), chip, chips * slices
 
 
@@ -102,6 +121,7 @@ def _per_device_bytes(abstract_tree) -> int:
     def shard_bytes(x):
         shape = x.sharding.shard_shape(x.shape)
         return math.prod(shape) * jnp.dtype(x.dtype).itemsize
+
     return sum(shard_bytes(x) for x in jax.tree.leaves(abstract_tree))
 
 
@@ -109,18 +129,23 @@ def gpu_topology(name: str, hosts: int = 1):
     """(devices, Chip, GPUs) for `h100x8` (GPUs per host) on `hosts` hosts: compile-only CUDA devices."""
     kind, _, per_host = name.partition("x")
     if kind not in GPUS or not per_host.isdigit() or int(per_host) < 1 or hosts < 1:
-        raise ConfigError(f"--gpu {name} (--hosts {hosts}): expected <gpu>x<GPUs per host> with gpu one of "
-                          f"{', '.join(GPUS)} (e.g. h100x8) and at least one host")
+        raise ConfigError(
+            f"--gpu {name} (--hosts {hosts}): expected <gpu>x<GPUs per host> with gpu one of "
+            f"{', '.join(GPUS)} (e.g. h100x8) and at least one host"
+        )
     spec_file, peak = GPUS[kind]
     spec = (Path(__file__).parent / "gpu_specs" / spec_file).read_text()
     # The plugin refuses to register on a host without CUDA unless told this is compile-only work.
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     from jax.experimental import topologies
+
     try:
         topo = topologies.get_topology_desc(platform="cuda", target_config=spec, topology=f"1x{hosts}x{per_host}")
     except Exception as e:  # no CUDA PJRT plugin, or one that cannot read this description
-        raise ConfigError(f"--gpu {name}: GPU compiler unavailable ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}); install it: pip install -e '.[gpu-aot]'") from None
+        raise ConfigError(
+            f"--gpu {name}: GPU compiler unavailable ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); install it: pip install -e '.[gpu-aot]'"
+        ) from None
     hbm = int(re.search(r"device_memory_size: (\d+)", spec).group(1))
     devices = list(topo.devices)
     return devices, Chip(1, hbm, peak), len(devices)
@@ -163,16 +188,26 @@ def compile_for(cfg: Config, devices, chip: Chip, chips: int, label: str = "") -
         raise ConfigError(f"{label or 'train step'}: the TPU compiler refused it: {first}") from None
     memory = compiled.memory_analysis()
     useful, executed = model_flops(cfg, vocab_size)
-    total = memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes \
+    total = (
+        memory.argument_size_in_bytes
+        + memory.temp_size_in_bytes
+        + memory.output_size_in_bytes
         - memory.alias_size_in_bytes
+    )
     return Report(
-        label=label, devices=len(devices),
+        label=label,
+        devices=len(devices),
         params_bytes=_per_device_bytes(plan.abstract["params"]) + _per_device_bytes(plan.frozen_abstract or {}),
         optimizer_bytes=_per_device_bytes(plan.abstract["opt_state"]),
-        argument_bytes=memory.argument_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
-        total_bytes=total, capacity_bytes=int(chip.hbm_bytes * chips / len(devices)),
-        model_flops=useful, hardware_flops=executed, step_seconds_at_peak=executed / (chip.peak_flops * chips),
-        mfu_at_peak=useful / executed)
+        argument_bytes=memory.argument_size_in_bytes,
+        temp_bytes=memory.temp_size_in_bytes,
+        total_bytes=total,
+        capacity_bytes=int(chip.hbm_bytes * chips / len(devices)),
+        model_flops=useful,
+        hardware_flops=executed,
+        step_seconds_at_peak=executed / (chip.peak_flops * chips),
+        mfu_at_peak=useful / executed,
+    )
 
 
 def format_report(r: Report) -> list[str]:
@@ -190,12 +225,26 @@ def format_report(r: Report) -> list[str]:
 
 
 def sweep_table(reports: list[Report]) -> list[str]:
-    header = f"{'variant':<40} {'params':>8} {'optim':>8} {'temp':>8} {'total':>8} {'HBM':>7} {'ms@peak':>8} {'MFU':>6} fits"
-    rows = [f"{r.label[:40]:<40} {r.params_bytes / GIB:8.2f} {r.optimizer_bytes / GIB:8.2f} {r.temp_bytes / GIB:8.2f} "
-            f"{r.total_bytes / GIB:8.2f} {r.capacity_bytes / GIB:7.1f} {r.step_seconds_at_peak * 1e3:8.1f} "
-            f"{r.mfu_at_peak:6.1%} {'yes' if r.fits else 'NO'}" for r in reports]
+    header = (
+        f"{'variant':<40} {'params':>8} {'optim':>8} {'temp':>8} {'total':>8} {'HBM':>7} {'ms@peak':>8} {'MFU':>6} fits"
+    )
+    rows = [
+        f"{r.label[:40]:<40} {r.params_bytes / GIB:8.2f} {r.optimizer_bytes / GIB:8.2f} {r.temp_bytes / GIB:8.2f} "
+        f"{r.total_bytes / GIB:8.2f} {r.capacity_bytes / GIB:7.1f} {r.step_seconds_at_peak * 1e3:8.1f} "
+        f"{r.mfu_at_peak:6.1%} {'yes' if r.fits else 'NO'}"
+        for r in reports
+    ]
     return [header + "   (GiB per device)"] + rows
 
 
-__all__ = ["CHIPS", "GPUS", "Report", "compile_for", "format_report", "gpu_topology", "model_flops", "sweep_table",
-           "topology"]
+__all__ = [
+    "CHIPS",
+    "GPUS",
+    "Report",
+    "compile_for",
+    "format_report",
+    "gpu_topology",
+    "model_flops",
+    "sweep_table",
+    "topology",
+]

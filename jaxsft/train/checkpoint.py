@@ -67,8 +67,10 @@ class Checkpointer:
         if not self.cfg.enabled or not (force or step % self.cfg.every == 0):
             return False
         if not verify.all_finite(state):
-            console.print(f"warning: not saving step {step}: the train state holds non-finite values "
-                          f"(the newest checkpoint stays step {self.latest_step()})")
+            console.print(
+                f"warning: not saving step {step}: the train state holds non-finite values "
+                f"(the newest checkpoint stays step {self.latest_step()})"
+            )
             return False
         self._finish_previous()
         args = ocp.args.Composite(
@@ -161,8 +163,9 @@ class Checkpointer:
                     found = None if verify.all_finite(state) else "it holds non-finite values"
             if found is None:
                 if not any_verified:
-                    console.print(f"warning: checkpoint {step} has no checksums (written by an older jaxsft): "
-                                  f"restored unverified")
+                    console.print(
+                        f"warning: checkpoint {step} has no checksums (written by an older jaxsft): restored unverified"
+                    )
                 self.last_verified = step
                 return step, state, data_restored
             self._set_aside(step, found)
@@ -171,8 +174,9 @@ class Checkpointer:
     def _set_aside(self, step: int, found: str) -> None:
         message = f"checkpoint {step} in {self.directory} is damaged: {found}"
         if self.cfg.on_corrupt == "fail":
-            raise CheckpointDamaged(f"{message} (checkpoint.on_corrupt=fail; set it to fallback to resume from "
-                                    f"the newest good checkpoint)")
+            raise CheckpointDamaged(
+                f"{message} (checkpoint.on_corrupt=fail; set it to fallback to resume from the newest good checkpoint)"
+            )
         distributed.barrier("jaxsft_set_aside")  # every process has checked before the step moves
         if distributed.is_main():
             aside = self.run_dir / "damaged_checkpoints" / str(step)
@@ -204,8 +208,9 @@ def read_state(run_dir: str | Path, step: int | None = None):
 
     For tools and tests: it reads checkpoints written under any mesh or process count.
     """
-    manager = ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints",
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(
+        Path(run_dir).absolute() / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True)
+    )
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")

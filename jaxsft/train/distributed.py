@@ -29,8 +29,11 @@ def _explicit() -> tuple[str, int, int] | None:
         missing = ", ".join(k for k in EXPLICIT if k not in present)
         raise ConfigError(f"multi-process launch: {', '.join(present)} set but {missing} missing")
     try:
-        return os.environ["JAXSFT_COORDINATOR"], int(os.environ["JAXSFT_NUM_PROCESSES"]), int(
-            os.environ["JAXSFT_PROCESS_ID"])
+        return (
+            os.environ["JAXSFT_COORDINATOR"],
+            int(os.environ["JAXSFT_NUM_PROCESSES"]),
+            int(os.environ["JAXSFT_PROCESS_ID"]),
+        )
     except ValueError:
         raise ConfigError("multi-process launch: JAXSFT_NUM_PROCESSES and JAXSFT_PROCESS_ID must be integers") from None
 

@@ -47,4 +47,5 @@ class SkipGuard:
             raise NumericalFault(
                 f"stopped at step {self.counted_step}: {self.consecutive} steps in a row had a non-finite loss or "
                 f"gradient (train.max_skipped_steps={self.limit}); their updates were skipped and the checkpoints "
-                f"hold the last finite state. Lower optim.learning_rate or check the data, then run the same command")
+                f"hold the last finite state. Lower optim.learning_rate or check the data, then run the same command"
+            )

@@ -31,8 +31,11 @@ PLOT_FILE = "loss.png"
 
 def scalars(record: dict) -> dict[str, float]:
     """The record's finite numbers, `step` aside."""
-    return {k: float(v) for k, v in record.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 class _TensorBoard:
@@ -58,8 +61,14 @@ class _WandB:
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
         self.wandb = wandb
-        self.run = wandb.init(project=cfg.logging.wandb, name=run_dir.name, id=run_id, resume="allow",
-                              dir=str(run_dir), config=config_load.to_dict(cfg))
+        self.run = wandb.init(
+            project=cfg.logging.wandb,
+            name=run_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=config_load.to_dict(cfg),
+        )
 
     def write(self, record: dict) -> None:
         self.run.log(scalars(record), step=record["step"])
@@ -86,8 +95,10 @@ class Sinks:
             if _wandb_installed():
                 self.others.append(_WandB(cfg, run_dir))
             else:
-                console.print(f"logging.wandb={cfg.logging.wandb}: wandb is not installed (pip install wandb); "
-                              f"logging to metrics.jsonl and TensorBoard only")
+                console.print(
+                    f"logging.wandb={cfg.logging.wandb}: wandb is not installed (pip install wandb); "
+                    f"logging to metrics.jsonl and TensorBoard only"
+                )
 
     def write(self, record: dict) -> None:
         self.metrics.write(record)

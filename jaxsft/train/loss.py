@@ -83,8 +83,9 @@ def _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk: int, softca
         if not grads:
             return (total, d_head_DxV), nll_E
         chain_ExV = 1.0 - jnp.square(logits_ExV / softcap) if softcap else None  # d cap*tanh(x/cap) / dx
-        d_logits_ExV = _nll_grad(logits_ExV, log_z_E, targets_E, jnp.where(weights_E > 0, weights_E, 0.0),
-                                 chain_ExV).astype(dtype)
+        d_logits_ExV = _nll_grad(
+            logits_ExV, log_z_E, targets_E, jnp.where(weights_E > 0, weights_E, 0.0), chain_ExV
+        ).astype(dtype)
         d_hidden_ExD = jnp.dot(d_logits_ExV, head_DxV.T, preferred_element_type=jnp.float32)
         d_head_DxV = d_head_DxV + jnp.dot(hidden_ExD.T, d_logits_ExV, preferred_element_type=jnp.float32)
         return (total, d_head_DxV), (nll_E, d_hidden_ExD)
@@ -104,8 +105,9 @@ def _chunked_nll_sum(hidden_MxD, head_DxV, targets_M, weights_M, chunk, softcap,
 
 
 def _chunked_nll_sum_fwd(hidden_MxD, head_DxV, targets_M, weights_M, chunk, softcap, dtype):
-    total, nll_M, d_hidden_MxD, d_head_DxV = _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk,
-                                                           softcap, dtype, grads=True)
+    total, nll_M, d_hidden_MxD, d_head_DxV = _chunked_pass(
+        hidden_MxD, head_DxV, targets_M, weights_M, chunk, softcap, dtype, grads=True
+    )
     return total, (nll_M, d_hidden_MxD.astype(hidden_MxD.dtype), d_head_DxV.astype(head_DxV.dtype))
 
 
@@ -117,8 +119,15 @@ def _chunked_nll_sum_bwd(chunk, softcap, dtype, residuals, g):
 _chunked_nll_sum.defvjp(_chunked_nll_sum_fwd, _chunked_nll_sum_bwd)
 
 
-def chunked_cross_entropy_sum(hidden_BxTxD: jax.Array, head_DxV: jax.Array, targets_BxT: jax.Array,
-                              weights_BxT: jax.Array, chunk: int, softcap: float = 0.0, dtype=jnp.float32):
+def chunked_cross_entropy_sum(
+    hidden_BxTxD: jax.Array,
+    head_DxV: jax.Array,
+    targets_BxT: jax.Array,
+    weights_BxT: jax.Array,
+    chunk: int,
+    softcap: float = 0.0,
+    dtype=jnp.float32,
+):
     """`cross_entropy_sum(softcap(hidden @ head), targets, weights)` without the full logits.
 
     The B*T tokens are split into chunks of `chunk` tokens; a `scan` computes one chunk's
@@ -134,6 +143,7 @@ def chunked_cross_entropy_sum(hidden_BxTxD: jax.Array, head_DxV: jax.Array, targ
     """
     depth = hidden_BxTxD.shape[-1]
     weights_M = weights_BxT.reshape(-1).astype(jnp.float32)
-    total = _chunked_nll_sum(hidden_BxTxD.reshape(-1, depth), head_DxV, targets_BxT.reshape(-1), weights_M,
-                             chunk, softcap, jnp.dtype(dtype))
+    total = _chunked_nll_sum(
+        hidden_BxTxD.reshape(-1, depth), head_DxV, targets_BxT.reshape(-1), weights_M, chunk, softcap, jnp.dtype(dtype)
+    )
     return total, jnp.sum(weights_M)

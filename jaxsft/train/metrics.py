@@ -61,9 +61,16 @@ class ProgressLine:
     def __init__(self, total: int, start: int, enabled: bool):
         self.bar = None
         if enabled and console.is_terminal:
-            self.bar = Progress(TextColumn("train", style="bold"), BarColumn(bar_width=20), MofNCompleteColumn(),
-                                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
-                                TimeRemainingColumn(), console=console)
+            self.bar = Progress(
+                TextColumn("train", style="bold"),
+                BarColumn(bar_width=20),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=console,
+            )
             self.task = self.bar.add_task("train", total=total, completed=start, status="")
             self.bar.start()
         self.status, self.held = "", ""
@@ -93,8 +100,10 @@ class ProgressLine:
 
 def format_status(record: dict) -> str:
     mfu = f"  MFU {record['mfu']:.1%}" if record.get("mfu") is not None else ""
-    return (f"loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
-            f"gnorm {record['grad_norm']:.3f}  {record['tokens_per_second']:,.0f} tok/s{mfu}")
+    return (
+        f"loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
+        f"gnorm {record['grad_norm']:.3f}  {record['tokens_per_second']:,.0f} tok/s{mfu}"
+    )
 
 
 def format_held_out(record: dict) -> str:
@@ -107,11 +116,13 @@ def drop_after(path: Path, step: int) -> None:
     steps again, and a crashed run may have logged steps its checkpoint never reached."""
     if not path.exists():
         return
+
     def logged_step(line: str) -> float:
         try:
             return json.loads(line).get("step", 0)
         except (ValueError, AttributeError):  # a line cut short by a crash
             return float("inf")
+
     kept = [line for line in path.read_text(encoding="utf-8").splitlines() if step and logged_step(line) <= step]
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -29,8 +29,15 @@ from jaxsft.train import aot
 
 _MATMUL = 1024  # [n, n] @ [n, n]: 2 GFLOP, a few tenths of a second on two CPU cores
 # device_kind as JAX reports it -> aot.CHIPS name (Cloud TPU's "lite" chips are the e-series)
-_TPU_KINDS = {"TPU v4": "v4", "TPU v5": "v5p", "TPU v5p": "v5p", "TPU v5 lite": "v5e", "TPU v5e": "v5e",
-              "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
+_TPU_KINDS = {
+    "TPU v4": "v4",
+    "TPU v5": "v5p",
+    "TPU v5p": "v5p",
+    "TPU v5 lite": "v5e",
+    "TPU v5e": "v5e",
+    "TPU v6 lite": "v6e",
+    "TPU v6e": "v6e",
+}
 
 
 def _table_peak(device) -> float | None:
@@ -61,7 +68,9 @@ def peak_flops(device, dtype: str, cache: Path) -> tuple[float, str]:
     table = _table_peak(device)
     if table:
         return table, f"{device.device_kind} bf16 peak"
-    key = f"{device.platform}|{device.device_kind}|{platform.processor() or platform.machine()}|{os.cpu_count()}|{dtype}"
+    key = (
+        f"{device.platform}|{device.device_kind}|{platform.processor() or platform.machine()}|{os.cpu_count()}|{dtype}"
+    )
     path = cache / "peak_flops.json"
     try:
         cached = json.loads(path.read_text())

@@ -36,7 +36,8 @@ def _path_names(path) -> str:
 def decay_mask(params):
     """True where weight decay applies: a parameter whose path names no norm, bias or embedding."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: not any(n in _path_names(path) for n in NO_DECAY_NAMES), params)
+        lambda path, _: not any(n in _path_names(path) for n in NO_DECAY_NAMES), params
+    )
 
 
 def scale_by_adam(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -53,6 +54,7 @@ def scale_by_adam(cfg: OptimConfig) -> optax.GradientTransformation:
     def init(params):
         state = adam.init(params)
         return state._replace(nu=jax.tree.map(lambda v: v.astype(dtype), state.nu))
+
     return optax.GradientTransformation(init, adam.update)
 
 

@@ -50,8 +50,14 @@ def plot_run(metrics_path: Path, out_path: Path) -> bool:
     handles, labels = ax.get_legend_handles_labels()
     if exact[0]:
         right = ax.twinx()
-        right.plot(exact[0], [100 * v for v in exact[1]], label="held-out exact match", color="tab:green",
-                   marker="s", markersize=3)
+        right.plot(
+            exact[0],
+            [100 * v for v in exact[1]],
+            label="held-out exact match",
+            color="tab:green",
+            marker="s",
+            markersize=3,
+        )
         right.set_ylabel("exact match (%)")
         right.set_ylim(0, 100)
         more = right.get_legend_handles_labels()

@@ -20,21 +20,29 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import linen
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxsft.config import Config, ConfigError
-from jaxsft.train import sharding, state as state_lib
+from jaxsft.train import sharding
+from jaxsft.train import state as state_lib
 from jaxsft.train.optim import make_optimizer, schedule
 from jaxsft.train.step import make_eval_step, make_train_step
 
-BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "loss_weights": jnp.float32,
-                "segment_ids": jnp.int32, "positions": jnp.int32}
+BATCH_DTYPES = {
+    "inputs": jnp.int32,
+    "targets": jnp.int32,
+    "loss_weights": jnp.float32,
+    "segment_ids": jnp.int32,
+    "positions": jnp.int32,
+}
 
 
 class Compiled(NamedTuple):
@@ -68,18 +76,25 @@ class Program:
         return (self.plan.frozen_abstract,) if self.plan.peft else ()
 
     def jit_train(self, *, donate: bool = True):
-        return jax.jit(self.train_fn, in_shardings=(self.plan.shardings, self.batch_sharding, *self._frozen_shardings),
-                       out_shardings=(self.plan.shardings, None), donate_argnums=0 if donate else ())
+        return jax.jit(
+            self.train_fn,
+            in_shardings=(self.plan.shardings, self.batch_sharding, *self._frozen_shardings),
+            out_shardings=(self.plan.shardings, None),
+            donate_argnums=0 if donate else (),
+        )
 
     def jit_eval(self):
-        return jax.jit(self.eval_fn,
-                       in_shardings=(self.plan.shardings["params"], self.batch_sharding, *self._frozen_shardings))
+        return jax.jit(
+            self.eval_fn, in_shardings=(self.plan.shardings["params"], self.batch_sharding, *self._frozen_shardings)
+        )
 
     def abstract_batch(self, rows: int | None = None, length: int | None = None) -> dict:
         rows = rows or self.cfg.train.global_batch_size
         length = length or self.cfg.data.max_length
-        return {k: jax.ShapeDtypeStruct((rows, length), dtype, sharding=self.batch_sharding)
-                for k, dtype in BATCH_DTYPES.items()}
+        return {
+            k: jax.ShapeDtypeStruct((rows, length), dtype, sharding=self.batch_sharding)
+            for k, dtype in BATCH_DTYPES.items()
+        }
 
     def lower_train(self, rows: int | None = None, length: int | None = None):
         with self.context():
@@ -90,8 +105,11 @@ class Program:
 
     def compile_eval(self, rows: int | None = None, length: int | None = None):
         with self.context():
-            return self.jit_eval().lower(self.plan.abstract["params"], self.abstract_batch(rows, length),
-                                         *self.frozen_abstract).compile()
+            return (
+                self.jit_eval()
+                .lower(self.plan.abstract["params"], self.abstract_batch(rows, length), *self.frozen_abstract)
+                .compile()
+            )
 
     def compile(self, rows: int | None = None, length: int | None = None) -> Compiled:
         """Both steps compiled ahead of time for `rows` x `length` global batches (default: the config's)."""
@@ -107,9 +125,15 @@ def build(cfg: Config, vocab_size: int, mesh: Mesh) -> Program:
     # [M, B/M, T] micro-batches keep the rows' sharding on their second axis.
     micro_sharding = NamedSharding(mesh, P(None, *batch_sharding.spec))
     train_fn = make_train_step(
-        graphdef=plan.graphdef, optimizer=optimizer, schedule=schedule(cfg.optim, t.steps),
-        micro_batches=t.micro_batches, constrain_micro=lambda x: jax.lax.with_sharding_constraint(x, micro_sharding),
-        peft_cfg=cfg.model.peft, seed=t.seed, loss_chunk=t.loss_chunk)
+        graphdef=plan.graphdef,
+        optimizer=optimizer,
+        schedule=schedule(cfg.optim, t.steps),
+        micro_batches=t.micro_batches,
+        constrain_micro=lambda x: jax.lax.with_sharding_constraint(x, micro_sharding),
+        peft_cfg=cfg.model.peft,
+        seed=t.seed,
+        loss_chunk=t.loss_chunk,
+    )
     eval_fn = make_eval_step(graphdef=plan.graphdef, peft_cfg=cfg.model.peft, loss_chunk=t.loss_chunk)
     return Program(cfg, vocab_size, mesh, optimizer, plan, batch_sharding, train_fn, eval_fn)
 
@@ -119,8 +143,10 @@ def check_batch(cfg: Config, mesh: Mesh) -> None:
     t = cfg.train
     shards = sharding.batch_axes_size(cfg.mesh.rules, mesh)
     if t.global_batch_size % (shards * t.micro_batches):
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} must divide by the batch shards ({shards}) "
-                          f"x train.micro_batches ({t.micro_batches})")
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} must divide by the batch shards ({shards}) "
+            f"x train.micro_batches ({t.micro_batches})"
+        )
 
 
 def vocab_size_without_data(cfg: Config) -> int:

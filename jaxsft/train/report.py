@@ -18,15 +18,21 @@ def print_summary(summary) -> None:
     trained = summary.final_step > summary.start_step
     rows = [
         ("run directory", summary.run_dir),
-        ("steps", f"{summary.start_step} -> {summary.final_step}" if trained
-         else f"{summary.final_step} (already finished: nothing trained now)"),
+        (
+            "steps",
+            f"{summary.start_step} -> {summary.final_step}"
+            if trained
+            else f"{summary.final_step} (already finished: nothing trained now)",
+        ),
         ("held-out loss", f"{_fmt(summary.initial_eval_loss)} (step 0) -> {_fmt(summary.final_eval_loss)}"),
         *_score_rows(summary.initial_scores, summary.final_scores),
         ("last train loss", _fmt(summary.train_loss)),
     ]
     if trained:
-        rows += [("throughput", f"{summary.tokens_per_second:,.0f} tokens/s (median over log intervals)"),
-                 ("compile", f"{summary.compile_seconds:.1f} s")]
+        rows += [
+            ("throughput", f"{summary.tokens_per_second:,.0f} tokens/s (median over log intervals)"),
+            ("compile", f"{summary.compile_seconds:.1f} s"),
+        ]
     rows += [("wall time", f"{summary.wall_seconds:.1f} s"), ("files", ", ".join(_written(summary.run_dir)))]
     for key, value in rows:
         table.add_row(key, value)

@@ -27,9 +27,23 @@ from jaxsft.config import Config, ConfigError
 
 HISTORY_NAME = "config_history.jsonl"
 # Keys (or prefixes ending in ".") whose change leaves what the run learns as it was.
-SAFE = ("logging.", "eval.", "mesh.", "train.run_dir", "train.eval_every", "train.eval_batches",
-        "train.max_skipped_steps", "train.micro_batches", "train.loss_chunk", "checkpoint.every",
-        "checkpoint.keep", "checkpoint.async_save", "checkpoint.on_corrupt", "model.remat", "model.attention")
+SAFE = (
+    "logging.",
+    "eval.",
+    "mesh.",
+    "train.run_dir",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.max_skipped_steps",
+    "train.micro_batches",
+    "train.loss_chunk",
+    "checkpoint.every",
+    "checkpoint.keep",
+    "checkpoint.async_save",
+    "checkpoint.on_corrupt",
+    "model.remat",
+    "model.attention",
+)
 _ABSENT = object()
 
 
@@ -82,14 +96,17 @@ def check(cfg: Config, allow_change: bool = False) -> dict[str, tuple]:
     try:
         saved = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path} cannot be read ({' '.join(str(e).split())}); restore it or use a new "
-                          f"train.run_dir") from None
+        raise ConfigError(
+            f"{path} cannot be read ({' '.join(str(e).split())}); restore it or use a new train.run_dir"
+        ) from None
     diffs = differences(saved if isinstance(saved, dict) else {}, cfg)
     unsafe = {k: d for k, d in diffs.items() if not _safe(k, *d)}
     if unsafe and not allow_change:
-        raise ConfigError(f"{run_dir} was trained with another config ({path.name}): {_summary(unsafe)}; run with "
-                          f"the same config, use a new train.run_dir, or pass --allow-config-change to record the "
-                          f"change in {HISTORY_NAME}")
+        raise ConfigError(
+            f"{run_dir} was trained with another config ({path.name}): {_summary(unsafe)}; run with "
+            f"the same config, use a new train.run_dir, or pass --allow-config-change to record the "
+            f"change in {HISTORY_NAME}"
+        )
     return diffs
 
 
@@ -98,18 +115,22 @@ def schedule_note(cfg: Config, old_steps: int, step: int) -> str:
     from jaxsft.train.optim import schedule
 
     before, after = float(schedule(cfg.optim, old_steps)(step)), float(schedule(cfg.optim, cfg.train.steps)(step))
-    return (f"train.steps {old_steps} -> {cfg.train.steps}: the learning-rate schedule now decays over "
-            f"{cfg.train.steps} steps; from step {step} on it follows that curve (learning rate {before:.3g} "
-            f"-> {after:.3g} at step {step + 1})")
+    return (
+        f"train.steps {old_steps} -> {cfg.train.steps}: the learning-rate schedule now decays over "
+        f"{cfg.train.steps} steps; from step {step} on it follows that curve (learning rate {before:.3g} "
+        f"-> {after:.3g} at step {step + 1})"
+    )
 
 
 def record(cfg: Config, diffs: dict[str, tuple], step: int, say=print) -> None:
     """Appends the differences (from `step` on) to the history, then writes config.yaml."""
     run_dir = Path(cfg.train.run_dir)
     if diffs:
-        line = {"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "changes": {k: [None if a is _ABSENT else a, None if b is _ABSENT else b]
-                            for k, (a, b) in diffs.items()}}
+        line = {
+            "step": step,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "changes": {k: [None if a is _ABSENT else a, None if b is _ABSENT else b] for k, (a, b) in diffs.items()},
+        }
         with open(run_dir / HISTORY_NAME, "a") as f:
             f.write(json.dumps(line) + "\n")
         say(f"config changes from step {step} on (recorded in {run_dir / HISTORY_NAME}): {_summary(diffs)}")

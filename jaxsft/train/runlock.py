@@ -53,8 +53,12 @@ def _describe(holder: dict) -> str:
 class RunLock:
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOCK_NAME
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()),
-                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": _start_time(os.getpid()),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         self.held = False
 
     def acquire(self) -> RunLock:
@@ -67,8 +71,10 @@ class RunLock:
                 return self
         except OSError as e:
             raise ConfigError(f"train.run_dir={self.path.parent}: cannot write there ({e.strerror or e})") from None
-        raise RunDirLocked(f"{self.path.parent} is in use by another jaxsft train ({_describe(self._read())}); "
-                           f"wait for it to finish or stop it (a lock of a dead process on its host is taken over)")
+        raise RunDirLocked(
+            f"{self.path.parent} is in use by another jaxsft train ({_describe(self._read())}); "
+            f"wait for it to finish or stop it (a lock of a dead process on its host is taken over)"
+        )
 
     def _create(self) -> bool:
         try:

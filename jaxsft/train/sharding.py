@@ -17,7 +17,8 @@ import math
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxsft.config import LOGICAL_AXES, MESH_AXES, ConfigError, LogicalRules, MeshConfig
 
@@ -46,13 +47,20 @@ def mesh_shapes(cfg: MeshConfig, device_count: int, slices: int = 1) -> tuple[tu
     if math.prod(dcn) == 1 and slices > 1:
         dcn[MESH_AXES.index("data")] = slices
     if slices > 1 and math.prod(dcn) != slices:
-        raise ConfigError(f"mesh: dcn sizes {dict(zip(MESH_AXES, dcn))} multiply to {math.prod(dcn)} "
-                          f"but the devices form {slices} slices")
+        raise ConfigError(
+            f"mesh: dcn sizes {dict(zip(MESH_AXES, dcn))} multiply to {math.prod(dcn)} "
+            f"but the devices form {slices} slices"
+        )
     if device_count % math.prod(dcn):
-        raise ConfigError(f"mesh: {device_count} devices do not split into {math.prod(dcn)} DCN groups "
-                          f"(dcn sizes {dict(zip(MESH_AXES, dcn))})")
-    ici = _resolve([getattr(cfg, axis) for axis in MESH_AXES], device_count // math.prod(dcn),
-                   "devices" if math.prod(dcn) == 1 else "devices per slice")
+        raise ConfigError(
+            f"mesh: {device_count} devices do not split into {math.prod(dcn)} DCN groups "
+            f"(dcn sizes {dict(zip(MESH_AXES, dcn))})"
+        )
+    ici = _resolve(
+        [getattr(cfg, axis) for axis in MESH_AXES],
+        device_count // math.prod(dcn),
+        "devices" if math.prod(dcn) == 1 else "devices per slice",
+    )
     return tuple(ici), tuple(dcn)
 
 
@@ -75,15 +83,20 @@ def hybrid_device_grid(ici: tuple[int, ...], dcn: tuple[int, ...], devices) -> n
     groups = math.prod(dcn)
     for attr in ("slice_index", "process_index"):
         if _distinct(devices, attr) == groups:
-            return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=attr == "process_index",
-                                                        allow_split_physical_axes=True)
+            return mesh_utils.create_hybrid_device_mesh(
+                ici, dcn, devices, process_is_granule=attr == "process_index", allow_split_physical_axes=True
+            )
     if _distinct(devices, "process_index") > 1:
-        raise ConfigError(f"mesh: dcn sizes {dict(zip(MESH_AXES, dcn))} ask for {groups} DCN groups, but the devices "
-                          f"form {_distinct(devices, 'slice_index')} slices over "
-                          f"{_distinct(devices, 'process_index')} processes")
+        raise ConfigError(
+            f"mesh: dcn sizes {dict(zip(MESH_AXES, dcn))} ask for {groups} DCN groups, but the devices "
+            f"form {_distinct(devices, 'slice_index')} slices over "
+            f"{_distinct(devices, 'process_index')} processes"
+        )
     n = len(devices) // groups
-    blocks = [mesh_utils.create_device_mesh(ici, devices[g * n:(g + 1) * n], allow_split_physical_axes=True)
-              for g in range(groups)]
+    blocks = [
+        mesh_utils.create_device_mesh(ici, devices[g * n : (g + 1) * n], allow_split_physical_axes=True)
+        for g in range(groups)
+    ]
     layout = np.empty(dcn, dtype=object)
     for g, index in enumerate(np.ndindex(*dcn)):
         layout[index] = blocks[g]
@@ -123,7 +136,10 @@ def tree_shardings(abstract_tree, logical_specs, rules: LogicalRules, mesh: Mesh
     """NamedShardings for a tree of ShapeDtypeStructs, given the matching tree of logical specs."""
     return jax.tree.map(
         lambda x, spec: NamedSharding(mesh, mesh_spec(spec, x.shape, rules, mesh)),
-        abstract_tree, logical_specs, is_leaf=lambda x: isinstance(x, P))
+        abstract_tree,
+        logical_specs,
+        is_leaf=lambda x: isinstance(x, P),
+    )
 
 
 def batch_sharding(rules: LogicalRules, mesh: Mesh) -> NamedSharding:
@@ -151,13 +167,17 @@ def process_rows(sharding: NamedSharding, global_rows: int) -> np.ndarray:
     return np.array(sorted(rows), dtype=np.int64)
 
 
-def global_batch_of_rows(batch: dict[str, np.ndarray], sharding: NamedSharding, row_ids: np.ndarray,
-                         global_rows: int) -> dict[str, jax.Array]:
+def global_batch_of_rows(
+    batch: dict[str, np.ndarray], sharding: NamedSharding, row_ids: np.ndarray, global_rows: int
+) -> dict[str, jax.Array]:
     """Global arrays of `global_rows` rows from the rows `row_ids` (ascending, a superset of
     `process_rows`) that this process holds: each device gets its rows (and length slice)."""
+
     def assemble(rows_BxT: np.ndarray) -> jax.Array:
         def device_part(index):
             wanted = np.arange(global_rows)[index[0]]
             return rows_BxT[np.searchsorted(row_ids, wanted)][:, index[1]]
+
         return jax.make_array_from_callback((global_rows,) + rows_BxT.shape[1:], sharding, device_part)
+
     return {k: assemble(v) for k, v in batch.items()}

@@ -21,7 +21,8 @@ from typing import Any
 import jax
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxsft.config import Config, ConfigError, LogicalRules, ModelConfig, PeftConfig
 from jaxsft.model import hf_peft, lora, peft, pretrained
@@ -51,17 +52,20 @@ def _with_sharding(abstract, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
 
-def plan(cfg: ModelConfig, vocab_size: int, optimizer: optax.GradientTransformation,
-         rules: LogicalRules, mesh: Mesh) -> StatePlan:
+def plan(
+    cfg: ModelConfig, vocab_size: int, optimizer: optax.GradientTransformation, rules: LogicalRules, mesh: Mesh
+) -> StatePlan:
     graphdef, full_abstract, specs = _abstract_model(cfg, vocab_size)
-    specs = jax.tree.map(lambda s: s if isinstance(s, P) else P(), specs,
-                         is_leaf=lambda s: isinstance(s, P) or s is None)
+    specs = jax.tree.map(
+        lambda s: s if isinstance(s, P) else P(), specs, is_leaf=lambda s: isinstance(s, P) or s is None
+    )
     full_shardings = sharding.tree_shardings(full_abstract, specs, rules, mesh)
     frozen_shardings = frozen_abstract = None
     abstract_params, param_shardings = full_abstract, full_shardings
     if peft.enabled(cfg.peft):
-        abstract_params, frozen_abstract = jax.eval_shape(lambda p: peft.init(cfg.peft, p, jax.random.key(0)),
-                                                          full_abstract)
+        abstract_params, frozen_abstract = jax.eval_shape(
+            lambda p: peft.init(cfg.peft, p, jax.random.key(0)), full_abstract
+        )
         trainable_specs, frozen_specs = peft.split_specs(cfg.peft, specs, full_abstract)
         param_shardings = sharding.tree_shardings(abstract_params, trainable_specs, rules, mesh)
         frozen_shardings = sharding.tree_shardings(frozen_abstract, frozen_specs, rules, mesh)
@@ -71,11 +75,23 @@ def plan(cfg: ModelConfig, vocab_size: int, optimizer: optax.GradientTransformat
     state_shardings = {
         "step": NamedSharding(mesh, P()),
         "params": param_shardings,
-        "opt_state": optax.tree_map_params(optimizer, lambda _, s: s, abstract_state["opt_state"],
-                                           param_shardings, transform_non_params=lambda _: NamedSharding(mesh, P())),
+        "opt_state": optax.tree_map_params(
+            optimizer,
+            lambda _, s: s,
+            abstract_state["opt_state"],
+            param_shardings,
+            transform_non_params=lambda _: NamedSharding(mesh, P()),
+        ),
     }
-    return StatePlan(graphdef, state_shardings, _with_sharding(abstract_state, state_shardings), full_shardings,
-                     frozen_shardings, frozen_abstract, peft.enabled(cfg.peft))
+    return StatePlan(
+        graphdef,
+        state_shardings,
+        _with_sharding(abstract_state, state_shardings),
+        full_shardings,
+        frozen_shardings,
+        frozen_abstract,
+        peft.enabled(cfg.peft),
+    )
 
 
 def init_params(cfg: ModelConfig, vocab_size: int, seed: int):
@@ -84,11 +100,13 @@ def init_params(cfg: ModelConfig, vocab_size: int, seed: int):
     return nnx.state(model).to_pure_dict()
 
 
-def create(cfg: ModelConfig, vocab_size: int, optimizer: optax.GradientTransformation,
-           state_plan: StatePlan, seed: int):
+def create(
+    cfg: ModelConfig, vocab_size: int, optimizer: optax.GradientTransformation, state_plan: StatePlan, seed: int
+):
     """Full fine-tuning: initialises params and optimizer state, each device computing only its shard."""
-    return jax.jit(lambda: init_state(init_params(cfg, vocab_size, seed), optimizer),
-                   out_shardings=state_plan.shardings)()
+    return jax.jit(
+        lambda: init_state(init_params(cfg, vocab_size, seed), optimizer), out_shardings=state_plan.shardings
+    )()
 
 
 def base_params(cfg: ModelConfig, vocab_size: int, shardings, seed: int):
@@ -110,25 +128,31 @@ def split_base(cfg: ModelConfig, base, state_plan: StatePlan, seed: int):
 
     LoRA/DoRA donate the base: the frozen tree is the base itself, in the same buffers."""
     key = jax.random.fold_in(jax.random.key(seed), 1)
-    return jax.jit(lambda p: peft.init(cfg.peft, p, key), donate_argnums=0 if cfg.peft.adapters else (),
-                   out_shardings=(state_plan.shardings["params"], state_plan.frozen_shardings))(base)
+    return jax.jit(
+        lambda p: peft.init(cfg.peft, p, key),
+        donate_argnums=0 if cfg.peft.adapters else (),
+        out_shardings=(state_plan.shardings["params"], state_plan.frozen_shardings),
+    )(base)
 
 
 def frozen_part(cfg: ModelConfig, base, state_plan: StatePlan):
     """The frozen params alone, on their shardings: a run whose trainable part comes from elsewhere
     (a checkpoint, a PEFT adapter) builds no fresh one."""
-    return jax.jit(lambda p: peft.frozen_of(cfg.peft, p), donate_argnums=0 if cfg.peft.adapters else (),
-                   out_shardings=state_plan.frozen_shardings)(base)
+    return jax.jit(
+        lambda p: peft.frozen_of(cfg.peft, p),
+        donate_argnums=0 if cfg.peft.adapters else (),
+        out_shardings=state_plan.frozen_shardings,
+    )(base)
 
 
 def from_params(params, optimizer: optax.GradientTransformation, state_plan: StatePlan):
     """The train state around params already on the mesh (e.g. imported from Hugging Face)."""
-    return jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_plan.shardings,
-                   donate_argnums=0)(params)
+    return jax.jit(lambda p: init_state(p, optimizer), out_shardings=state_plan.shardings, donate_argnums=0)(params)
 
 
-def initial_state(cfg: Config, vocab_size: int, optimizer: optax.GradientTransformation, state_plan: StatePlan,
-                  restored=None):
+def initial_state(
+    cfg: Config, vocab_size: int, optimizer: optax.GradientTransformation, state_plan: StatePlan, restored=None
+):
     """(train state, frozen argument tuple) a run starts from. The first source that exists wins:
 
     1. `restored`: the run's own checkpoint. It holds the trainable state only; a PEFT run's
@@ -145,8 +169,9 @@ def initial_state(cfg: Config, vocab_size: int, optimizer: optax.GradientTransfo
         if restored is not None:
             return restored, ()
         if model.init_from:
-            return from_params(base_params(model, vocab_size, state_plan.full_shardings, seed), optimizer,
-                               state_plan), ()
+            return from_params(
+                base_params(model, vocab_size, state_plan.full_shardings, seed), optimizer, state_plan
+            ), ()
         return create(model, vocab_size, optimizer, state_plan, seed), ()
     base = create_base(model, vocab_size, state_plan, seed)
     if restored is not None:
@@ -162,7 +187,12 @@ def peft_adapters(pe: PeftConfig, state_plan: StatePlan):
     """The adapters of `model.peft.init_from` (a HF PEFT directory), placed on the adapters' shardings."""
     peft_cfg, adapters = hf_peft.load_peft(pe.init_from, state_plan.frozen_abstract)
     if (peft_cfg.method, peft_cfg.rank, set(lora.target_paths(peft_cfg))) != (
-            pe.method, pe.rank, set(lora.target_paths(pe))):
-        raise ConfigError(f"model.peft.init_from={pe.init_from}: {peft_cfg.method} rank {peft_cfg.rank} on "
-                          f"{list(peft_cfg.targets)}; set model.peft.method, rank and targets to match")
+        pe.method,
+        pe.rank,
+        set(lora.target_paths(pe)),
+    ):
+        raise ConfigError(
+            f"model.peft.init_from={pe.init_from}: {peft_cfg.method} rank {peft_cfg.rank} on "
+            f"{list(peft_cfg.targets)}; set model.peft.method, rank and targets to match"
+        )
     return jax.device_put(adapters, state_plan.shardings["params"])

@@ -12,7 +12,8 @@ K micro-batches give the same update as one batch of the same rows (invariant 5)
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from flax import nnx
 
 from jaxsft.config import PeftConfig
 from jaxsft.model import peft
-from jaxsft.train.loss import chunked_cross_entropy_sum
+from jaxsft.train.loss import chunked_cross_entropy_sum, cross_entropy_sum
 
 Batch = dict[str, jax.Array]
 
@@ -30,20 +31,34 @@ def init_state(params, optimizer: optax.GradientTransformation) -> dict[str, Any
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
 
 
-def loss_sums(graphdef, params, batch: Batch, frozen=None, peft_cfg: PeftConfig = PeftConfig(),
-              key: jax.Array | None = None, loss_chunk: int = 0):
+def loss_sums(
+    graphdef,
+    params,
+    batch: Batch,
+    frozen=None,
+    peft_cfg: PeftConfig = PeftConfig(),
+    key: jax.Array | None = None,
+    loss_chunk: int = 0,
+):
     """(weighted loss sum, weight sum) of one (micro-)batch; with PEFT `params` are the trainable
     part and `frozen` the rest.
 
-    The head and cross-entropy run as one pass that also yields their gradient
-    (loss.chunked_cross_entropy_sum), `loss_chunk` tokens at a time when > 0 (the [B, T, V]
-    float32 logits never exist), else all of the (micro-)batch's tokens in one chunk."""
+    `loss_chunk` > 0 computes the cross-entropy from the hidden states `loss_chunk` tokens
+    at a time (loss.chunked_cross_entropy_sum): the [B, T, V] float32 logits never exist."""
     merged, blocks = peft.model_inputs(peft_cfg, params, frozen)
     model = nnx.merge(graphdef, merged)
     hidden_BxTxD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"], blocks, key)
-    chunk = loss_chunk or hidden_BxTxD.shape[0] * hidden_BxTxD.shape[1]
-    return chunked_cross_entropy_sum(hidden_BxTxD, model.head(), batch["targets"], batch["loss_weights"],
-                                     chunk, model.cfg.final_logit_softcap, dtype=jnp.dtype(model.cfg.dtype))
+    if loss_chunk:
+        return chunked_cross_entropy_sum(
+            hidden_BxTxD,
+            model.head(),
+            batch["targets"],
+            batch["loss_weights"],
+            loss_chunk,
+            model.cfg.final_logit_softcap,
+            dtype=jnp.dtype(model.cfg.dtype),
+        )
+    return cross_entropy_sum(model.logits(hidden_BxTxD), batch["targets"], batch["loss_weights"])
 
 
 def split_micro_batches(batch: Batch, micro_batches: int, constrain: Callable) -> Batch:
@@ -52,22 +67,33 @@ def split_micro_batches(batch: Batch, micro_batches: int, constrain: Callable) -
     Taking every M-th row (rather than contiguous blocks) keeps each micro-batch spread
     over all devices that hold the batch, so no device idles while another works.
     """
+
     def split(x_BxT):
         rows, length = x_BxT.shape
         return constrain(x_BxT.reshape(rows // micro_batches, micro_batches, length).swapaxes(0, 1))
+
     return jax.tree.map(split, batch)
 
 
-def make_train_step(*, graphdef, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    micro_batches: int = 1, constrain_micro: Callable = lambda x: x,
-                    peft_cfg: PeftConfig = PeftConfig(), seed: int = 0, loss_chunk: int = 0):
+def make_train_step(
+    *,
+    graphdef,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    micro_batches: int = 1,
+    constrain_micro: Callable = lambda x: x,
+    peft_cfg: PeftConfig = PeftConfig(),
+    seed: int = 0,
+    loss_chunk: int = 0,
+):
     """`train_step(state, batch, frozen=None)`; with PEFT (peft.py) state["params"] are the trainable
     part and `frozen` the rest: only the trainable part is differentiated and updated.
 
     Adapter dropout draws from a key that is a function of (seed, step, micro-batch), so a
     resumed run drops exactly what the uninterrupted run would have."""
     grad_fn = jax.value_and_grad(
-        lambda p, frozen, b, key: loss_sums(graphdef, p, b, frozen, peft_cfg, key, loss_chunk), has_aux=True)
+        lambda p, frozen, b, key: loss_sums(graphdef, p, b, frozen, peft_cfg, key, loss_chunk), has_aux=True
+    )
     dropout = peft_cfg.adapters and peft_cfg.dropout > 0
 
     def accumulate(params, frozen, batch: Batch, step):
@@ -85,9 +111,14 @@ def make_train_step(*, graphdef, optimizer: optax.GradientTransformation, schedu
             return (loss_acc + loss_sum, jax.tree.map(jnp.add, grads_acc, grads)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        (loss_sum, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                            (jnp.arange(micro_batches), micro))
+        (loss_sum, grads), _ = jax.lax.scan(
+            body, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(micro_batches), micro)
+        )
         return loss_sum, grads
+
+    def update(grads, params, opt_state):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
 
     def train_step(state, batch: Batch, frozen=None):
         weight = jnp.sum(batch["loss_weights"].astype(jnp.float32))
@@ -96,14 +127,16 @@ def make_train_step(*, graphdef, optimizer: optax.GradientTransformation, schedu
         # examples) changes nothing rather than dividing by zero.
         denominator = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state["params"])
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
         loss, grad_norm = loss_sum / denominator, optax.global_norm(grads)
         # A non-finite loss or gradient skips the update: params and optimizer state stay as
         # they were, the step counter still advances (the data position and the schedule stay
         # those of the uninterrupted run); the trainer counts consecutive skips (train/guard.py).
+        # A `cond`, not a select per leaf: a select keeps old and new trees alive together
+        # (one more copy of params and moments in temporaries).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        params, opt_state = jax.lax.cond(
+            finite, update, lambda g, p, o: (p, o), grads, state["params"], state["opt_state"]
+        )
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
@@ -112,8 +145,7 @@ def make_train_step(*, graphdef, optimizer: optax.GradientTransformation, schedu
             "tokens": jnp.sum(batch["segment_ids"] > 0),
             "skipped": (~finite).astype(jnp.float32),
         }
-        return {"step": state["step"] + 1, "params": keep(params, state["params"]),
-                "opt_state": keep(opt_state, state["opt_state"])}, metrics
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return train_step
 
@@ -121,4 +153,5 @@ def make_train_step(*, graphdef, optimizer: optax.GradientTransformation, schedu
 def make_eval_step(*, graphdef, peft_cfg: PeftConfig = PeftConfig(), loss_chunk: int = 0):
     def eval_step(params, batch: Batch, frozen=None):
         return loss_sums(graphdef, params, batch, frozen, peft_cfg, loss_chunk=loss_chunk)
+
     return eval_step

@@ -84,9 +84,11 @@ def _train_feed(data: SFTData, cfg: Config, batch_sharding):
     shards = shards_for_rows(fed_rows, global_rows, count)
     row_ids = rows_of_shards(shards, global_rows, count)
     if len(row_ids) > len(fed_rows):
-        console.print(f"{shard_count(count, global_rows)} virtual data shards: each process builds {len(row_ids)} "
-                      f"rows of a batch to feed {len(fed_rows)}; set data.virtual_shards to a multiple of the "
-                      f"process count to avoid the extra work")
+        console.print(
+            f"{shard_count(count, global_rows)} virtual data shards: each process builds {len(row_ids)} "
+            f"rows of a batch to feed {len(fed_rows)}; set data.virtual_shards to a multiple of the "
+            f"process count to avoid the extra work"
+        )
     stream = lambda seed: iter(data.train_dataset(global_rows, seed=seed, shards=shards))  # noqa: E731
     to_global = lambda b: sharding.global_batch_of_rows(b, batch_sharding, row_ids, global_rows)  # noqa: E731
     return stream, to_global, np.isin(row_ids, fed_rows)
@@ -157,8 +159,10 @@ def _train(cfg: Config, allow_config_change: bool = False) -> RunSummary:
     if start:
         console.print(f"resuming from step {start} in {run_dir}")
         if not data_restored:
-            console.print(f"the checkpoint holds no per-shard data state (written before data.virtual_shards): "
-                          f"the data stream restarts, reshuffled with seed {cfg.train.seed + start}")
+            console.print(
+                f"the checkpoint holds no per-shard data state (written before data.virtual_shards): "
+                f"the data stream restarts, reshuffled with seed {cfg.train.seed + start}"
+            )
             data_iterator.close()
             data_iterator = train_iterator(cfg.train.seed + start)
     # PEFT: the frozen params ride along as an argument of every step, never in the state.
@@ -167,16 +171,18 @@ def _train(cfg: Config, allow_config_change: bool = False) -> RunSummary:
     compile_start = time.perf_counter()
     train_step, eval_step = program.compile()
     compile_seconds = time.perf_counter() - compile_start
-    console.print(f"compiled the train step in {compile_seconds:.1f}s on {mesh.devices.size} device(s), "
-                  f"mesh {dict(mesh.shape)}")
+    console.print(
+        f"compiled the train step in {compile_seconds:.1f}s on {mesh.devices.size} device(s), mesh {dict(mesh.shape)}"
+    )
 
     eval_batches = _eval_batches(data, cfg, batch_sharding)
     if distributed.is_main():
         drop_after(metrics_path, start)  # steps after the checkpoint are logged again as they re-run
     writer = Sinks(cfg, run_dir, start, enabled=distributed.is_main())  # metrics.jsonl, TensorBoard, loss.png, W&B
     # The held-out loss, and the generation eval of eval.generate_n fixed prompts (samples.jsonl).
-    held_out = HeldOut(cfg, data, vocab_size, frozen, run_dir, start,
-                       lambda params: _evaluate(eval_step, params, eval_batches, frozen))
+    held_out = HeldOut(
+        cfg, data, vocab_size, frozen, run_dir, start, lambda params: _evaluate(eval_step, params, eval_batches, frozen)
+    )
     if start == 0:
         writer.write(held_out(0, train_state["params"]))
     total = cfg.train.steps
@@ -218,32 +224,43 @@ def _train(cfg: Config, allow_config_change: bool = False) -> RunSummary:
     return _summary(run_dir, metrics_path, start, total, rates, compile_seconds, wall_start)
 
 
-def _stop_if_signalled(signals: StopSignals, step: int, saved: bool, checkpointer: Checkpointer, train_state,
-                       data_iterator) -> None:
+def _stop_if_signalled(
+    signals: StopSignals, step: int, saved: bool, checkpointer: Checkpointer, train_state, data_iterator
+) -> None:
     """SIGTERM / SIGINT arrived: save this step (the caller's `finally` waits for the write) and stop."""
     signum = signals.requested(step)
     if signum is None:
         return
     saved = saved or checkpointer.save(step, train_state, data_iterator, force=True)
-    where = f"saved checkpoint {step} in {checkpointer.directory}" if saved else "checkpoint.enabled=false: nothing saved"
-    raise Preempted(f"stopped by {signal.Signals(signum).name} after step {step}: {where}; run the same command "
-                    f"to resume", signum)
+    where = (
+        f"saved checkpoint {step} in {checkpointer.directory}" if saved else "checkpoint.enabled=false: nothing saved"
+    )
+    raise Preempted(
+        f"stopped by {signal.Signals(signum).name} after step {step}: {where}; run the same command to resume", signum
+    )
 
 
 def _summary(run_dir, metrics_path, start, final, rates, compile_seconds, wall_start) -> RunSummary:
     losses, evals = _logged(metrics_path, "loss"), _logged(metrics_path, "eval_loss")
     scores = logged_scores(metrics_path)
     return RunSummary(
-        run_dir=str(run_dir), start_step=start, final_step=final,
+        run_dir=str(run_dir),
+        start_step=start,
+        final_step=final,
         train_loss=losses[-1] if losses else None,
-        initial_eval_loss=evals[0] if evals else None, final_eval_loss=evals[-1] if evals else None,
+        initial_eval_loss=evals[0] if evals else None,
+        final_eval_loss=evals[-1] if evals else None,
         # The first interval holds the first step's dispatch and warm-up; skip it when others exist.
         tokens_per_second=float(np.median(rates[1:] or rates)) if rates else 0.0,
-        compile_seconds=compile_seconds, wall_seconds=time.perf_counter() - wall_start,
-        initial_scores=scores[0] if scores else {}, final_scores=scores[-1] if scores else {})
+        compile_seconds=compile_seconds,
+        wall_seconds=time.perf_counter() - wall_start,
+        initial_scores=scores[0] if scores else {},
+        final_scores=scores[-1] if scores else {},
+    )
 
 
 def _print_trainable(cfg: Config, vocab_size: int) -> None:
     trainable, total = peft.count(cfg.model, vocab_size)
-    console.print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: "
-                  f"{100 * trainable / total:.4f}")
+    console.print(
+        f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    )

@@ -41,7 +41,9 @@ def _hash_all(step_dir: Path, names: list[str]) -> list[str]:
 
 def write_manifest(step_dir: Path, step: int) -> None:
     names = _files(step_dir)
-    files = {n: {"bytes": (step_dir / n).stat().st_size, "sha256": h} for n, h in zip(names, _hash_all(step_dir, names))}
+    files = {
+        n: {"bytes": (step_dir / n).stat().st_size, "sha256": h} for n, h in zip(names, _hash_all(step_dir, names))
+    }
     tmp = step_dir / (MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump({"step": step, "files": files}, f, indent=1)

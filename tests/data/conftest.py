@@ -19,8 +19,9 @@ ALL_SPECIALS = tuple(dict.fromkeys(p for t in BUILTIN.values() for p in t.specia
 def spm_all(tmp_path_factory) -> SentencePieceTokenizer:
     texts = [m["content"] for r in synthetic.generate(1000, 0, "train") for m in r["messages"]]
     path = tmp_path_factory.mktemp("spm") / "all.model"
-    train_sentencepiece(texts + ["user\n", "assistant\n", "system\n", "\n", "### Instruction:\n"], 600, path,
-                        ALL_SPECIALS)
+    train_sentencepiece(
+        texts + ["user\n", "assistant\n", "system\n", "\n", "### Instruction:\n"], 600, path, ALL_SPECIALS
+    )
     return SentencePieceTokenizer(path)
 
 

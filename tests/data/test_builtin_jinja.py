@@ -9,8 +9,13 @@ from jaxsft.data.templates import BUILTIN, EOS
 EOS_TEXT = "</s>"
 CONVERSATIONS = [
     [Message("user", "What is 2 + 3?"), Message("assistant", "It is 5.")],
-    [Message("system", "Be exact."), Message("user", "Hi"), Message("assistant", "Hello!\n\nHow can I help?"),
-     Message("user", 'Quote "this"\tplease'), Message("assistant", "“this” — 好", reasoning="a quote")],
+    [
+        Message("system", "Be exact."),
+        Message("user", "Hi"),
+        Message("assistant", "Hello!\n\nHow can I help?"),
+        Message("user", 'Quote "this"\tplease'),
+        Message("assistant", "“this” — 好", reasoning="a quote"),
+    ],
 ]
 
 
@@ -19,8 +24,10 @@ def _text(parts) -> str:
 
 
 def _dicts(messages):
-    return [{"role": m.role, "content": m.content, **({"reasoning_content": m.reasoning} if m.reasoning else {})}
-            for m in messages]
+    return [
+        {"role": m.role, "content": m.content, **({"reasoning_content": m.reasoning} if m.reasoning else {})}
+        for m in messages
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))

@@ -70,7 +70,7 @@ def test_mask_problem_catches_a_trained_prompt(dirs):
     assert ct.mask_problem(tok, template, conversation, ids, np.ones_like(weights)).startswith("WRONG: 1 trained")
     first = np.flatnonzero(weights)[0]
     early = weights.copy()
-    early[first - 8:first] = 1  # the mask starts inside the user turn
+    early[first - 8 : first] = 1  # the mask starts inside the user turn
     assert "holds prompt text 'apple'" in ct.mask_problem(tok, template, conversation, ids, early)
     late = weights.copy()
     late[np.flatnonzero(weights)[-1]] = 0  # the end-of-turn token untrained

@@ -7,17 +7,23 @@ import json
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from test_templates import trained_runs
 
-import hf_fixtures
 from jaxsft.data.formats import BadRecord, Message
 from jaxsft.data.hf_tokenizer import HFTokenizer
 from jaxsft.data.templates import BUILTIN, MaskPolicy, get_template
-from test_templates import trained_runs
+
+import hf_fixtures
 
 CONVERSATIONS = [
     [Message("user", "What is 2 + 3?"), Message("assistant", "5")],
-    [Message("system", "Be exact."), Message("user", "Sort: pear apple"), Message("assistant", "apple pear"),
-     Message("user", "Reverse: a b c"), Message("assistant", "c b a")],
+    [
+        Message("system", "Be exact."),
+        Message("user", "Sort: pear apple"),
+        Message("assistant", "apple pear"),
+        Message("user", "Reverse: a b c"),
+        Message("assistant", "c b a"),
+    ],
     [Message("user", "héllo 🙂 wörld\n\nline two"), Message("assistant", "  spaced answer\nwith lines  ")],
 ]
 
@@ -80,8 +86,10 @@ def test_template_errors_are_bad_records(hf_tokenizers):
 
 def test_unstable_templates_are_refused_not_mis_masked(hf_base, tmp_path):
     # Renders the last assistant turn differently from earlier ones (as reasoning templates do).
-    source = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if loop.last %}{{ m['content'] }}"
-              "{% else %}{{ m['content'][:1] }}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}")
+    source = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if loop.last %}{{ m['content'] }}"
+        "{% else %}{{ m['content'][:1] }}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    )
     directory = hf_fixtures.hf_dir(hf_base, "chatml")
     target = tmp_path / "unstable"
     target.mkdir()
@@ -94,8 +102,9 @@ def test_unstable_templates_are_refused_not_mis_masked(hf_base, tmp_path):
 
 # ---------------------------------------------------------------- property test, every template
 
-WORD = st.text(st.characters(codec="utf-8", categories=("L", "N", "P", "S"), exclude_characters="\u2581"),
-               min_size=1, max_size=8)
+WORD = st.text(
+    st.characters(codec="utf-8", categories=("L", "N", "P", "S"), exclude_characters="\u2581"), min_size=1, max_size=8
+)
 TEXT = st.lists(WORD, min_size=1, max_size=5).map(" ".join)
 
 
@@ -143,4 +152,5 @@ def test_random_conversations_match_transformers(hf_tokenizers, transformers_tok
     assume(not any(s in m.content for m in messages for s in hf_fixtures.SPECIALS))
     for style, tok in hf_tokenizers.items():
         assert get_template("hf", tok).render(messages, tok)[0].tolist() == _reference(
-            transformers_tokenizers[style], messages)
+            transformers_tokenizers[style], messages
+        )

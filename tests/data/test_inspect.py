@@ -6,21 +6,30 @@ import numpy as np
 import pytest
 import yaml
 
-import hf_fixtures
 from jaxsft.cli import main
 from jaxsft.config import DataConfig, SourceConfig
 from jaxsft.data.inspect import expected_epochs, highlight
 from jaxsft.data.pipeline import build_data
 
+import hf_fixtures
+
 
 def _config(tmp_path, **data) -> str:
-    rows = [{"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": str(i)}]}
-            for i in range(40)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": str(i)}]}
+        for i in range(40)
+    ]
     lines = [json.dumps(r) for r in rows]
     (tmp_path / "chats.jsonl").write_text("\n".join(lines[:1] + ["{broken"] + lines[1:]) + "\n")
-    cfg = {"data": {"max_length": 32, "max_dropped_fraction": 0.05,
-                    "sources": [{"path": str(tmp_path / "chats.jsonl"), "eval_fraction": 0.1}], **data},
-           "train": {"steps": 10, "global_batch_size": 4}}
+    cfg = {
+        "data": {
+            "max_length": 32,
+            "max_dropped_fraction": 0.05,
+            "sources": [{"path": str(tmp_path / "chats.jsonl"), "eval_fraction": 0.1}],
+            **data,
+        },
+        "train": {"steps": 10, "global_batch_size": 4},
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -63,8 +72,12 @@ def test_hf_tokenizer_and_template_end_to_end(hf_base, tmp_path):
     directory = hf_fixtures.hf_dir(hf_base, "llama3")
     path = tmp_path / "a.jsonl"
     path.write_text("".join(json.dumps({"instruction": f"Say {i}", "output": f"n{i}"}) + "\n" for i in range(30)))
-    cfg = DataConfig(tokenizer=f"hf:{directory}", template="hf", max_length=48,
-                     sources=(SourceConfig(path=str(path), format="alpaca"),))
+    cfg = DataConfig(
+        tokenizer=f"hf:{directory}",
+        template="hf",
+        max_length=48,
+        sources=(SourceConfig(path=str(path), format="alpaca"),),
+    )
     data = build_data(cfg, seed=0, cache_dir=tmp_path / "cache")
     assert data.report.examples == 30
     it = iter(data.train_dataset(2, seed=0))
@@ -74,6 +87,7 @@ def test_hf_tokenizer_and_template_end_to_end(hf_base, tmp_path):
     trained = batch["targets"][0][batch["loss_weights"][0] > 0]
     assert trained[-1] == eot and tok.decode(trained[:2]).startswith("n")
     assert highlight(tok, np.array([tok.bos_id, *tok.encode("hi")]), np.array([0.0, 0.0, 1.0]), False).startswith(
-        "<|begin_of_text|>")
+        "<|begin_of_text|>"
+    )
     saved = data.tokenizer.save(tmp_path / "run")
     assert sorted(p.name for p in saved.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]

@@ -43,7 +43,7 @@ def test_trained_targets_decode_to_the_assistant_messages(tmp_path):
                 answers = []
                 for start, stop in _runs(weights > 0):
                     assert targets[stop - 1] == eot  # every trained run ends with the end-of-turn marker
-                    answers.append(tok.decode(targets[start:stop - 1].tolist()))
+                    answers.append(tok.decode(targets[start : stop - 1].tolist()))
                 assert tuple(answers) in conversations
                 segments += 1
     iterator.close()
@@ -57,8 +57,11 @@ def test_untrained_messages_do_not_change_which_targets_train(tmp_path):
     from jaxsft.data.templates import render
 
     messages = [Message("system", "Be brief."), Message("user", "Reverse: a b c"), Message("assistant", "c b a")]
-    louder = [Message("system", "BE VERY BRIEF <|im_start|>"), Message("user", "Reverse these: a b c ?"),
-              Message("assistant", "c b a")]
+    louder = [
+        Message("system", "BE VERY BRIEF <|im_start|>"),
+        Message("user", "Reverse these: a b c ?"),
+        Message("assistant", "c b a"),
+    ]
     for variant in (messages, louder):
         ids, weights = render(variant, data.tokenizer)
         trained = ids[weights > 0]

@@ -8,38 +8,85 @@ import copy
 
 import pytest
 
-import official_fixtures as fx
 from jaxsft.data.formats import BadRecord, parse_record
 from jaxsft.data.hf_tokenizer import HFTokenizer
 from jaxsft.data.templates import MaskPolicy, get_template
 
+import official_fixtures as fx
+
 transformers = pytest.importorskip("transformers")
 
 CALL = {"id": "call12345", "type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
-TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add two integers.", "parameters": {
-    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add two integers.",
+            "parameters": {
+                "type": "object",
+                "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                "required": ["a", "b"],
+            },
+        },
+    }
+]
 KINDS = {
-    "single": {"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "It is 5."}]},
-    "system": {"messages": [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "What is 2 + 3?"},
-                            {"role": "assistant", "content": "It is 5."}]},
-    "multi": {"messages": [{"role": "user", "content": "Sort: pear apple"}, {"role": "assistant", "content": "apple pear"},
-                           {"role": "user", "content": "Reverse: a b c"}, {"role": "assistant", "content": "c b a"}]},
-    "whitespace": {"messages": [{"role": "user", "content": "  spaced question \n"},
-                                {"role": "assistant", "content": "\n\n  spaced answer.\n\nwith lines  \n"}]},
-    "unicode": {"messages": [{"role": "user", "content": "héllo 🙂 wörld — 你好"},
-                             {"role": "assistant", "content": "ça va 🙂 — 好的"}]},
-    "tool": {"tools": TOOLS, "messages": [
-        {"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
-        {"role": "tool", "content": "5", "tool_call_id": "call12345", "name": "add"},
-        {"role": "assistant", "content": "It is 5."}]},
-    "reasoning": {"messages": [{"role": "user", "content": "What is 2 + 3?"},
-                               {"role": "assistant", "content": "It is 5.", "reasoning": "2 plus 3 is 5."}]},
+    "single": {
+        "messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "It is 5."}]
+    },
+    "system": {
+        "messages": [
+            {"role": "system", "content": "Be exact."},
+            {"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "content": "It is 5."},
+        ]
+    },
+    "multi": {
+        "messages": [
+            {"role": "user", "content": "Sort: pear apple"},
+            {"role": "assistant", "content": "apple pear"},
+            {"role": "user", "content": "Reverse: a b c"},
+            {"role": "assistant", "content": "c b a"},
+        ]
+    },
+    "whitespace": {
+        "messages": [
+            {"role": "user", "content": "  spaced question \n"},
+            {"role": "assistant", "content": "\n\n  spaced answer.\n\nwith lines  \n"},
+        ]
+    },
+    "unicode": {
+        "messages": [
+            {"role": "user", "content": "héllo 🙂 wörld — 你好"},
+            {"role": "assistant", "content": "ça va 🙂 — 好的"},
+        ]
+    },
+    "tool": {
+        "tools": TOOLS,
+        "messages": [
+            {"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "content": "", "tool_calls": [CALL]},
+            {"role": "tool", "content": "5", "tool_call_id": "call12345", "name": "add"},
+            {"role": "assistant", "content": "It is 5."},
+        ],
+    },
+    "reasoning": {
+        "messages": [
+            {"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "content": "It is 5.", "reasoning": "2 plus 3 is 5."},
+        ]
+    },
 }
 # (family, kind) -> the reason jaxsft refuses a conversation transformers renders
-REFUSED = {("phi3.5", "tool"): "template dropped a turn", ("phi4", "tool"): "template dropped a turn",
-           ("granite", "tool"): "template dropped a turn", ("smollm3", "tool"): "template dropped a turn",
-           # renders tool calls only when content is None; records' empty content is ""
-           ("r1-llama", "tool"): "template dropped a turn"}
+REFUSED = {
+    ("phi3.5", "tool"): "template dropped a turn",
+    ("phi4", "tool"): "template dropped a turn",
+    ("granite", "tool"): "template dropped a turn",
+    ("smollm3", "tool"): "template dropped a turn",
+    # renders tool calls only when content is None; records' empty content is ""
+    ("r1-llama", "tool"): "template dropped a turn",
+}
 TOOL_EOT = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "</s>", "<｜end▁of▁sentence｜>", "<|call|>", "<|end_of_text|>")
 
 
@@ -52,8 +99,9 @@ def built(tmp_path_factory):
     out = {}
     for family, (_, kind, bos, eos, *_rest) in fx.FAMILIES.items():
         directory = fx.family_dir(bases[kind], family, root)
-        hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"),
-                                                  bos_token=bos, eos_token=eos)
+        hf = transformers.PreTrainedTokenizerFast(
+            tokenizer_file=str(directory / "tokenizer.json"), bos_token=bos, eos_token=eos
+        )
         hf.chat_template = fx.template_source(family)
         out[family] = (HFTokenizer(directory), hf)
     return out
@@ -165,8 +213,10 @@ def test_ids_and_masks_equal_the_reference(built, family, kind):
 @pytest.mark.parametrize("family", ["qwen3", "gpt-oss"])
 def test_dropped_reasoning_is_refused_only_under_keep(built, family):
     tok, _ = built[family]
-    record = {"messages": KINDS["reasoning"]["messages"] + [{"role": "user", "content": "And 2 + 4?"},
-                                                            {"role": "assistant", "content": "6", "reasoning": "r"}]}
+    record = {
+        "messages": KINDS["reasoning"]["messages"]
+        + [{"role": "user", "content": "And 2 + 4?"}, {"role": "assistant", "content": "6", "reasoning": "r"}]
+    }
     template = get_template("hf", tok)
     ids, weights = template.render(parse_record(record), tok)  # drop_as_template: as the model sees it
     assert weights.any()

@@ -9,7 +9,9 @@ import pytest
 
 from jaxsft.config import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig
 from jaxsft.data.pipeline import build_data
-from jaxsft.train import program as program_lib, sharding, state as state_lib
+from jaxsft.train import program as program_lib
+from jaxsft.train import sharding
+from jaxsft.train import state as state_lib
 from jaxsft.train.step import loss_sums
 
 MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
@@ -31,8 +33,8 @@ def _totals(batches, params, grad_fn):
     loss = weight = 0.0
     grads = None
     for b in batches:
-        (l, w), g = grad_fn(params, b)
-        loss, weight = loss + float(l), weight + float(w)
+        (part, w), g = grad_fn(params, b)
+        loss, weight = loss + float(part), weight + float(w)
         grads = g if grads is None else jax.tree.map(lambda a, c: a + c, grads, g)
     return loss, weight, grads
 
@@ -47,5 +49,6 @@ def test_packed_eval_set_has_the_loss_and_gradients_of_the_unpacked(setup, packi
     loss1, weight1, grads1 = _totals(single, params, grad_fn)
     assert weight == weight1 == data.eval_report.trained_tokens
     np.testing.assert_allclose(loss, loss1, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
-                 grads, grads1)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6), grads, grads1
+    )

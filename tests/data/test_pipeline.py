@@ -110,13 +110,16 @@ def test_report_counts_the_synthetic_data(data):
     lengths = np.array([len(t) for t, _ in rendered])
     assert r.tokens == int((lengths - 1).sum()) and 20 < lengths.mean() < 80
     assert r.trained_tokens == sum(int(np.count_nonzero(w)) for _, w in rendered)
-    assert r.summary_lines()[0] == (f"600 records -> 600 examples, {r.tokens} tokens "
-                                    f"({r.trained_tokens} trained), 0 truncated")
+    assert r.summary_lines()[0] == (
+        f"600 records -> 600 examples, {r.tokens} tokens ({r.trained_tokens} trained), 0 truncated"
+    )
     assert data.eval_report.examples == 150
 
 
-@pytest.mark.parametrize("packing", ["first_fit", pytest.param("best_fit", marks=pytest.mark.slow),
-                                     pytest.param("concat", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "packing",
+    ["first_fit", pytest.param("best_fit", marks=pytest.mark.slow), pytest.param("concat", marks=pytest.mark.slow)],
+)
 def test_same_seed_same_batches_and_resume(data, cache, packing):
     data = _with(data, packing=packing)
     rebuilt = build_data(data.cfg, seed=0, cache_dir=cache)  # cached tokenizer, counted again
@@ -139,7 +142,7 @@ def test_same_seed_same_batches_and_resume(data, cache, packing):
 
 
 def _write_jsonl(path, lines) -> str:
-    path.write_bytes(b"".join((l if isinstance(l, bytes) else json.dumps(l).encode()) + b"\n" for l in lines))
+    path.write_bytes(b"".join((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n" for x in lines))
     return str(path)
 
 
@@ -150,13 +153,15 @@ def _qa(question: str, answer: str) -> dict:
 def _file_data(tmp_path, cache, train_lines, **cfg) -> SFTData:
     train = _write_jsonl(tmp_path / "train.jsonl", train_lines)
     evals = _write_jsonl(tmp_path / "eval.jsonl", [_qa("Say 1000", "1000")])
-    return build_data(DataConfig(train_files=(train,), eval_files=(evals,), max_length=32, **cfg),
-                      seed=0, cache_dir=cache)
+    return build_data(
+        DataConfig(train_files=(train,), eval_files=(evals,), max_length=32, **cfg), seed=0, cache_dir=cache
+    )
 
 
 def test_virtual_shards_read_disjoint_samples(tmp_path, cache):
-    data = _file_data(tmp_path, cache, [_qa(f"Say {i}", str(i)) for i in range(40)], packing="none",
-                      shuffle=False, virtual_shards=2)
+    data = _file_data(
+        tmp_path, cache, [_qa(f"Say {i}", str(i)) for i in range(40)], packing="none", shuffle=False, virtual_shards=2
+    )
     it = iter(data.train_dataset(2, seed=5))  # row 0 from shard 0, row 1 from shard 1
     batches = _take(it, 20)
     it.close()
@@ -164,8 +169,13 @@ def test_virtual_shards_read_disjoint_samples(tmp_path, cache):
     assert len(set(seen[0])) == len(set(seen[1])) == 20 and set(seen[0]).isdisjoint(seen[1])
 
 
-BAD_LINES = [b"{not json", {"msgs": []}, {"messages": [{"role": "robot", "content": "x"}]},
-             _qa("q", ""), b'{"messages": [{"role": "user", "content": "\xff"}]}']
+BAD_LINES = [
+    b"{not json",
+    {"msgs": []},
+    {"messages": [{"role": "robot", "content": "x"}]},
+    _qa("q", ""),
+    b'{"messages": [{"role": "user", "content": "\xff"}]}',
+]
 
 
 def test_bad_lines_are_counted_and_reported(tmp_path, cache):
@@ -174,14 +184,24 @@ def test_bad_lines_are_counted_and_reported(tmp_path, cache):
     data = _file_data(tmp_path, cache, lines, max_dropped_fraction=0.2)
     r = data.report
     assert r.records == 35 and r.examples == len(data.train_records) == 30
-    assert r.bad_records == {"invalid JSON": 1, "missing messages": 1, "unknown role": 1,
-                             "empty assistant content": 1, "invalid UTF-8": 1}
+    assert r.bad_records == {
+        "invalid JSON": 1,
+        "missing messages": 1,
+        "unknown role": 1,
+        "empty assistant content": 1,
+        "invalid UTF-8": 1,
+    }
     path = tmp_path / "train.jsonl"
     assert [b.split(" (")[0] for b in r.bad_examples] == [
-        f"{path}:2: invalid JSON", f"{path}:3: missing messages", f"{path}:4: unknown role",
-        f"{path}:5: empty assistant content", f"{path}:6: invalid UTF-8"]
-    assert r.summary_lines()[1] == ("5 dropped: empty assistant content: 1, invalid JSON: 1, invalid UTF-8: 1, "
-                                    "missing messages: 1, unknown role: 1")
+        f"{path}:2: invalid JSON",
+        f"{path}:3: missing messages",
+        f"{path}:4: unknown role",
+        f"{path}:5: empty assistant content",
+        f"{path}:6: invalid UTF-8",
+    ]
+    assert r.summary_lines()[1] == (
+        "5 dropped: empty assistant content: 1, invalid JSON: 1, invalid UTF-8: 1, missing messages: 1, unknown role: 1"
+    )
     trained = {data.tokenizer.decode(e["targets"][e["loss_weights"] > 0][:-1]) for e in _epoch(data)}
     assert trained == {str(i) for i in range(30)}
 
@@ -194,16 +214,19 @@ def test_too_many_drops_fail_with_one_clear_line(tmp_path, cache):
         "data: 5 of 35 train examples (14.3%) dropped (empty assistant content: 1, invalid JSON: 1, "
         "invalid UTF-8: 1, missing messages: 1, unknown role: 1), above data.max_dropped_fraction=0.05; "
         f"first: {tmp_path / 'train.jsonl'}:31: invalid JSON (Expecting property name enclosed in double quotes "
-        "at column 2)")
+        "at column 2)"
+    )
     with pytest.raises(DataError, match=r"^data: no train examples left of 5 records"):
         _file_data(tmp_path, cache, BAD_LINES, max_dropped_fraction=1.0)
 
 
 def _overlong_lines():
     words = " ".join(["apple"] * 60)
-    return ([_qa(f"Say {i}", str(i)) for i in range(20)]
-            + [_qa(f"Repeat {words}", "ok") for _ in range(10)]  # answer starts past max_length
-            + [_qa("Repeat", words) for _ in range(10)])  # answer cut by max_length
+    return (
+        [_qa(f"Say {i}", str(i)) for i in range(20)]
+        + [_qa(f"Repeat {words}", "ok") for _ in range(10)]  # answer starts past max_length
+        + [_qa("Repeat", words) for _ in range(10)]
+    )  # answer cut by max_length
 
 
 def test_overlong_examples_truncate_or_drop(tmp_path, cache):
@@ -238,8 +261,9 @@ def test_iterator_state_round_trips_through_orbax(data, tmp_path):
 
     it = iter(data.train_dataset(ROWS, seed=2))
     _take(it, 3)
-    manager = ocp.CheckpointManager(tmp_path / "ckpt", options=ocp.CheckpointManagerOptions(
-        enable_async_checkpointing=False))
+    manager = ocp.CheckpointManager(
+        tmp_path / "ckpt", options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+    )
     manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
     expected = _take(it, 5)
     restored = iter(data.train_dataset(ROWS, seed=2))
@@ -275,7 +299,7 @@ def test_concat_fills_every_row_with_the_example_stream(data):
     flat = {k: np.concatenate([b[k].reshape(-1) for b in batches]) for k in KEYS[:3]}
     epoch = _epoch(data)
     for k in KEYS[:3]:
-        np.testing.assert_array_equal(flat[k], np.concatenate([e[k] for e in epoch])[:len(flat[k])])
+        np.testing.assert_array_equal(flat[k], np.concatenate([e[k] for e in epoch])[: len(flat[k])])
     for b in batches:
         for r in range(ROWS):
             starts = np.flatnonzero(np.diff(np.concatenate([[0], b["segment_ids"][r]])))

@@ -9,18 +9,29 @@ from jaxsft.cli import main
 
 import official_fixtures as fx
 
-RECORD = {"messages": [{"role": "user", "content": "Sort: pear apple"},
-                       {"role": "assistant", "content": "apple pear", "reasoning": "alphabetical"},
-                       {"role": "user", "content": "Reverse: a b c"},
-                       {"role": "assistant", "content": "c b a", "reasoning": "backwards"}]}
+RECORD = {
+    "messages": [
+        {"role": "user", "content": "Sort: pear apple"},
+        {"role": "assistant", "content": "apple pear", "reasoning": "alphabetical"},
+        {"role": "user", "content": "Reverse: a b c"},
+        {"role": "assistant", "content": "c b a", "reasoning": "backwards"},
+    ]
+}
 
 
 def _config(tmp_path, family: str) -> str:
     texts = [m["content"] for m in RECORD["messages"]] * 20 + [fx.template_source(family)] * 3
     directory = fx.family_dir(fx.train_base(fx.FAMILIES[family][1], texts), family, tmp_path)
     (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(RECORD) for _ in range(8)) + "\n")
-    cfg = {"data": {"max_length": 128, "template": "hf", "tokenizer": f"hf:{directory}",
-                    "sources": [{"path": str(tmp_path / "chats.jsonl")}]}, "train": {"global_batch_size": 4}}
+    cfg = {
+        "data": {
+            "max_length": 128,
+            "template": "hf",
+            "tokenizer": f"hf:{directory}",
+            "sources": [{"path": str(tmp_path / "chats.jsonl")}],
+        },
+        "train": {"global_batch_size": 4},
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     return str(tmp_path / "c.yaml")
 

@@ -83,8 +83,12 @@ def _build_tfds(data_dir):
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-                {"instruction": tfds.features.Text(), "output": tfds.features.Text()}))
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {"instruction": tfds.features.Text(), "output": tfds.features.Text()}
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples(20), "validation": self._generate_examples(3, 100)}
@@ -101,13 +105,24 @@ def test_every_source_type_in_one_mixture(tmp_path, cache):
     _write_parquet(tmp_path / "chats.parquet", [{"q": f"Say p {i}", "a": f"p{i}"} for i in range(20)])
     _write_arrayrecord(tmp_path / "chats.arrayrecord", [_alpaca(i, "r") for i in range(20)])
     _build_tfds(tmp_path / "tfds")
-    cfg = DataConfig(max_length=LENGTH, sources=(
-        SourceConfig(path=str(tmp_path / "chats.jsonl"), format="alpaca", eval_fraction=0.1),
-        SourceConfig(path=str(tmp_path / "chats.parquet"), format="alpaca", columns={"instruction": "q", "output": "a"}),
-        SourceConfig(path=str(tmp_path / "chats.arrayrecord"), format="alpaca"),
-        SourceConfig(path="tiny_chats", type="tfds", data_dir=str(tmp_path / "tfds"), format="alpaca",
-                     eval_split="validation"),
-        SourceConfig(type="synthetic", examples=50, eval_examples=4)))
+    cfg = DataConfig(
+        max_length=LENGTH,
+        sources=(
+            SourceConfig(path=str(tmp_path / "chats.jsonl"), format="alpaca", eval_fraction=0.1),
+            SourceConfig(
+                path=str(tmp_path / "chats.parquet"), format="alpaca", columns={"instruction": "q", "output": "a"}
+            ),
+            SourceConfig(path=str(tmp_path / "chats.arrayrecord"), format="alpaca"),
+            SourceConfig(
+                path="tiny_chats",
+                type="tfds",
+                data_dir=str(tmp_path / "tfds"),
+                format="alpaca",
+                eval_split="validation",
+            ),
+            SourceConfig(type="synthetic", examples=50, eval_examples=4),
+        ),
+    )
     data = build_data(cfg, seed=0, cache_dir=cache)
     reports = data.source_reports
     assert list(reports) == ["chats.jsonl", "chats.parquet", "chats.arrayrecord", "tiny_chats", "synthetic"]
@@ -137,9 +152,17 @@ def test_mixture_shares_are_the_weights():
 def _two_sources(tmp_path, stages=(), **cfg):
     for tag in ("a", "b"):
         (tmp_path / f"{tag}.jsonl").write_text(
-            "".join(json.dumps(_qa(f"Say {tag}{i}", f"{tag}{i}")) + "\n" for i in range(30)))
-    return DataConfig(max_length=LENGTH, stages=stages, **cfg, sources=(
-        SourceConfig(path=str(tmp_path / "a.jsonl"), name="a"), SourceConfig(path=str(tmp_path / "b.jsonl"), name="b")))
+            "".join(json.dumps(_qa(f"Say {tag}{i}", f"{tag}{i}")) + "\n" for i in range(30))
+        )
+    return DataConfig(
+        max_length=LENGTH,
+        stages=stages,
+        **cfg,
+        sources=(
+            SourceConfig(path=str(tmp_path / "a.jsonl"), name="a"),
+            SourceConfig(path=str(tmp_path / "b.jsonl"), name="b"),
+        ),
+    )
 
 
 def test_stages_switch_at_steps_and_resume_exactly(tmp_path, cache):
@@ -165,7 +188,8 @@ def test_stages_switch_at_steps_and_resume_exactly(tmp_path, cache):
                 np.testing.assert_array_equal(got[k], want[k])
     with pytest.raises(DataError, match=r"unknown source names \['c'\]"):
         build_data(_two_sources(tmp_path, (StageConfig(0, {"c": 1.0}),)), seed=0, cache_dir=cache).train_dataset(
-            ROWS, seed=0)
+            ROWS, seed=0
+        )
 
 
 def test_bad_records_raise_when_asked(tmp_path, cache):
@@ -178,13 +202,24 @@ def test_bad_records_raise_when_asked(tmp_path, cache):
 
 def test_truncation_drops_whole_turns_first(tmp_path, cache):
     long = " ".join(str(i) for i in range(100))  # digits are split: ~300 tokens
-    rows = [{"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"},
-                          {"role": "user", "content": long}, {"role": "assistant", "content": long}]},
-            _qa("Say " + long, "cut inside")]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Say hi"},
+                {"role": "assistant", "content": "hi"},
+                {"role": "user", "content": long},
+                {"role": "assistant", "content": long},
+            ]
+        },
+        _qa("Say " + long, "cut inside"),
+    ]
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows * 5))
-    data = build_data(DataConfig(max_length=LENGTH, max_dropped_fraction=0.6,
-                                 sources=(SourceConfig(path=str(path)),)), seed=0, cache_dir=cache)
+    data = build_data(
+        DataConfig(max_length=LENGTH, max_dropped_fraction=0.6, sources=(SourceConfig(path=str(path)),)),
+        seed=0,
+        cache_dir=cache,
+    )
     r = data.source_reports["t.jsonl"]
     assert r.truncations == {"whole turns": 5} and r.dropped == {"no_trained_tokens": 5}
     it = iter(data.train_dataset(ROWS, seed=0))
@@ -192,16 +227,24 @@ def test_truncation_drops_whole_turns_first(tmp_path, cache):
     it.close()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.sources=[{path: a.jsonl, format: csv}]",
-     "data.sources[0].format: expected one of messages, alpaca, sharegpt, prompt_completion, text, got 'csv'"),
-    ("data.sources=[{path: a.jsonl, colums: {}}]", "unknown config key data.sources[0].colums; did you mean"),
-    ("data.sources=[{path: a.jsonl, columns: [a]}]", "data.sources[0].columns: expected a mapping of str to str"),
-    ("data.sources=[{format: text}]", "data.sources[0].path: required"),
-    ("data.sources=[{path: a.jsonl, weight: -1}]", "data.sources[0].weight=-1.0: expected a non-negative number"),
-    ("data.stages=[{start_step: 5, weights: {a: 1}}]", "data.stages: start_step values [5] must increase and begin at 0"),
-    ("data.weight_by=bytes", "data.weight_by: expected one of examples, tokens, got 'bytes'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "data.sources=[{path: a.jsonl, format: csv}]",
+            "data.sources[0].format: expected one of messages, alpaca, sharegpt, prompt_completion, text, got 'csv'",
+        ),
+        ("data.sources=[{path: a.jsonl, colums: {}}]", "unknown config key data.sources[0].colums; did you mean"),
+        ("data.sources=[{path: a.jsonl, columns: [a]}]", "data.sources[0].columns: expected a mapping of str to str"),
+        ("data.sources=[{format: text}]", "data.sources[0].path: required"),
+        ("data.sources=[{path: a.jsonl, weight: -1}]", "data.sources[0].weight=-1.0: expected a non-negative number"),
+        (
+            "data.stages=[{start_step: 5, weights: {a: 1}}]",
+            "data.stages: start_step values [5] must increase and begin at 0",
+        ),
+        ("data.weight_by=bytes", "data.weight_by: expected one of examples, tokens, got 'bytes'"),
+    ],
+)
 def test_source_config_errors_name_the_key(override, message):
     from jaxsft import config as config_lib
     from jaxsft import config_load

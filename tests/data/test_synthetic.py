@@ -41,8 +41,19 @@ def test_records_are_valid_and_varied():
     assert 0.2 < shapes["system"] / 2000 < 0.4 and 0.12 < shapes["multi_turn"] / 2000 < 0.28
     prompts = _user_prompts(records)
     # Every task, and at least three phrasings of one, appear.
-    for marker in ("What is", "Compute", "Calculate", "Reverse", "alphabetical", "letters", "upper case",
-                   "Capitalise", "Look up", "JSON array", "JSON object"):
+    for marker in (
+        "What is",
+        "Compute",
+        "Calculate",
+        "Reverse",
+        "alphabetical",
+        "letters",
+        "upper case",
+        "Capitalise",
+        "Look up",
+        "JSON array",
+        "JSON object",
+    ):
         assert any(marker in p for p in prompts), marker
     with pytest.raises(ValueError, match="split"):
         synthetic.generate(1, 0, "test")

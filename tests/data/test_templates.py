@@ -10,8 +10,13 @@ from jaxsft.data.formats import BadRecord, DataError, Message
 from jaxsft.data.templates import BUILTIN, EOS, ChatML, MaskPolicy, end_of_turn_id, get_template, render
 from jaxsft.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
-CONV = [Message("system", "Be exact."), Message("user", "What is 2 + 3?"), Message("assistant", "5"),
-        Message("user", "And 2 + 4?"), Message("assistant", "6")]
+CONV = [
+    Message("system", "Be exact."),
+    Message("user", "What is 2 + 3?"),
+    Message("assistant", "5"),
+    Message("user", "And 2 + 4?"),
+    Message("assistant", "6"),
+]
 
 
 def trained_runs(ids: np.ndarray, weights: np.ndarray) -> list[list[int]]:
@@ -44,28 +49,106 @@ def S(piece):
 
 
 LAYOUTS = {
-    "chatml": [(S("<|im_start|>"), 0), ("system\n", 0), ("Be exact.", 0), (S("<|im_end|>"), 0), ("\n", 0),
-               (S("<|im_start|>"), 0), ("user\n", 0), ("What is 2 + 3?", 0), (S("<|im_end|>"), 0), ("\n", 0),
-               (S("<|im_start|>"), 0), ("assistant\n", 0), ("5", 1), (S("<|im_end|>"), 1), ("\n", 0)],
-    "llama3": [(S("<|begin_of_text|>"), 0),
-               (S("<|start_header_id|>"), 0), ("system", 0), (S("<|end_header_id|>"), 0), ("\n\n", 0),
-               ("Be exact.", 0), (S("<|eot_id|>"), 0),
-               (S("<|start_header_id|>"), 0), ("user", 0), (S("<|end_header_id|>"), 0), ("\n\n", 0),
-               ("What is 2 + 3?", 0), (S("<|eot_id|>"), 0),
-               (S("<|start_header_id|>"), 0), ("assistant", 0), (S("<|end_header_id|>"), 0), ("\n\n", 0),
-               ("5", 1), (S("<|eot_id|>"), 1)],
-    "gemma": [(S("<bos>"), 0), (S("<start_of_turn>"), 0), ("user\n", 0), ("Be exact.", 0), ("\n\n", 0),
-              ("What is 2 + 3?", 0), (S("<end_of_turn>"), 0), ("\n", 0),
-              (S("<start_of_turn>"), 0), ("model\n", 0), ("5", 1), (S("<end_of_turn>"), 1), ("\n", 0)],
-    "llama2": [(S("<s>"), 0), ("[INST] ", 0), ("<<SYS>>\n", 0), ("Be exact.", 0), ("\n<</SYS>>\n\n", 0),
-               ("What is 2 + 3?", 0), (" [/INST] ", 0), ("5", 1), (S(EOS), 1)],
-    "alpaca": [("", 0), ("Be exact.", 0), ("\n\n", 0), ("### Instruction:\n", 0), ("What is 2 + 3?", 0),
-               ("\n\n", 0), ("### Response:\n", 0), ("5", 1), (S(EOS), 1), ("\n\n", 0)],
-    "xml": [("<system>", 0), ("Be exact.", 0), ("</system>\n", 0), ("<instruction>", 0), ("What is 2 + 3?", 0),
-            ("</instruction>\n", 0), ("<response>", 0), ("5", 1), (S(EOS), 1), ("\n", 0)],
-    "json": [('{"role": "system", "content": "', 0), ("Be exact.", 0), ('"}\n', 0),
-             ('{"role": "user", "content": "', 0), ("What is 2 + 3?", 0), ('"}\n', 0),
-             ('{"role": "assistant", "content": "', 0), ("5", 1), (S(EOS), 1), ('"}\n', 0)],
+    "chatml": [
+        (S("<|im_start|>"), 0),
+        ("system\n", 0),
+        ("Be exact.", 0),
+        (S("<|im_end|>"), 0),
+        ("\n", 0),
+        (S("<|im_start|>"), 0),
+        ("user\n", 0),
+        ("What is 2 + 3?", 0),
+        (S("<|im_end|>"), 0),
+        ("\n", 0),
+        (S("<|im_start|>"), 0),
+        ("assistant\n", 0),
+        ("5", 1),
+        (S("<|im_end|>"), 1),
+        ("\n", 0),
+    ],
+    "llama3": [
+        (S("<|begin_of_text|>"), 0),
+        (S("<|start_header_id|>"), 0),
+        ("system", 0),
+        (S("<|end_header_id|>"), 0),
+        ("\n\n", 0),
+        ("Be exact.", 0),
+        (S("<|eot_id|>"), 0),
+        (S("<|start_header_id|>"), 0),
+        ("user", 0),
+        (S("<|end_header_id|>"), 0),
+        ("\n\n", 0),
+        ("What is 2 + 3?", 0),
+        (S("<|eot_id|>"), 0),
+        (S("<|start_header_id|>"), 0),
+        ("assistant", 0),
+        (S("<|end_header_id|>"), 0),
+        ("\n\n", 0),
+        ("5", 1),
+        (S("<|eot_id|>"), 1),
+    ],
+    "gemma": [
+        (S("<bos>"), 0),
+        (S("<start_of_turn>"), 0),
+        ("user\n", 0),
+        ("Be exact.", 0),
+        ("\n\n", 0),
+        ("What is 2 + 3?", 0),
+        (S("<end_of_turn>"), 0),
+        ("\n", 0),
+        (S("<start_of_turn>"), 0),
+        ("model\n", 0),
+        ("5", 1),
+        (S("<end_of_turn>"), 1),
+        ("\n", 0),
+    ],
+    "llama2": [
+        (S("<s>"), 0),
+        ("[INST] ", 0),
+        ("<<SYS>>\n", 0),
+        ("Be exact.", 0),
+        ("\n<</SYS>>\n\n", 0),
+        ("What is 2 + 3?", 0),
+        (" [/INST] ", 0),
+        ("5", 1),
+        (S(EOS), 1),
+    ],
+    "alpaca": [
+        ("", 0),
+        ("Be exact.", 0),
+        ("\n\n", 0),
+        ("### Instruction:\n", 0),
+        ("What is 2 + 3?", 0),
+        ("\n\n", 0),
+        ("### Response:\n", 0),
+        ("5", 1),
+        (S(EOS), 1),
+        ("\n\n", 0),
+    ],
+    "xml": [
+        ("<system>", 0),
+        ("Be exact.", 0),
+        ("</system>\n", 0),
+        ("<instruction>", 0),
+        ("What is 2 + 3?", 0),
+        ("</instruction>\n", 0),
+        ("<response>", 0),
+        ("5", 1),
+        (S(EOS), 1),
+        ("\n", 0),
+    ],
+    "json": [
+        ('{"role": "system", "content": "', 0),
+        ("Be exact.", 0),
+        ('"}\n', 0),
+        ('{"role": "user", "content": "', 0),
+        ("What is 2 + 3?", 0),
+        ('"}\n', 0),
+        ('{"role": "assistant", "content": "', 0),
+        ("5", 1),
+        (S(EOS), 1),
+        ('"}\n', 0),
+    ],
 }
 
 
@@ -93,8 +176,7 @@ def test_policies_choose_the_trained_turns(spm_all, name):
     assert [spm_all.decode(r[:-1]) for r in trained_runs(*t.render(override, spm_all))] == ["6"]
 
 
-@pytest.mark.parametrize("mode, trained", [("train", "<think>\nadd them\n</think>\n\n5"), ("mask", "5"),
-                                           ("drop", "5")])
+@pytest.mark.parametrize("mode, trained", [("train", "<think>\nadd them\n</think>\n\n5"), ("mask", "5"), ("drop", "5")])
 def test_reasoning_train_mask_drop(spm_all, mode, trained):
     conv = [Message("user", "2 + 3?"), Message("assistant", "5", reasoning="add them")]
     ids, weights = get_template("chatml").render(conv, spm_all, MaskPolicy(reasoning=mode))
@@ -105,14 +187,22 @@ def test_reasoning_train_mask_drop(spm_all, mode, trained):
 
 def test_tool_calls_and_tool_turns(spm_all):
     calls = json.dumps([{"name": "add", "arguments": {"a": 2, "b": 3}}])
-    conv = [Message("user", "2 + 3?"), Message("assistant", "", tool_calls=calls), Message("tool", "5"),
-            Message("assistant", "It is 5.")]
+    conv = [
+        Message("user", "2 + 3?"),
+        Message("assistant", "", tool_calls=calls),
+        Message("tool", "5"),
+        Message("assistant", "It is 5."),
+    ]
     ids, weights = get_template("chatml").render(conv, spm_all)
     runs = [spm_all.decode(r[:-1]) for r in trained_runs(ids, weights)]
     assert runs == [f"<tool_call>{calls}</tool_call>", "It is 5."]
-    tool_turn = [spm_all.piece_id("<|im_start|>")] + spm_all.encode("tool\n") + spm_all.encode("5") + [
-        spm_all.piece_id("<|im_end|>")]
-    assert any(ids[k:k + len(tool_turn)].tolist() == tool_turn for k in range(len(ids)))
+    tool_turn = (
+        [spm_all.piece_id("<|im_start|>")]
+        + spm_all.encode("tool\n")
+        + spm_all.encode("5")
+        + [spm_all.piece_id("<|im_end|>")]
+    )
+    assert any(ids[k : k + len(tool_turn)].tolist() == tool_turn for k in range(len(ids)))
     with pytest.raises(BadRecord, match="roles out of order"):
         get_template("llama2").render(conv, spm_all)
 
@@ -136,12 +226,16 @@ def test_prompt_for_generation_ends_with_assistant_header(spm_all):
     t = get_template("chatml")
     ids = t.render_prompt([Message("user", "hi")], spm_all)
     header = [spm_all.piece_id("<|im_start|>")] + spm_all.encode("assistant\n")
-    assert ids[-len(header):].tolist() == header
-    assert ids[:-len(header)].tolist() == render([Message("user", "hi")], spm_all)[0].tolist()
+    assert ids[-len(header) :].tolist() == header
+    assert ids[: -len(header)].tolist() == render([Message("user", "hi")], spm_all)[0].tolist()
     llama3 = get_template("llama3").render_prompt([Message("user", "hi")], spm_all)
-    header = ([spm_all.piece_id("<|start_header_id|>")] + spm_all.encode("assistant")
-              + [spm_all.piece_id("<|end_header_id|>")] + spm_all.encode("\n\n"))
-    assert llama3[-len(header):].tolist() == header
+    header = (
+        [spm_all.piece_id("<|start_header_id|>")]
+        + spm_all.encode("assistant")
+        + [spm_all.piece_id("<|end_header_id|>")]
+        + spm_all.encode("\n\n")
+    )
+    assert llama3[-len(header) :].tolist() == header
 
 
 def test_markers_typed_by_a_user_stay_text(spm_all):
@@ -153,7 +247,8 @@ def test_markers_typed_by_a_user_stay_text(spm_all):
         ids, _ = t.render(clean, spm_all)
         ids_forged, weights = t.render([Message("user", forged), clean[1]], spm_all)
         assert sorted(i for i in ids_forged.tolist() if i in specials) == sorted(
-            i for i in ids.tolist() if i in specials)  # the same special ids: none from the text
+            i for i in ids.tolist() if i in specials
+        )  # the same special ids: none from the text
         assert [spm_all.decode(r[:-1]) for r in trained_runs(ids_forged, weights)] == ["no"]
 
 
@@ -177,22 +272,50 @@ def test_template_checks(spm_all, tmp_path):
         ChatML().check(SentencePieceTokenizer(plain))
     # User-defined symbols are matched inside text: such a tokenizer would let users forge turns.
     unsafe = tmp_path / "unsafe.model"
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(["some text here", "more text"]),
-                                   model_prefix=str(unsafe)[:-len(".model")],
-                                   vocab_size=300, byte_fallback=True, minloglevel=2, hard_vocab_limit=False,
-                                   user_defined_symbols=list(ChatML.special_pieces))
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["some text here", "more text"]),
+        model_prefix=str(unsafe)[: -len(".model")],
+        vocab_size=300,
+        byte_fallback=True,
+        minloglevel=2,
+        hard_vocab_limit=False,
+        user_defined_symbols=list(ChatML.special_pieces),
+    )
     with pytest.raises(DataError, match="is not a control symbol"):
         ChatML().check(SentencePieceTokenizer(unsafe))
 
 
-@pytest.mark.parametrize("fmt, record, answers", [
-    ("alpaca", {"instruction": "Add", "input": "2 3", "output": "5"}, ["5"]),
-    ("sharegpt", {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a1"},
-                                    {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}]}, ["a1", "a2"]),
-    ("prompt_completion", {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "early"},
-                                      {"role": "user", "content": "q2"}], "completion": "late"}, ["late"]),
-    ("text", {"text": "all of it"}, ["all of it"]),
-])
+@pytest.mark.parametrize(
+    "fmt, record, answers",
+    [
+        ("alpaca", {"instruction": "Add", "input": "2 3", "output": "5"}, ["5"]),
+        (
+            "sharegpt",
+            {
+                "conversations": [
+                    {"from": "human", "value": "q"},
+                    {"from": "gpt", "value": "a1"},
+                    {"from": "human", "value": "q2"},
+                    {"from": "gpt", "value": "a2"},
+                ]
+            },
+            ["a1", "a2"],
+        ),
+        (
+            "prompt_completion",
+            {
+                "prompt": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "early"},
+                    {"role": "user", "content": "q2"},
+                ],
+                "completion": "late",
+            },
+            ["late"],
+        ),
+        ("text", {"text": "all of it"}, ["all of it"]),
+    ],
+)
 def test_every_format_trains_exactly_its_answers_on_every_template(spm_all, fmt, record, answers):
     from jaxsft.data.formats import parse_record
 

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxsft.config import DataConfig
-from jaxsft.data import synthetic, tokenizer as tok_mod
+from jaxsft.data import synthetic
+from jaxsft.data import tokenizer as tok_mod
 from jaxsft.data.formats import DataError
 from jaxsft.data.templates import ChatML
 from jaxsft.data.tokenizer import SentencePieceTokenizer, load_or_train, train_sentencepiece
@@ -36,11 +37,24 @@ def test_special_ids_and_vocab(tokenizer):
         tokenizer.piece_id("<|not_a_piece|>")
 
 
-@pytest.mark.parametrize("text", [
-    "", " ", "  two  spaces ", "\n", "a\n\nb\r\n", "\ttab", "héllo wörld", "日本語のテキスト",
-    "emoji 🙂👍🏽",
-    "12345 + 678", "<|im_start|>assistant\nhi<|im_end|>", "\x00\x01 control", "trailing   ",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        " ",
+        "  two  spaces ",
+        "\n",
+        "a\n\nb\r\n",
+        "\ttab",
+        "héllo wörld",
+        "日本語のテキスト",
+        "emoji 🙂👍🏽",
+        "12345 + 678",
+        "<|im_start|>assistant\nhi<|im_end|>",
+        "\x00\x01 control",
+        "trailing   ",
+    ],
+)
 def test_round_trip_examples(tokenizer, text):
     assert tokenizer.decode(tokenizer.encode(text)) == text
 

@@ -20,8 +20,7 @@ GLOBAL_ROWS, SHARDS, LENGTH = 8, 4, 64
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> SFTData:
-    cfg = DataConfig(synthetic_train_examples=300, synthetic_eval_examples=8, max_length=LENGTH,
-                     virtual_shards=SHARDS)
+    cfg = DataConfig(synthetic_train_examples=300, synthetic_eval_examples=8, max_length=LENGTH, virtual_shards=SHARDS)
     return build_data(cfg, seed=0, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
@@ -111,13 +110,29 @@ def test_curriculum_resumes_under_another_process_count(tmp_path):
     files = {}
     for name, n in (("a", 40), ("b", 40)):
         path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{name} {i}"},
-                                                         {"role": "assistant", "content": f"{name}{i}"}]}) + "\n"
-                                for i in range(n)))
+        path.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"{name} {i}"},
+                            {"role": "assistant", "content": f"{name}{i}"},
+                        ]
+                    }
+                )
+                + "\n"
+                for i in range(n)
+            )
+        )
         files[name] = str(path)
     from jaxsft.config import SourceConfig
-    cfg = DataConfig(sources=tuple(SourceConfig(name=n, path=p) for n, p in files.items()), max_length=32,
-                     stages=(StageConfig(0, {"a": 1.0}), StageConfig(2, {"b": 1.0})), virtual_shards=SHARDS)
+
+    cfg = DataConfig(
+        sources=tuple(SourceConfig(name=n, path=p) for n, p in files.items()),
+        max_length=32,
+        stages=(StageConfig(0, {"a": 1.0}), StageConfig(2, {"b": 1.0})),
+        virtual_shards=SHARDS,
+    )
     _assert_resumes(build_data(cfg, seed=0, cache_dir=tmp_path / "cache"), 2, 1, stop=1, steps=5)
 
 
@@ -141,6 +156,7 @@ def test_a_state_of_other_virtual_shards_is_refused(data):
 
 def test_auto_virtual_shards_are_the_batch_s_largest_divisor_up_to_8():
     from jaxsft.data.shards import shard_count
+
     assert [shard_count(0, rows) for rows in (1, 4, 8, 12, 16, 7, 1024)] == [1, 4, 8, 6, 8, 7, 8]
     assert shard_count(2, 16) == 2
 
@@ -148,6 +164,7 @@ def test_auto_virtual_shards_are_the_batch_s_largest_divisor_up_to_8():
 def test_virtual_shards_that_do_not_divide_the_batch_fail_in_the_config():
     from jaxsft import config_load
     from jaxsft.config import ConfigError
+
     with pytest.raises(ConfigError) as e:
         config_load.load(None, ["train.global_batch_size=16", "data.virtual_shards=3"])
     assert str(e.value) == "data.virtual_shards=3: expected 0 (auto) or a divisor of train.global_batch_size=16"

@@ -5,12 +5,30 @@ import pytest
 from jaxsft import config_load
 from jaxsft.train.trainer import train
 
-TINY_RUN = ["data.synthetic_train_examples=400", "data.synthetic_eval_examples=24", "data.tokenizer_vocab_size=512",
-            "data.max_length=96", "train.global_batch_size=8", "train.eval_batches=100", "train.steps=40",
-            "train.eval_every=20", "checkpoint.every=20", "checkpoint.keep=3", "checkpoint.async_save=false",
-            "logging.progress=false", "optim.warmup_steps=2", "optim.learning_rate=1e-2", "model.d_model=32",
-            "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=8", "model.d_ff=64",
-            "eval.max_new_tokens=12", "eval.batch_size=8"]
+TINY_RUN = [
+    "data.synthetic_train_examples=400",
+    "data.synthetic_eval_examples=24",
+    "data.tokenizer_vocab_size=512",
+    "data.max_length=96",
+    "train.global_batch_size=8",
+    "train.eval_batches=100",
+    "train.steps=40",
+    "train.eval_every=20",
+    "checkpoint.every=20",
+    "checkpoint.keep=3",
+    "checkpoint.async_save=false",
+    "logging.progress=false",
+    "optim.warmup_steps=2",
+    "optim.learning_rate=1e-2",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.head_dim=8",
+    "model.d_ff=64",
+    "eval.max_new_tokens=12",
+    "eval.batch_size=8",
+]
 
 
 @pytest.fixture(scope="session")

@@ -60,8 +60,9 @@ def test_report_counts_are_the_samples_recounted(first):
         assert (overall[metric]["hits"], overall[metric]["of"]) == (hits, applicable), metric
         by_task = report["generation"]["by_task"].values()
         assert sum(t[metric]["hits"] for t in by_task) == hits
-    assert overall["json_valid"]["of"] == sum(s["task"] == "convert_format" and s["reference"][0] in "[{"
-                                              for s in samples)
+    assert overall["json_valid"]["of"] == sum(
+        s["task"] == "convert_format" and s["reference"][0] in "[{" for s in samples
+    )
 
 
 def test_cli_report_files_rerun_and_a_checkpoint_step(tiny_run, first, tmp_path):
@@ -126,8 +127,16 @@ def test_the_hf_export_scores_the_same(tiny_run, first, tmp_path):
 
 
 def test_records_without_references_give_loss_and_say_why_not_more(tiny_run, tmp_path):
-    rows = [{"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
-                          {"role": "user", "content": f"And {k} + 1?"}]} for k in range(3)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "What is 2 + 2?"},
+                {"role": "assistant", "content": "4"},
+                {"role": "user", "content": f"And {k} + 1?"},
+            ]
+        }
+        for k in range(3)
+    ]
     report, samples = score(str(tiny_run), data_files=[_write(tmp_path / "noref.jsonl", rows)])
     assert report["generation"] is None and samples == []
     assert report["loss"]["overall"]["examples"] == 3 and report["loss"]["overall"]["loss"] > 0

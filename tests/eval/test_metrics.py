@@ -16,28 +16,35 @@ def test_normalize_drops_case_punctuation_and_extra_whitespace():
     assert metrics.normalize("¿Qué?") == "qué"
 
 
-@pytest.mark.parametrize("output, reference, regex, expected", [
-    # exact, normalized, contains, json, regex
-    ("Cherry Gold", "Cherry Gold", None, (True, True, True, None, None)),
-    (" Cherry Gold\n", "Cherry Gold", None, (True, True, True, None, None)),  # surrounding whitespace only
-    ("cherry gold.", "Cherry Gold", None, (False, True, True, None, None)),
-    ("The answer is 5.", "5", None, (False, False, True, None, None)),
-    ("The answer is 15", "5", None, (False, False, False, None, None)),  # whole words: 5 is not in 15
-    ('["a", "b"]', '["a","b"]', None, (False, True, True, True, None)),
-    ("[a, b]", '["a", "b"]', None, (False, True, True, False, None)),
-    ("5", "5", None, (True, True, True, None, None)),  # a bare number is no JSON task
-    ("x = 42", "42", r"\d+$", (False, False, True, None, True)),
-    ("none", "42", r"\d+", (False, False, False, None, False)),
-    ("anything", "", None, (False, False, False, None, None)),  # an empty reference is contained in nothing
-])
+@pytest.mark.parametrize(
+    "output, reference, regex, expected",
+    [
+        # exact, normalized, contains, json, regex
+        ("Cherry Gold", "Cherry Gold", None, (True, True, True, None, None)),
+        (" Cherry Gold\n", "Cherry Gold", None, (True, True, True, None, None)),  # surrounding whitespace only
+        ("cherry gold.", "Cherry Gold", None, (False, True, True, None, None)),
+        ("The answer is 5.", "5", None, (False, False, True, None, None)),
+        ("The answer is 15", "5", None, (False, False, False, None, None)),  # whole words: 5 is not in 15
+        ('["a", "b"]', '["a","b"]', None, (False, True, True, True, None)),
+        ("[a, b]", '["a", "b"]', None, (False, True, True, False, None)),
+        ("5", "5", None, (True, True, True, None, None)),  # a bare number is no JSON task
+        ("x = 42", "42", r"\d+$", (False, False, True, None, True)),
+        ("none", "42", r"\d+", (False, False, False, None, False)),
+        ("anything", "", None, (False, False, False, None, None)),  # an empty reference is contained in nothing
+    ],
+)
 def test_score(output, reference, regex, expected):
     got = metrics.score(output, reference, regex)
     assert tuple(got[m] for m in metrics.METRICS) == expected
 
 
 def test_tally_counts_only_where_a_metric_applies():
-    scores = [metrics.score("5", "5"), metrics.score("6", "5"), metrics.score('{"a": 1}', '{"a":1}'),
-              metrics.score("x", "y", "x")]
+    scores = [
+        metrics.score("5", "5"),
+        metrics.score("6", "5"),
+        metrics.score('{"a": 1}', '{"a":1}'),
+        metrics.score("x", "y", "x"),
+    ]
     got = metrics.tally(scores)
     assert got["exact_match"] == {"hits": 1, "of": 4, "rate": 0.25}
     assert got["normalized_match"] == {"hits": 2, "of": 4, "rate": 0.5}  # '{"a": 1}' and '{"a":1}' normalise alike
@@ -48,8 +55,13 @@ def test_tally_counts_only_where_a_metric_applies():
 
 def test_loss_summary():
     got = metrics.loss_summary(6.0, 4.0, 3.0, 2)
-    assert got == {"examples": 2, "tokens": 4.0, "loss": 1.5, "perplexity": pytest.approx(math.exp(1.5)),
-                   "token_accuracy": 0.75}
+    assert got == {
+        "examples": 2,
+        "tokens": 4.0,
+        "loss": 1.5,
+        "perplexity": pytest.approx(math.exp(1.5)),
+        "token_accuracy": 0.75,
+    }
     assert metrics.loss_summary(0.0, 0.0, 0.0, 0)["loss"] is None
 
 
@@ -65,13 +77,16 @@ def _chat(*turns):
 
 
 def test_reference_is_the_last_answer_or_the_reference_field(tmp_path):
-    items, bad = _items(tmp_path, [
-        {"messages": _chat("q1", "a1", "q2", "a2"), "task": "t"},
-        {"messages": _chat("q1", "a1", "q2"), "reference": "r2", "category": "c"},
-        {"messages": _chat("q1", "a1"), "reference": 7},
-        {"messages": _chat("q1", "a1", "q2")},
-        {"messages": "not a list"},
-    ])
+    items, bad = _items(
+        tmp_path,
+        [
+            {"messages": _chat("q1", "a1", "q2", "a2"), "task": "t"},
+            {"messages": _chat("q1", "a1", "q2"), "reference": "r2", "category": "c"},
+            {"messages": _chat("q1", "a1"), "reference": 7},
+            {"messages": _chat("q1", "a1", "q2")},
+            {"messages": "not a list"},
+        ],
+    )
     assert bad == {"messages not a list": 1}
     first, second, third, fourth = items
     assert [m.content for m in first.prompt] == ["q1", "a1", "q2"] and first.reference == "a2"
@@ -83,8 +98,9 @@ def test_reference_is_the_last_answer_or_the_reference_field(tmp_path):
 
 
 def test_regex_from_the_record_else_the_config(tmp_path):
-    items, _ = _items(tmp_path, [{"messages": _chat("q", "a"), "reference_regex": "^a$"},
-                                 {"messages": _chat("q", "a")}], regex="b")
+    items, _ = _items(
+        tmp_path, [{"messages": _chat("q", "a"), "reference_regex": "^a$"}, {"messages": _chat("q", "a")}], regex="b"
+    )
     assert [i.regex for i in items] == ["^a$", "b"]
     with pytest.raises(DataError, match=r"eval.jsonl:1: reference_regex '\(' is not a valid"):
         _items(tmp_path, [{"messages": _chat("q", "a"), "reference_regex": "("}])

@@ -22,8 +22,12 @@ def _session(lines, system=None, interrupt_on=()):
 def test_turns_build_the_history_and_empty_lines_are_skipped():
     loop, seen, answers, _, _ = _session(["hi", "  ", "again"], system="Be terse.")
     assert answers == ["answer 1", "answer 2"]
-    assert seen[1] == [Message("system", "Be terse."), Message("user", "hi"), Message("assistant", "answer 1"),
-                       Message("user", "again")]
+    assert seen[1] == [
+        Message("system", "Be terse."),
+        Message("user", "hi"),
+        Message("assistant", "answer 1"),
+        Message("user", "again"),
+    ]
 
 
 def test_reset_forgets_the_turns_and_keeps_the_system_prompt():

@@ -24,9 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "data"))
 import official_fixtures as fx  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
-RUN = ["data.synthetic_train_examples=200", "data.synthetic_eval_examples=16", "data.tokenizer_vocab_size=512",
-       "data.max_length=64", "train.global_batch_size=8", "train.eval_batches=1", "train.steps=1",
-       "logging.progress=false", "optim.warmup_steps=1"]
+RUN = [
+    "data.synthetic_train_examples=200",
+    "data.synthetic_eval_examples=16",
+    "data.tokenizer_vocab_size=512",
+    "data.max_length=64",
+    "train.global_batch_size=8",
+    "train.eval_batches=1",
+    "train.steps=1",
+    "logging.progress=false",
+    "optim.warmup_steps=1",
+]
 CHAT = [Message("system", "Be brief."), Message("user", "What is 2 + 3?")]
 
 
@@ -35,8 +43,15 @@ def _tiny(vocab: int, out: Path, tokenizer_dir: Path | None = None, family: str 
 
     # transformers 5 loads a qwen2 model's tokenizer as Qwen2Tokenizer whatever tokenizer.json says
     # (its byte-level pipeline); a SentencePiece run's export is a llama model type, read as is.
-    config = getattr(transformers, family)(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = getattr(transformers, family)(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -103,9 +118,13 @@ def _check_export(out: Path, tokenizer, template_name: str) -> None:
     model = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
     assert model.generation_config.eos_token_id == generation["eos_token_id"]
     with torch.no_grad():
-        new = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12,
-                             logits_processor=transformers.LogitsProcessorList([StopAfter(len(ids), eot)]))
-    assert new[0, len(ids):].tolist()[-1] == eot and new.shape[1] == len(ids) + 3
+        new = model.generate(
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=12,
+            logits_processor=transformers.LogitsProcessorList([StopAfter(len(ids), eot)]),
+        )
+    assert new[0, len(ids) :].tolist()[-1] == eot and new.shape[1] == len(ids) + 3
     pipe = transformers.pipeline("text-generation", model=str(out))
     reply = pipe([dicts], max_new_tokens=3, do_sample=False)[0][0]["generated_text"]
     assert reply[-1]["role"] == "assistant"
@@ -113,7 +132,9 @@ def _check_export(out: Path, tokenizer, template_name: str) -> None:
 
 @pytest.mark.slow
 def test_sentencepiece_run_exports_a_model_that_chats_in_transformers(root):
-    base = _tiny(512, root / "plain", family="LlamaConfig")  # no tokenizer: the run trains a SentencePiece one, and says so
+    base = _tiny(
+        512, root / "plain", family="LlamaConfig"
+    )  # no tokenizer: the run trains a SentencePiece one, and says so
     printed = _train(base, root / "spm-run")
     assert "holds no tokenizer" in printed and "tokenizer: SentencePiece trained on the data" in printed
     out = root / "spm-export"

@@ -19,9 +19,18 @@ from jaxsft.infer import runs
 from jaxsft.model.safetensors_io import TensorIndex
 from jaxsft.train.trainer import train
 
-TINY_RUN = ["data.synthetic_train_examples=400", "data.synthetic_eval_examples=32", "data.tokenizer_vocab_size=512",
-            "data.max_length=64", "train.global_batch_size=8", "train.eval_batches=1", "train.steps=3",
-            "logging.progress=false", "optim.warmup_steps=1", "optim.learning_rate=1e-3"]
+TINY_RUN = [
+    "data.synthetic_train_examples=400",
+    "data.synthetic_eval_examples=32",
+    "data.tokenizer_vocab_size=512",
+    "data.max_length=64",
+    "train.global_batch_size=8",
+    "train.eval_batches=1",
+    "train.steps=3",
+    "logging.progress=false",
+    "optim.warmup_steps=1",
+    "optim.learning_rate=1e-3",
+]
 NEW_TOKENS = 6
 
 
@@ -33,9 +42,16 @@ def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
     env = pytest.MonkeyPatch()
     env.setenv("JAXSFT_CACHE", str(base / "cache"))
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                      tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(base / "hf")
     cfg = config_load.load(None, TINY_RUN + [f"train.run_dir={base / 'run'}", f"model.init_from=hf:{base / 'hf'}"])
@@ -79,11 +95,26 @@ def test_generate_cli_equals_transformers_greedy_on_the_export(run, tmp_path):
     import torch
     import transformers
 
-    prompts = [{"prompt": "What is 2 + 3?"}, {"messages": [{"role": "system", "content": "Be brief."},
-                                                           {"role": "user", "content": "Reverse abc"}]}]
+    prompts = [
+        {"prompt": "What is 2 + 3?"},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse abc"}]},
+    ]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    assert main(["generate", str(run / "run"), "--prompts", str(tmp_path / "in.jsonl"), "--out",
-                 str(tmp_path / "out.jsonl"), "--max-new-tokens", str(NEW_TOKENS)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(run / "run"),
+                "--prompts",
+                str(tmp_path / "in.jsonl"),
+                "--out",
+                str(tmp_path / "out.jsonl"),
+                "--max-new-tokens",
+                str(NEW_TOKENS),
+            ]
+        )
+        == 0
+    )
     got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [{k: v for k, v in g.items() if k != "completion"} for g in got] == prompts
 
@@ -93,13 +124,17 @@ def test_generate_cli_equals_transformers_greedy_on_the_export(run, tmp_path):
     template = get_template("chatml", tokenizer)
     stops = [template.end_of_turn_id(tokenizer), tokenizer.eos_id]
     model = transformers.AutoModelForCausalLM.from_pretrained(export).float().eval()
-    conversations = [[Message("user", "What is 2 + 3?")], [Message("system", "Be brief."), Message("user", "Reverse abc")]]
+    conversations = [
+        [Message("user", "What is 2 + 3?")],
+        [Message("system", "Be brief."), Message("user", "Reverse abc")],
+    ]
     for conversation, record in zip(conversations, got):
         ids = [int(i) for i in template.render_prompt(conversation, tokenizer)]
         with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=NEW_TOKENS,
-                                 eos_token_id=stops, pad_token_id=0)[0, len(ids):].tolist()
-        expected = out[:next((i for i, t in enumerate(out) if t in stops), len(out))]
+            out = model.generate(
+                torch.tensor([ids]), do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=stops, pad_token_id=0
+            )[0, len(ids) :].tolist()
+        expected = out[: next((i for i, t in enumerate(out) if t in stops), len(out))]
         assert record["completion"] == tokenizer.decode(expected)
 
 

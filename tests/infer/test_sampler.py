@@ -1,12 +1,13 @@
 """Generation: greedy equals `transformers` generate token for token; stops; sampling filters."""
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsft.infer.sampler import Sampling, generate, sample_logits
 
 import hf_tiny
-from jaxsft.infer.sampler import Sampling, generate, sample_logits
 
 PROMPTS = [[5, 17, 3, 40, 22], [9, 1, 77, 12, 60, 31, 8, 2, 50], [11]]
 NEW = 8
@@ -23,9 +24,10 @@ def hf_greedy(model, prompt, new_tokens):
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 # gemma2: its window (3) is shorter than the prompts, so the cache's window mask is exercised.
@@ -44,9 +46,9 @@ def test_stops_at_the_stop_id_and_other_rows_go_on(root):
     free = generate(graphdef, params, PROMPTS, stop_ids=[], sampling=Sampling(max_new_tokens=NEW))
     stop = free[0][3]
     stopped = generate(graphdef, params, PROMPTS, stop_ids=[stop], sampling=Sampling(max_new_tokens=NEW))
-    assert stopped[0] == free[0][:free[0].index(stop)]
+    assert stopped[0] == free[0][: free[0].index(stop)]
     for full, cut in zip(free[1:], stopped[1:]):
-        assert cut == (full[:full.index(stop)] if stop in full else full)
+        assert cut == (full[: full.index(stop)] if stop in full else full)
 
 
 def test_top_k_and_top_p_keep_only_the_allowed_tokens():

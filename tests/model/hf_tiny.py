@@ -8,28 +8,55 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxsft.model import hf
 from jaxsft.model.transformer import Transformer, abstract_params
 
 VOCAB = 96
-_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-               rms_norm_eps=1e-6, rope_theta=10000.0)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+)
 # One config per variant worth testing; small windows and caps so that they matter.
 CASES = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
-    "llama3-rope-tied": ("LlamaConfig", dict(tie_word_embeddings=True, rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=64))),
+    "llama3-rope-tied": (
+        "LlamaConfig",
+        dict(
+            tie_word_embeddings=True,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+    ),
     "mistral-window": ("MistralConfig", dict(sliding_window=3, tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False)),
     "gemma": ("GemmaConfig", dict(hidden_activation="gelu_pytorch_tanh")),
-    "gemma2": ("Gemma2Config", dict(hidden_activation="gelu_pytorch_tanh", sliding_window=3,
-                                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
-                                    query_pre_attn_scalar=16)),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            hidden_activation="gelu_pytorch_tanh",
+            sliding_window=3,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+            query_pre_attn_scalar=16,
+        ),
+    ),
 }
 
 
@@ -77,6 +104,8 @@ def hf_logits(model, tokens, attention_mask) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        out = model(input_ids=torch.as_tensor(np.asarray(tokens, np.int64)),
-                    attention_mask=torch.as_tensor(np.asarray(attention_mask, np.int64)))
+        out = model(
+            input_ids=torch.as_tensor(np.asarray(tokens, np.int64)),
+            attention_mask=torch.as_tensor(np.asarray(attention_mask, np.int64)),
+        )
     return out.logits.float().numpy()

@@ -1,9 +1,9 @@
 """attention(): numbers against a float64 numpy reference, masks, padding, bad names."""
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from jaxsft.model.attention import attention, packed_causal_mask
 
@@ -31,8 +31,7 @@ def _inputs(seed=0, b=2, t=10, n=4, kv=2, h=8):
     q = rng.normal(size=(b, t, n, h)).astype(np.float32)
     k = rng.normal(size=(b, t, kv, h)).astype(np.float32)
     v = rng.normal(size=(b, t, kv, h)).astype(np.float32)
-    segment_ids = np.array([[1, 1, 1, 2, 2, 2, 2, 3, 0, 0],
-                            [0, 0, 1, 1, 1, 1, 1, 1, 1, 1]], np.int32)[:b]
+    segment_ids = np.array([[1, 1, 1, 2, 2, 2, 2, 3, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1, 1, 1]], np.int32)[:b]
     return q, k, v, segment_ids
 
 
@@ -73,10 +72,7 @@ def test_padding_stays_finite_even_for_an_all_pad_row():
 
 def test_mask_is_causal_and_segmented():
     mask = np.asarray(packed_causal_mask(jnp.array([[1, 1, 2, 0]])))[0]
-    expected = np.array([[1, 0, 0, 0],
-                         [1, 1, 0, 0],
-                         [0, 0, 1, 0],
-                         [0, 0, 0, 1]], bool)
+    expected = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], bool)
     np.testing.assert_array_equal(mask, expected)
 
 

@@ -8,10 +8,10 @@ and window are checked through jax's xla path here, the kernel itself only on a 
 import dataclasses
 import functools
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import linen as nn
 from flax import nnx
 from jax.sharding import AxisType
@@ -19,8 +19,8 @@ from jax.sharding import AxisType
 from jaxsft import config as config_lib
 from jaxsft import config_load
 from jaxsft.config import ModelConfig
-from jaxsft.model import kernels
 from jaxsft.model import attention as attention_lib
+from jaxsft.model import kernels
 from jaxsft.model.attention import attention
 from jaxsft.model.transformer import Transformer
 
@@ -37,11 +37,10 @@ def packed_inputs(dtype, length=128, heads=4, kv_heads=2, head_dim=32, seed=0):
     for row, lengths in enumerate(SEGMENT_LENGTHS):
         start = 0
         for seg, n in enumerate(lengths, 1):
-            segment_ids[row, start:start + n] = seg
+            segment_ids[row, start : start + n] = seg
             start += n
     cotangent = rng.normal(size=q.shape)
-    return (*(jnp.asarray(a, dtype) for a in (q, k, v)), jnp.asarray(segment_ids),
-            jnp.asarray(cotangent, jnp.float32))
+    return (*(jnp.asarray(a, dtype) for a in (q, k, v)), jnp.asarray(segment_ids), jnp.asarray(cotangent, jnp.float32))
 
 
 def cudnn_via_xla(*args):
@@ -58,6 +57,7 @@ def attend(implementation, q, k, v, segment_ids, **variant):
 
 def output_and_grads(implementation, q, k, v, segment_ids, cotangent, **variant):
     """out and d<out, cotangent>/d(q, k, v), all as float32 numpy."""
+
     def loss(q, k, v):
         out = attend(implementation, q, k, v, segment_ids, **variant)
         return jnp.sum(out.astype(jnp.float32) * cotangent), out
@@ -137,8 +137,9 @@ def test_auto_is_xla_on_cpu():
     if jax.default_backend() != "cpu":
         pytest.skip("auto picks a kernel off cpu")
     q, k, v, segment_ids, _ = packed_inputs(jnp.float32)
-    np.testing.assert_array_equal(attention(q, k, v, segment_ids, implementation="auto"),
-                                  attention(q, k, v, segment_ids, implementation="xla"))
+    np.testing.assert_array_equal(
+        attention(q, k, v, segment_ids, implementation="auto"), attention(q, k, v, segment_ids, implementation="xla")
+    )
 
 
 @pytest.mark.parametrize("platform, kernel", [("tpu", "splash"), ("gpu", "cudnn"), ("cpu", "xla"), ("rocm", "xla")])
@@ -154,8 +155,10 @@ def test_auto_falls_back_to_xla_where_the_platform_kernel_refuses(monkeypatch):
     """On a TPU, auto takes splash; a traced per-layer window (Gemma 2) sends it to xla instead."""
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     q, k, v, segment_ids, _ = packed_inputs(jnp.float32)
-    run = jax.jit(lambda window, implementation: attention(q, k, v, segment_ids, implementation=implementation,
-                                                           window=window), static_argnums=1)
+    run = jax.jit(
+        lambda window, implementation: attention(q, k, v, segment_ids, implementation=implementation, window=window),
+        static_argnums=1,
+    )
     np.testing.assert_array_equal(run(jnp.int32(48), "auto"), run(jnp.int32(48), "xla"))
 
 
@@ -191,8 +194,9 @@ def test_config_accepts_the_backends_and_names_the_choices():
 def test_kernels_run_per_device_under_a_mesh(implementation, tensor):
     """Pallas kernels cannot be partitioned by GSPMD: under a mesh they run in a shard_map
     over rows and whole GQA groups of heads (4 q heads, 2 kv heads), numbers as on one device."""
-    mesh = jax.make_mesh((2, tensor), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2,
-                         devices=jax.devices()[:2 * tensor])
+    mesh = jax.make_mesh(
+        (2, tensor), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[: 2 * tensor]
+    )
     rules = (("batch", "data"), ("heads", "tensor"), ("kv_heads", "tensor"))
     q, k, v, segment_ids, cotangent = packed_inputs(jnp.float32)
     want = float32_reference(jnp.float32)
@@ -219,7 +223,7 @@ def test_transformer_with_splash_matches_xla():
     tokens = np.random.default_rng(2).integers(0, VOCAB, size=segment_ids.shape).astype(np.int32)
     positions = np.zeros_like(tokens)
     for row, lengths in enumerate(SEGMENT_LENGTHS):
-        positions[row, :sum(lengths)] = np.concatenate([np.arange(n) for n in lengths])
+        positions[row, : sum(lengths)] = np.concatenate([np.arange(n) for n in lengths])
     _, state = nnx.split(Transformer(TINY, VOCAB, rngs=nnx.Rngs(0)))
     want = logits(TINY, state, tokens, positions, segment_ids)
     got = logits(dataclasses.replace(TINY, attention="splash"), state, tokens, positions, segment_ids)

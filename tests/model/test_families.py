@@ -23,7 +23,11 @@ def batch():
     start = 0
     for i, ex in enumerate(examples, 1):
         n = len(ex)
-        tokens[0, start:start + n], positions[0, start:start + n], segment_ids[0, start:start + n] = ex, range(n), i
+        tokens[0, start : start + n], positions[0, start : start + n], segment_ids[0, start : start + n] = (
+            ex,
+            range(n),
+            i,
+        )
         tokens[i, :n], positions[i, :n], segment_ids[i, :n] = ex, range(n), 1
         start += n
     return tokens, positions, segment_ids
@@ -48,14 +52,16 @@ def test_logits_equal_transformers_and_packing_is_invisible(case, root):
     assert diff <= TOLERANCE, diff
     start = 0
     for i, n in enumerate(LENGTHS, 1):
-        np.testing.assert_allclose(ours[0, start:start + n], ours[i, :n], atol=TOLERANCE, rtol=0)
+        np.testing.assert_allclose(ours[0, start : start + n], ours[i, :n], atol=TOLERANCE, rtol=0)
         start += n
 
 
 def test_window_and_caps_change_the_output(root):
     """The sliding window and soft-caps are live: turning them off moves the logits."""
     import dataclasses
+
     from flax import nnx
+
     from jaxsft.model.transformer import Transformer
 
     graphdef, params, cfg, vocab = hf_tiny.load(hf_tiny.saved("gemma2", root))

@@ -2,17 +2,18 @@
 
 import json
 
+import jax
 import numpy as np
 import optax
 import pytest
-import jax
 from jax.sharding import AxisType
 from safetensors.numpy import save_file
 
-import hf_tiny
 from jaxsft.config import ConfigError, LogicalRules
 from jaxsft.model import hf
 from jaxsft.model.safetensors_io import TensorIndex
+
+import hf_tiny
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,11 @@ def _load_error(path):
 def test_unknown_architecture_lists_the_supported_ones(root, tmp_path):
     src = hf_tiny.saved("llama", root)
     bad = _rewrite(src, tmp_path / "gpt2", _tensors(src), {"architectures": ["GPT2LMHeadModel"]})
-    with pytest.raises(ConfigError, match=r"GPT2LMHeadModel.*not supported; supported: LlamaForCausalLM, "
-                                          r"MistralForCausalLM, Qwen2ForCausalLM.*Gemma2ForCausalLM"):
+    with pytest.raises(
+        ConfigError,
+        match=r"GPT2LMHeadModel.*not supported; supported: LlamaForCausalLM, "
+        r"MistralForCausalLM, Qwen2ForCausalLM.*Gemma2ForCausalLM",
+    ):
         hf.load_config(bad)
 
 
@@ -61,7 +65,8 @@ def test_missing_unexpected_shape_and_dtype_errors_name_the_tensor(root, tmp_pat
     assert "1 unexpected tensor(s): model.layers.0.self_attn.rotary_emb.inv_freq" in message
     shaped = {**tensors, name: tensors[name][:, :-1]}
     assert f"tensor {name} has shape [64, 31], expected [64, 32]" in _load_error(
-        _rewrite(src, tmp_path / "shape", shaped))
+        _rewrite(src, tmp_path / "shape", shaped)
+    )
     typed = {**tensors, name: tensors[name].astype(np.int32)}
     assert f"tensor {name} has dtype I32" in _load_error(_rewrite(src, tmp_path / "dtype", typed))
     assert "\n" not in message
@@ -102,8 +107,8 @@ def test_export_round_trip_gives_identical_transformers_logits(case, root, tmp_p
 
 def test_convert_to_orbax_restores_the_same_params(root, tmp_path):
     from jaxsft.cli import main
-    from jaxsft.model import pretrained
     from jaxsft.config import ModelConfig
+    from jaxsft.model import pretrained
 
     path = hf_tiny.saved("gemma2", root)
     _, direct, cfg, vocab = hf_tiny.load(path)

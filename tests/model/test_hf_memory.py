@@ -43,17 +43,34 @@ SCRIPT = textwrap.dedent("""
 def test_import_peak_host_memory_is_about_one_tensor(tmp_path):
     mapping = hf.tensor_map(CFG)
     shapes = paths.flatten(abstract_params(CFG, VOCAB))
-    specs = [TensorSpec(name, hf.hf_shape(kind, shapes[path].shape[1:] if layer is not None else shapes[path].shape),
-                        np.dtype(np.float32)) for name, (path, kind, layer) in mapping.items()]
+    specs = [
+        TensorSpec(
+            name,
+            hf.hf_shape(kind, shapes[path].shape[1:] if layer is not None else shapes[path].shape),
+            np.dtype(np.float32),
+        )
+        for name, (path, kind, layer) in mapping.items()
+    ]
     rng = np.random.default_rng(0)
-    write_sharded(tmp_path, specs, lambda name: rng.standard_normal(
-        next(s.shape for s in specs if s.name == name), np.float32), 200 * 1024**2)
+    write_sharded(
+        tmp_path,
+        specs,
+        lambda name: rng.standard_normal(next(s.shape for s in specs if s.name == name), np.float32),
+        200 * 1024**2,
+    )
     (tmp_path / "config.json").write_text(json.dumps(hf_config.to_hf(CFG, VOCAB, "float32")))
     largest = max(int(np.prod(s.shape)) * 4 for s in specs)
-    out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                         env={"JAX_PLATFORMS": "cpu", "PATH": ""}, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={"JAX_PLATFORMS": "cpu", "PATH": ""},
+        check=True,
+    )
     measured = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"model {measured['model'] / 2**20:.0f} MiB, largest tensor {largest / 2**20:.0f} MiB, "
-          f"import peak {measured['peak'] / 2**20:.0f} MiB")
+    print(
+        f"model {measured['model'] / 2**20:.0f} MiB, largest tensor {largest / 2**20:.0f} MiB, "
+        f"import peak {measured['peak'] / 2**20:.0f} MiB"
+    )
     assert measured["model"] > 250 * 1024**2
     assert measured["peak"] < 2 * largest + OVERHEAD

@@ -1,18 +1,18 @@
 """LoRA and DoRA: math against float64 numpy, branch == merged weights, exact start, counts, HF PEFT parity."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import hf_tiny
-import dataclasses
-
 from flax import nnx
 
 from jaxsft.config import ConfigError, ModelConfig, PeftConfig
 from jaxsft.model import hf_peft, lora, lora_branch
 from jaxsft.model.transformer import Transformer
+
+import hf_tiny
 
 
 def _random_adapters(params, cfg, seed=1):
@@ -20,16 +20,27 @@ def _random_adapters(params, cfg, seed=1):
     adapters = lora.init_adapters(params, cfg, jax.random.key(seed))
     keys = iter(jax.random.split(jax.random.key(seed + 1), 16))
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: 0.3 * jax.random.normal(next(keys), x.shape) if path[-1].key == "b" else
-        x * (1 + 0.2 * jax.random.normal(next(keys), x.shape)) if path[-1].key == "m" else x, adapters)
+        lambda path, x: (
+            0.3 * jax.random.normal(next(keys), x.shape)
+            if path[-1].key == "b"
+            else x * (1 + 0.2 * jax.random.normal(next(keys), x.shape))
+            if path[-1].key == "m"
+            else x
+        ),
+        adapters,
+    )
 
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_merge_matches_a_float64_reference(rslora):
     cfg = PeftConfig(method="lora", rank=3, alpha=5.0, targets=("q", "o", "down"), rslora=rslora)
     rng = np.random.default_rng(0)
-    params = {"blocks": {"attn": {"q_proj": rng.normal(size=(2, 8, 4, 2)), "o_proj": rng.normal(size=(2, 4, 2, 8))},
-                         "mlp": {"down_proj": rng.normal(size=(2, 16, 8))}}}
+    params = {
+        "blocks": {
+            "attn": {"q_proj": rng.normal(size=(2, 8, 4, 2)), "o_proj": rng.normal(size=(2, 4, 2, 8))},
+            "mlp": {"down_proj": rng.normal(size=(2, 16, 8))},
+        }
+    }
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     adapters = _random_adapters(params, cfg)
     merged = lora.merge(params, adapters, cfg)
@@ -40,7 +51,7 @@ def test_merge_matches_a_float64_reference(rslora):
         a = np.asarray(adapters["blocks"][group][name]["a"], np.float64)
         b = np.asarray(adapters["blocks"][group][name]["b"], np.float64)
         expected = np.stack([w[i] + s * np.tensordot(a[i], b[i], axes=([a.ndim - 2], [0])) for i in range(2)])
-        assert a.shape[1:-1] == w.shape[1:1 + n_in] and b.shape[2:] == w.shape[1 + n_in:]
+        assert a.shape[1:-1] == w.shape[1 : 1 + n_in] and b.shape[2:] == w.shape[1 + n_in :]
         np.testing.assert_allclose(np.asarray(merged["blocks"][group][name]), expected, rtol=1e-5, atol=1e-5)
     assert merged["blocks"]["attn"].keys() == params["blocks"]["attn"].keys()
 
@@ -52,7 +63,10 @@ def test_llama_2_7b_rank_8_on_q_v_trains_the_published_count():
 
 def test_targets_by_name_all_linear_and_regex():
     assert len(lora.target_paths(PeftConfig(method="lora", targets=("all-linear",)))) == 7
-    assert lora.target_paths(PeftConfig(method="lora", targets=(r"mlp/(up|down)",))) == ("blocks/mlp/up_proj", "blocks/mlp/down_proj")
+    assert lora.target_paths(PeftConfig(method="lora", targets=(r"mlp/(up|down)",))) == (
+        "blocks/mlp/up_proj",
+        "blocks/mlp/down_proj",
+    )
     assert lora.target_paths(PeftConfig(method="lora", targets=("q", "q_proj"))) == ("blocks/attn/q_proj",)
     with pytest.raises(ConfigError, match="model.peft.targets: 'norm' matches none"):
         lora.target_paths(PeftConfig(method="lora", targets=("norm",)))
@@ -76,8 +90,9 @@ def test_fresh_adapters_leave_the_model_exactly_at_the_base(root):
     graphdef, params, _, _ = hf_tiny.load(hf_tiny.saved("llama", root))
     cfg = PeftConfig(method="lora", targets=("all-linear",))
     merged = lora.merge(params, lora.init_adapters(params, cfg, jax.random.key(0)), cfg)
-    np.testing.assert_array_equal(hf_tiny.forward(graphdef, merged, *_inputs()),
-                                  hf_tiny.forward(graphdef, params, *_inputs()))
+    np.testing.assert_array_equal(
+        hf_tiny.forward(graphdef, merged, *_inputs()), hf_tiny.forward(graphdef, params, *_inputs())
+    )
 
 
 def _adapted(graphdef_cfg, vocab, params, adapters, cfg, inputs, key=None):
@@ -104,7 +119,9 @@ def test_adapted_model_equals_the_merged_model(root, method):
 def test_dora_merge_matches_a_float64_reference():
     cfg = PeftConfig(method="dora", rank=2, alpha=3.0, targets=("o", "up"))
     rng = np.random.default_rng(0)
-    params = {"blocks": {"attn": {"o_proj": rng.normal(size=(2, 4, 2, 8))}, "mlp": {"up_proj": rng.normal(size=(2, 8, 16))}}}
+    params = {
+        "blocks": {"attn": {"o_proj": rng.normal(size=(2, 4, 2, 8))}, "mlp": {"up_proj": rng.normal(size=(2, 8, 16))}}
+    }
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     adapters = _random_adapters(params, cfg)
     merged = lora.merge(params, adapters, cfg)
@@ -113,13 +130,18 @@ def test_dora_merge_matches_a_float64_reference():
         node = {k: np.asarray(v, np.float64) for k, v in adapters["blocks"][group][name].items()}
         for i in range(2):
             v = w[i] + 1.5 * np.tensordot(node["a"][i], node["b"][i], axes=([n_in], [0]))
-            norm = np.sqrt((v ** 2).sum(axis=tuple(range(n_in))))
-            np.testing.assert_allclose(np.asarray(merged["blocks"][group][name][i]), v * node["m"][i] / norm,
-                                       rtol=1e-5, atol=1e-5)
+            norm = np.sqrt((v**2).sum(axis=tuple(range(n_in))))
+            np.testing.assert_allclose(
+                np.asarray(merged["blocks"][group][name][i]), v * node["m"][i] / norm, rtol=1e-5, atol=1e-5
+            )
     # m starts at ||W||: fresh DoRA adapters leave the weights as they are.
     fresh = lora.merge(params, lora.init_adapters(params, cfg, jax.random.key(0)), cfg)
-    np.testing.assert_allclose(np.asarray(fresh["blocks"]["mlp"]["up_proj"]), np.asarray(params["blocks"]["mlp"]["up_proj"]),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(fresh["blocks"]["mlp"]["up_proj"]),
+        np.asarray(params["blocks"]["mlp"]["up_proj"]),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_dropout_drops_the_branch_input_with_the_step_key():
@@ -128,7 +150,10 @@ def test_dropout_drops_the_branch_input_with_the_step_key():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(8, 4, 2)), jnp.float32)
-    node = {"a": jnp.asarray(rng.normal(size=(8, 2)), jnp.float32), "b": jnp.asarray(rng.normal(size=(2, 4, 2)), jnp.float32)}
+    node = {
+        "a": jnp.asarray(rng.normal(size=(8, 2)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(2, 4, 2)), jnp.float32),
+    }
     y = jnp.einsum("btd,dnh->btnh", x, w)
     key = jax.random.key(7)
     out = lora_branch.layer_hook({"attn": {"q_proj": node}}, cfg, key)("attn/q_proj", x, w, y)
@@ -138,8 +163,9 @@ def test_dropout_drops_the_branch_input_with_the_step_key():
     assert 0 < keep.mean() < 1
     np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
     no_key = lora_branch.layer_hook({"attn": {"q_proj": node}}, cfg, None)("attn/q_proj", x, w, y)  # eval: no dropout
-    np.testing.assert_allclose(np.asarray(no_key), np.asarray(y) + np.einsum("btd,dr,rnh->btnh", x, node["a"], node["b"]),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(no_key), np.asarray(y) + np.einsum("btd,dr,rnh->btnh", x, node["a"], node["b"]), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_dora_count_adds_one_magnitude_per_output_feature():
@@ -149,8 +175,9 @@ def test_dora_count_adds_one_magnitude_per_output_feature():
     assert total == 6_738_415_616 + trainable
 
 
-@pytest.mark.parametrize("case,rslora,method", [("llama", False, "lora"), ("qwen2", True, "lora"),
-                                                ("llama", False, "dora")])
+@pytest.mark.parametrize(
+    "case,rslora,method", [("llama", False, "lora"), ("qwen2", True, "lora"), ("llama", False, "dora")]
+)
 def test_peft_loads_our_adapters_with_equal_logits(root, tmp_path, case, rslora, method):
     from peft import PeftModel
 
@@ -171,12 +198,17 @@ def test_peft_loads_our_adapters_with_equal_logits(root, tmp_path, case, rslora,
 @pytest.mark.parametrize("dora", [False, True])
 def test_peft_adapters_import_with_equal_logits_and_round_trip(root, tmp_path, dora):
     import torch
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
     path = hf_tiny.saved("llama", root)
     graphdef, params, _, _ = hf_tiny.load(path)
-    peft_model = get_peft_model(hf_tiny.hf_model("llama"), PeftLoraConfig(
-        r=4, lora_alpha=6, target_modules=["q_proj", "o_proj", "up_proj"], lora_dropout=0.0, use_dora=dora)).eval()
+    peft_model = get_peft_model(
+        hf_tiny.hf_model("llama"),
+        PeftLoraConfig(
+            r=4, lora_alpha=6, target_modules=["q_proj", "o_proj", "up_proj"], lora_dropout=0.0, use_dora=dora
+        ),
+    ).eval()
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -186,7 +218,12 @@ def test_peft_adapters_import_with_equal_logits_and_round_trip(root, tmp_path, d
                 p.mul_(1 + 0.2 * torch.randn_like(p))
     peft_model.save_pretrained(tmp_path / "peft")
     cfg, adapters = hf_peft.load_peft(tmp_path / "peft", params)
-    assert (cfg.method, cfg.rank, cfg.alpha, sorted(cfg.targets)) == ("dora" if dora else "lora", 4, 6.0, ["o", "q", "up"])
+    assert (cfg.method, cfg.rank, cfg.alpha, sorted(cfg.targets)) == (
+        "dora" if dora else "lora",
+        4,
+        6.0,
+        ["o", "q", "up"],
+    )
     tokens, _, mask = _inputs()
     ours = hf_tiny.forward(graphdef, lora.merge(params, adapters, cfg), *_inputs())
     np.testing.assert_allclose(np.asarray(ours), hf_tiny.hf_logits(peft_model, tokens, mask), rtol=2e-4, atol=2e-4)

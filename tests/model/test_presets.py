@@ -72,6 +72,7 @@ def test_model_info_prints_groups_and_total(capsys):
 
 def test_family_recipes_parse():
     from pathlib import Path
+
     from jaxsft import config_load
 
     recipes = [p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*-*.yaml")]
@@ -81,12 +82,15 @@ def test_family_recipes_parse():
         assert cfg.model.init_from.startswith("hf:"), path
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.family=gpt2", "model.family: expected one of llama, mistral, qwen2, qwen3, gemma, gemma2, got 'gpt2'"),
-    ("model.rope_scaling.type=yarn", "model.rope_scaling.type: expected one of none, llama3, got 'yarn'"),
-    ("model.init_from=/models/x", "model.init_from='/models/x': expected hf:/path/to/model_dir or orbax:/path"),
-    ("model.sliding_window=-1", "model.sliding_window=-1: expected 0 (off) or a positive number"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.family=gpt2", "model.family: expected one of llama, mistral, qwen2, qwen3, gemma, gemma2, got 'gpt2'"),
+        ("model.rope_scaling.type=yarn", "model.rope_scaling.type: expected one of none, llama3, got 'yarn'"),
+        ("model.init_from=/models/x", "model.init_from='/models/x': expected hf:/path/to/model_dir or orbax:/path"),
+        ("model.sliding_window=-1", "model.sliding_window=-1: expected 0 (off) or a positive number"),
+    ],
+)
 def test_model_config_errors_are_one_line(override, message):
     from jaxsft import config_load
 

@@ -5,12 +5,13 @@ Mesh axis names appear here only, in the tests, standing in for the trainer's ta
 
 import functools
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxsft.config import ModelConfig
 from jaxsft.model.transformer import Transformer
@@ -18,8 +19,13 @@ from jaxsft.model.transformer import Transformer
 VOCAB = 50
 TINY = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64, init_std=0.2)
 DATA_RULES = (("batch", "data"),)
-DATA_TENSOR_RULES = (("batch", "data"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
-                     ("vocab", "tensor"))
+DATA_TENSOR_RULES = (
+    ("batch", "data"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+)
 
 
 def _batch(rows=8, length=16):
@@ -27,8 +33,8 @@ def _batch(rows=8, length=16):
     tokens = rng.integers(0, VOCAB, size=(rows, length)).astype(np.int32)
     positions = np.tile(np.arange(length, dtype=np.int32), (rows, 1))
     segment_ids = np.ones((rows, length), np.int32)
-    segment_ids[:, length // 2:] = 2  # two packed examples per row
-    positions[:, length // 2:] -= length // 2
+    segment_ids[:, length // 2 :] = 2  # two packed examples per row
+    positions[:, length // 2 :] -= length // 2
     return tokens, positions, segment_ids
 
 

@@ -3,10 +3,10 @@
 import dataclasses
 import functools
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 
 from jaxsft.config import ModelConfig
@@ -57,7 +57,7 @@ def _rope(x, positions, theta):
     inv_freq = 1.0 / theta ** (np.arange(0, h, 2) / h)
     angles = positions[..., None] * inv_freq
     angles = np.concatenate([angles, angles], -1)[:, :, None]
-    rotated = np.concatenate([-x[..., h // 2:], x[..., : h // 2]], -1)
+    rotated = np.concatenate([-x[..., h // 2 :], x[..., : h // 2]], -1)
     return x * np.cos(angles) + rotated * np.sin(angles)
 
 
@@ -101,8 +101,8 @@ def _packed_batch():
     positions = np.zeros((2, 20), np.int32)
     start = 0
     for seg, n in enumerate(lengths, 1):
-        segment_ids[0, start:start + n] = seg
-        positions[0, start:start + n] = np.arange(n)
+        segment_ids[0, start : start + n] = seg
+        positions[0, start : start + n] = np.arange(n)
         start += n
     segment_ids[1, :] = 1
     positions[1, :] = np.arange(20)
@@ -127,9 +127,11 @@ def test_packing_is_invisible():
     tokens, positions, segment_ids, lengths = _packed_batch()
     packed = np.asarray(forward(model, tokens, positions, segment_ids))
     start = 0
-    for seg, n in enumerate(lengths, 1):
-        alone = forward(model, tokens[:1, start:start + n], positions[:1, start:start + n], np.ones((1, n), np.int32))
-        np.testing.assert_allclose(packed[0, start:start + n], np.asarray(alone)[0], rtol=1e-5, atol=1e-5)
+    for n in lengths:
+        alone = forward(
+            model, tokens[:1, start : start + n], positions[:1, start : start + n], np.ones((1, n), np.int32)
+        )
+        np.testing.assert_allclose(packed[0, start : start + n], np.asarray(alone)[0], rtol=1e-5, atol=1e-5)
         start += n
     assert np.isfinite(packed[0, start:]).all()  # trailing padding
 

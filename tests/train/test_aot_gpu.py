@@ -11,15 +11,27 @@ from jaxsft.train import aot
 # The CUDA PJRT plugin (no CUDA libraries) comes with the `gpu-aot` extra, which `dev` includes.
 pytest.importorskip("jax_plugins.xla_cuda12", reason="pip install -e '.[gpu-aot]'")
 
-SMALL = ["model.vocab_size=512", "model.d_model=256", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=4",
-         "model.head_dim=64", "model.d_ff=512", "data.max_length=256", "train.global_batch_size=16"]
+SMALL = [
+    "model.vocab_size=512",
+    "model.d_model=256",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=4",
+    "model.head_dim=64",
+    "model.d_ff=512",
+    "data.max_length=256",
+    "train.global_batch_size=16",
+]
 
 
-@pytest.mark.parametrize("name, hosts, message", [
-    ("a100x8", 1, "gpu one of h100"),
-    ("h100", 1, "expected <gpu>x<GPUs per host>"),
-    ("h100x8", 0, "at least one host"),
-])
+@pytest.mark.parametrize(
+    "name, hosts, message",
+    [
+        ("a100x8", 1, "gpu one of h100"),
+        ("h100", 1, "expected <gpu>x<GPUs per host>"),
+        ("h100x8", 0, "at least one host"),
+    ],
+)
 def test_bad_gpu_names_get_one_line(name, hosts, message):
     with pytest.raises(ConfigError, match=message):
         aot.gpu_topology(name, hosts)
@@ -41,9 +53,18 @@ def test_fsdp_over_h100_hosts_splits_the_state(hosts):
 
 
 def test_cli_says_when_a_job_does_not_fit_on_the_gpus(capsys):
-    big = ["model.vocab_size=32000", "model.d_model=4096", "model.n_layers=8", "model.n_heads=32",
-           "model.n_kv_heads=32", "model.head_dim=128", "model.d_ff=14336", "data.max_length=4096",
-           "train.global_batch_size=64", "mesh.data=-1"]
+    big = [
+        "model.vocab_size=32000",
+        "model.d_model=4096",
+        "model.n_layers=8",
+        "model.n_heads=32",
+        "model.n_kv_heads=32",
+        "model.head_dim=128",
+        "model.d_ff=14336",
+        "data.max_length=4096",
+        "train.global_batch_size=64",
+        "mesh.data=-1",
+    ]
     assert main(["compile", "--gpu", "h100x8", *[a for kv in big for a in ("--set", kv)]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("jaxsft: error: does not fit: needs") and "GiB of 79.1 GiB per device on 1 x h100x8" in err

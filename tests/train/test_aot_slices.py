@@ -9,8 +9,17 @@ from jaxsft.train import aot, sharding
 
 pytest.importorskip("libtpu", reason="pip install -e '.[tpu]'")
 
-SMALL = ["model.vocab_size=512", "model.d_model=256", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=4",
-         "model.head_dim=64", "model.d_ff=512", "data.max_length=256", "train.global_batch_size=8"]
+SMALL = [
+    "model.vocab_size=512",
+    "model.d_model=256",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=4",
+    "model.head_dim=64",
+    "model.d_ff=512",
+    "data.max_length=256",
+    "train.global_batch_size=8",
+]
 
 
 @pytest.fixture(scope="module")

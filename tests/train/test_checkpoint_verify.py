@@ -15,8 +15,11 @@ from jaxsft.train.faults import CheckpointDamaged, CheckpointWriteFailed
 
 
 def _state(step: int, fill: float = 1.0):
-    return {"step": jnp.int32(step), "params": {"w": jnp.full((64, 64), fill * step, jnp.float32)},
-            "opt_state": {"mu": jnp.full((64,), 0.5 * step, jnp.float32)}}
+    return {
+        "step": jnp.int32(step),
+        "params": {"w": jnp.full((64, 64), fill * step, jnp.float32)},
+        "opt_state": {"mu": jnp.full((64,), 0.5 * step, jnp.float32)},
+    }
 
 
 def _abstract():

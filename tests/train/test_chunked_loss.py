@@ -28,9 +28,11 @@ def _inputs(batch, length, depth, vocab, seed=0):
 
 def _loss_and_grads(fn):
     """value_and_grad of the mean loss w.r.t. hidden and head, jitted."""
+
     def mean(hidden, head, targets, weights):
         total, weight = fn(hidden, head, targets, weights)
         return total / weight
+
     return jax.jit(jax.value_and_grad(mean, argnums=(0, 1)))
 
 
@@ -63,13 +65,17 @@ def _temp_bytes(fn, args) -> int:
 def test_chunked_never_holds_the_full_logits():
     batch, length, depth, vocab = 2, 2048, 256, 32768  # 4096 tokens
     args = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in _inputs(1, 1, 1, 1)]
-    args = [jax.ShapeDtypeStruct(shape, x.dtype) for shape, x in
-            zip([(batch, length, depth), (depth, vocab), (batch, length), (batch, length)], args)]
+    args = [
+        jax.ShapeDtypeStruct(shape, x.dtype)
+        for shape, x in zip([(batch, length, depth), (depth, vocab), (batch, length), (batch, length)], args)
+    ]
     logits_bytes = batch * length * vocab * 4  # 512 MiB
     full = _temp_bytes(_reference, args)
     chunked = _temp_bytes(functools.partial(chunked_cross_entropy_sum, chunk=256), args)
-    print(f"temp bytes: unchunked {full / 2**20:.1f} MiB, chunked {chunked / 2**20:.1f} MiB, "
-          f"one f32 logits tensor {logits_bytes / 2**20:.1f} MiB")
+    print(
+        f"temp bytes: unchunked {full / 2**20:.1f} MiB, chunked {chunked / 2**20:.1f} MiB, "
+        f"one f32 logits tensor {logits_bytes / 2**20:.1f} MiB"
+    )
     assert full >= logits_bytes  # the reference really materialises them
     # What remains is a few [chunk, V] blocks (logits, their gradient) and the [D, V] gradient
     # of the head carried through the scan: 72 MiB here against 1 GiB.
@@ -83,8 +89,12 @@ def test_chunks_stay_on_their_devices_under_batch_sharding():
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shapes = [((16, 64, 32), jnp.float32, rows), ((32, 128), jnp.float32, whole),
-              ((16, 64), jnp.int32, rows), ((16, 64), jnp.float32, rows)]
+    shapes = [
+        ((16, 64, 32), jnp.float32, rows),
+        ((32, 128), jnp.float32, whole),
+        ((16, 64), jnp.int32, rows),
+        ((16, 64), jnp.float32, rows),
+    ]
     args = [jax.ShapeDtypeStruct(shape, dtype, sharding=s) for shape, dtype, s in shapes]
     hlo = _loss_and_grads(functools.partial(chunked_cross_entropy_sum, chunk=128)).lower(*args).compile().as_text()
     assert " all-gather(" not in hlo and " all-to-all(" not in hlo and " collective-permute(" not in hlo

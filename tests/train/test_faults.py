@@ -32,8 +32,9 @@ def test_non_finite_step_changes_nothing_but_the_step(batches):
     jax.tree.map(np.testing.assert_array_equal, after["opt_state"], before["opt_state"])
     setup.state = state
     setup.run(batches[1:2])  # a good batch afterwards trains as usual
-    changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b),
-                                           jax.device_get(setup.state["params"]), before["params"]))
+    changed = jax.tree.leaves(
+        jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(setup.state["params"]), before["params"])
+    )
     assert any(changed)
 
 
@@ -60,9 +61,16 @@ def test_second_writer_is_refused_in_one_line(tmp_path, capsys):
     run.mkdir()
     holder = _sleeper()
     try:
-        (run / runlock.LOCK_NAME).write_text(json.dumps(
-            {"host": socket.gethostname(), "pid": holder.pid, "started": runlock._start_time(holder.pid),
-             "since": "2026-01-01 00:00:00"}))
+        (run / runlock.LOCK_NAME).write_text(
+            json.dumps(
+                {
+                    "host": socket.gethostname(),
+                    "pid": holder.pid,
+                    "started": runlock._start_time(holder.pid),
+                    "since": "2026-01-01 00:00:00",
+                }
+            )
+        )
         assert main(["train", "--set", f"train.run_dir={run}"]) == RunDirLocked.exit_code == 4
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and f"pid {holder.pid}" in err and socket.gethostname() in err

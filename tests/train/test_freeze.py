@@ -34,7 +34,8 @@ def test_selection_cuts_the_layer_stack_into_segments():
     trainable, frozen = peft.init(cfg, params, jax.random.key(0))
     # layers 1-2 train their mlp_norm, layer 3 everything, layer 0 nothing: segments 0-1, 1-3, 3-4.
     assert sorted(_flat(trainable)) == ["blocks/1_3/mlp_norm/scale"] + sorted(
-        f"blocks/3_4/{p}" for p in _flat(params["blocks"]))
+        f"blocks/3_4/{p}" for p in _flat(params["blocks"])
+    )
     assert "blocks/0_1/mlp_norm/scale" in _flat(frozen) and "embedding" in _flat(frozen)
     assert {x.dtype for x in jax.tree.leaves(trainable)} == {jnp.dtype(jnp.float32)}
     # Joining the two trees gives the params back exactly.
@@ -43,8 +44,11 @@ def test_selection_cuts_the_layer_stack_into_segments():
         peft.init(PeftConfig(method="freeze", trainable=("nothing",)), params, jax.random.key(0))
 
 
-@pytest.mark.parametrize("cfg", [BITFIT_TOP, PeftConfig(method="freeze", trainable=("norm",)),
-                                 PeftConfig(method="freeze", top_layers=2)], ids=["bitfit+top1", "norms", "top2"])
+@pytest.mark.parametrize(
+    "cfg",
+    [BITFIT_TOP, PeftConfig(method="freeze", trainable=("norm",)), PeftConfig(method="freeze", top_layers=2)],
+    ids=["bitfit+top1", "norms", "top2"],
+)
 def test_loss_and_gradients_equal_the_full_model_restricted_to_the_selection(cfg):
     model = dataclasses.replace(QWEN, peft=cfg)
     setup = LoraSetup(model=QWEN, peft_cfg=cfg, devices=jax.devices()[:1], compile=False)

@@ -85,8 +85,7 @@ def test_plot_needs_a_loss(tmp_path):
 
 def test_logging_switches_and_other_processes_write_nothing(tmp_path):
     (tmp_path / "a").mkdir()
-    _write(Sinks(_cfg(tmp_path / "a", "logging.tensorboard=false", "logging.plot=false"), tmp_path / "a", 0),
-           RECORDS)
+    _write(Sinks(_cfg(tmp_path / "a", "logging.tensorboard=false", "logging.plot=false"), tmp_path / "a", 0), RECORDS)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["metrics.jsonl"]
     (tmp_path / "b").mkdir()
     _write(Sinks(_cfg(tmp_path / "b"), tmp_path / "b", 0, enabled=False), RECORDS)
@@ -115,8 +114,9 @@ def test_weights_and_biases_gets_the_same_scalars(tmp_path, monkeypatch):
     (kind, kwargs), *logs, last = calls
     assert kind == "init" and kwargs["project"] == "my-project" and kwargs["config"]["logging"]["wandb"] == "my-project"
     assert last == ("finish",)
-    assert [(step, values) for _, step, values in logs] == [(r["step"], {k: v for k, v in r.items() if k != "step"})
-                                                             for r in RECORDS]
+    assert [(step, values) for _, step, values in logs] == [
+        (r["step"], {k: v for k, v in r.items() if k != "step"}) for r in RECORDS
+    ]
     calls.clear()
     _write(Sinks(_cfg(tmp_path, "logging.wandb=my-project"), tmp_path, 2), [])
     assert calls[0][1]["id"] == kwargs["id"]  # a resume continues the same W&B run
@@ -130,8 +130,12 @@ def test_wandb_set_but_not_installed_says_so(tmp_path, monkeypatch, capsys):
 
 def test_plain_lines_show_mfu_and_the_held_out_scores(capsys):
     progress = ProgressLine(total=4, start=0, enabled=False)
-    progress.update(2, format_status({"loss": 5.1, "learning_rate": 2e-3, "grad_norm": 1.0,
-                                      "tokens_per_second": 2345.0, "mfu": 0.023}))
+    progress.update(
+        2,
+        format_status(
+            {"loss": 5.1, "learning_rate": 2e-3, "grad_norm": 1.0, "tokens_per_second": 2345.0, "mfu": 0.023}
+        ),
+    )
     progress.held_out(RECORDS[3])
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("step 2: loss 5.1000") and lines[0].endswith("2,345 tok/s  MFU 2.3%")
@@ -139,11 +143,21 @@ def test_plain_lines_show_mfu_and_the_held_out_scores(capsys):
 
 
 def test_flat_scores_name_every_group_once():
-    tally = lambda rate: {m: {"rate": rate if m == "exact_match" else None} for m in
-                          ("exact_match", "normalized_match", "contains", "json_valid", "regex_match")}
-    report = {"overall": tally(0.5), "by_source": {"a": tally(1.0), "b b": tally(0.0)}, "by_task": {"sort": tally(0.25)}}
-    assert flat_scores(report) == {"eval_exact_match": 0.5, "eval_exact_match/source/a": 1.0,
-                                   "eval_exact_match/source/b_b": 0.0, "eval_exact_match/task/sort": 0.25}
+    tally = lambda rate: {
+        m: {"rate": rate if m == "exact_match" else None}
+        for m in ("exact_match", "normalized_match", "contains", "json_valid", "regex_match")
+    }
+    report = {
+        "overall": tally(0.5),
+        "by_source": {"a": tally(1.0), "b b": tally(0.0)},
+        "by_task": {"sort": tally(0.25)},
+    }
+    assert flat_scores(report) == {
+        "eval_exact_match": 0.5,
+        "eval_exact_match/source/a": 1.0,
+        "eval_exact_match/source/b_b": 0.0,
+        "eval_exact_match/task/sort": 0.25,
+    }
     report["by_source"] = {"a": tally(0.5)}  # one source: its scores are the overall ones
     assert "eval_exact_match/source/a" not in flat_scores(report)
 
@@ -177,8 +191,18 @@ def test_a_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
 
 def test_mfu_is_model_flops_over_the_peak(monkeypatch, tmp_path):
     monkeypatch.setattr(mfu, "measured_matmul_flops", lambda dtype, device: 1e9)
-    cfg = config_load.load(None, ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=2",
-                                  "model.head_dim=16", "model.d_ff=64", "data.max_length=8"])
+    cfg = config_load.load(
+        None,
+        [
+            "model.d_model=32",
+            "model.n_layers=1",
+            "model.n_heads=2",
+            "model.n_kv_heads=2",
+            "model.head_dim=16",
+            "model.d_ff=64",
+            "data.max_length=8",
+        ],
+    )
     # 6 N per token + attention 12 L H d T: N = 2 * 100 * 32 (embedding, head) + 4 * 32 * 32 + 3 * 32 * 64 + norms
     n = 2 * 100 * 32 + 4 * 32 * 32 + 3 * 32 * 64 + 3 * 32
     per_token = 6 * n + 12 * 1 * 2 * 16 * 8

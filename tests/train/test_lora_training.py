@@ -17,23 +17,30 @@ from jaxsft.cli import main
 from jaxsft.config import Config, ConfigError, DataConfig, MeshConfig, OptimConfig, PeftConfig, TrainConfig
 from jaxsft.infer import runs
 from jaxsft.model import hf
-from jaxsft.train import program as program_lib, sharding, state as state_lib
+from jaxsft.train import program as program_lib
+from jaxsft.train import sharding
+from jaxsft.train import state as state_lib
 from jaxsft.train.checkpoint import read_state
 from jaxsft.train.trainer import train
 
-from train_helpers import TINY_MODEL, VOCAB
 from test_trainer import TINY, _records
+from train_helpers import TINY_MODEL, VOCAB
 
 LORA = PeftConfig(method="lora", rank=4, alpha=8.0, targets=("q", "v", "down"))
 
 
 class LoraSetup:
-    def __init__(self, model=TINY_MODEL, peft_cfg=LORA, devices=None, mesh_cfg=MeshConfig(), batch=(8, 32),
-                 compile=True):
+    def __init__(
+        self, model=TINY_MODEL, peft_cfg=LORA, devices=None, mesh_cfg=MeshConfig(), batch=(8, 32), compile=True
+    ):
         model = dataclasses.replace(model, peft=peft_cfg)
-        self.cfg = Config(model=model, mesh=mesh_cfg, optim=OptimConfig(learning_rate=1e-2, warmup_steps=0),
-                          data=DataConfig(max_length=batch[1]),
-                          train=TrainConfig(steps=10, global_batch_size=batch[0], seed=0))
+        self.cfg = Config(
+            model=model,
+            mesh=mesh_cfg,
+            optim=OptimConfig(learning_rate=1e-2, warmup_steps=0),
+            data=DataConfig(max_length=batch[1]),
+            train=TrainConfig(steps=10, global_batch_size=batch[0], seed=0),
+        )
         self.mesh = sharding.make_mesh(mesh_cfg, devices)
         program = program_lib.build(self.cfg, VOCAB, self.mesh)
         self.plan, self.batch_sharding = program.plan, program.batch_sharding
@@ -90,9 +97,18 @@ def test_adapters_shard_with_the_kernel_they_adapt():
     assert setup.base["blocks"]["attn"]["q_proj"].sharding.spec[1] == "fsdp"
 
 
-LORA_RUN = ["train.steps=6", "checkpoint.every=3", "train.eval_every=100", "mesh.fsdp=4", "mesh.data=2",
-            "model.peft.method=lora", "model.peft.rank=4", "model.peft.targets=[q, v, gate]",
-            "model.peft.dropout=0.1", "optim.learning_rate=0.01"]
+LORA_RUN = [
+    "train.steps=6",
+    "checkpoint.every=3",
+    "train.eval_every=100",
+    "mesh.fsdp=4",
+    "mesh.data=2",
+    "model.peft.method=lora",
+    "model.peft.rank=4",
+    "model.peft.targets=[q, v, gate]",
+    "model.peft.dropout=0.1",
+    "optim.learning_rate=0.01",
+]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +180,10 @@ def test_training_continues_from_an_exported_peft_adapter(lora_run, tmp_path):
     run = lora_run[0]
     main(["export", str(run), str(tmp_path / "peft"), "--format", "peft"])
     args = [a for a in LORA_RUN if not a.startswith("model.peft.targets")] + [
-        "model.peft.targets=[q, v, gate_proj]", f"model.peft.init_from={tmp_path / 'peft'}", "train.steps=1"]
+        "model.peft.targets=[q, v, gate_proj]",
+        f"model.peft.init_from={tmp_path / 'peft'}",
+        "train.steps=1",
+    ]
     train(config_load.load(None, TINY + [f"train.run_dir={tmp_path / 'next'}", *args]))
     source_final = [r["eval_loss"] for r in _records(run) if "eval_loss" in r][-1]
     assert abs(_records(tmp_path / "next")[0]["eval_loss"] - source_final) < 1e-6
@@ -175,9 +194,16 @@ def _hf_base(path):
     import torch
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                      tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).float()
     with torch.no_grad():
@@ -201,7 +227,12 @@ def _torch_logits(model, tokens):
 
 
 HF_RUN = [a for a in TINY if not a.startswith("model.")] + [
-    "train.steps=3", "train.eval_every=100", "checkpoint.every=3", "optim.learning_rate=0.01", "mesh.fsdp=2"]
+    "train.steps=3",
+    "train.eval_every=100",
+    "checkpoint.every=3",
+    "optim.learning_rate=0.01",
+    "mesh.fsdp=2",
+]
 
 
 @pytest.mark.slow
@@ -211,8 +242,18 @@ def test_dora_run_on_a_hugging_face_base_exports_to_peft(tmp_path):
 
     base = _hf_base(tmp_path / "base")
     run = tmp_path / "run"
-    train(config_load.load(None, HF_RUN + [f"train.run_dir={run}", f"model.init_from=hf:{base}",
-                                          "model.peft.method=dora", "model.peft.targets=[q, v, up]"]))
+    train(
+        config_load.load(
+            None,
+            HF_RUN
+            + [
+                f"train.run_dir={run}",
+                f"model.init_from=hf:{base}",
+                "model.peft.method=dora",
+                "model.peft.targets=[q, v, up]",
+            ],
+        )
+    )
     main(["export", str(run), str(tmp_path / "peft"), "--format", "peft"])
     tokens = np.random.default_rng(0).integers(0, 512, (2, 10)).astype(np.int32)
     ours = _run_logits(run, tokens)
@@ -232,9 +273,19 @@ def test_freeze_run_trains_its_selection_and_exports_merged(tmp_path):
     run = tmp_path / "run"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-        train(config_load.load(None, HF_RUN + [f"train.run_dir={run}", f"model.init_from=hf:{base}",
-                                              "model.peft.method=freeze", "model.peft.trainable=[norm]",
-                                              "model.peft.top_layers=1"]))
+        train(
+            config_load.load(
+                None,
+                HF_RUN
+                + [
+                    f"train.run_dir={run}",
+                    f"model.init_from=hf:{base}",
+                    "model.peft.method=freeze",
+                    "model.peft.trainable=[norm]",
+                    "model.peft.top_layers=1",
+                ],
+            )
+        )
     # norms: 2 x 2 x 32 in layer 0, the final 32; all of layer 1 (4 x 32 x 32 attention... counted by shapes).
     layer = 2 * 32 + 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64
     assert f"trainable params: {2 * 32 + layer + 32:,} ||" in printed.getvalue()
@@ -244,8 +295,10 @@ def test_freeze_run_trains_its_selection_and_exports_merged(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 512, (2, 10)).astype(np.int32)
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     np.testing.assert_allclose(_torch_logits(merged, tokens), _run_logits(run, tokens), rtol=1e-4, atol=1e-4)
-    before, after = load_file(base / "model.safetensors"), load_file(
-        tmp_path / "merged" / "model-00001-of-00001.safetensors")
+    before, after = (
+        load_file(base / "model.safetensors"),
+        load_file(tmp_path / "merged" / "model-00001-of-00001.safetensors"),
+    )
     for name in before:
         trained = "norm" in name or "layers.1." in name
         assert np.array_equal(before[name], after[name]) != trained, name

@@ -32,8 +32,10 @@ def test_untrained_targets_change_nothing():
     weights = (rng.random((2, 9)) < 0.5).astype(np.float32)
     changed = np.where(weights > 0, targets, rng.integers(0, 13, (2, 9)))
     assert (changed != targets).any()
-    grad = jax.grad(lambda l, t: cross_entropy_sum(l, t, jnp.asarray(weights))[0])
-    assert float(cross_entropy_sum(logits, targets, weights)[0]) == float(cross_entropy_sum(logits, changed, weights)[0])
+    grad = jax.grad(lambda z, t: cross_entropy_sum(z, t, jnp.asarray(weights))[0])
+    assert float(cross_entropy_sum(logits, targets, weights)[0]) == float(
+        cross_entropy_sum(logits, changed, weights)[0]
+    )
     np.testing.assert_array_equal(grad(logits, jnp.asarray(targets)), grad(logits, jnp.asarray(changed)))
 
 

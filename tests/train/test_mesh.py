@@ -94,11 +94,15 @@ def test_hybrid_mesh_on_cpu_devices_groups_consecutive_devices():
     assert [set(row) for row in ids.tolist()] == [set(range(4)), set(range(4, 8))]
 
 
-@pytest.mark.parametrize("mesh_cfg", [
-    MeshConfig(data=1, fsdp=4, sequence=2),
-    MeshConfig(data=1, sequence=8),
-    MeshConfig(data=1, fsdp=1, sequence=2, tensor=2, dcn_fsdp=2),
-], ids=["sequence2_fsdp4", "sequence8", "hybrid_dcn_fsdp2_seq2_tp2"])
+@pytest.mark.parametrize(
+    "mesh_cfg",
+    [
+        MeshConfig(data=1, fsdp=4, sequence=2),
+        MeshConfig(data=1, sequence=8),
+        MeshConfig(data=1, fsdp=1, sequence=2, tensor=2, dcn_fsdp=2),
+    ],
+    ids=["sequence2_fsdp4", "sequence8", "hybrid_dcn_fsdp2_seq2_tp2"],
+)
 def test_sequence_and_hybrid_meshes_train_like_one_device(one_device_run, mesh_cfg):
     batches, reference_losses, reference_params = one_device_run
     sharded = Setup(mesh_cfg)
@@ -123,8 +127,11 @@ def test_trainer_with_a_sequence_axis_equals_data_parallel(tmp_path, monkeypatch
         run = tmp_path / name
         train(config_load.load(None, TINY + mesh + [f"train.run_dir={run}", "train.steps=2", "train.eval_every=2"]))
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        runs[name] = ([r["loss"] for r in records if "loss" in r], [r["eval_loss"] for r in records if "eval_loss" in r],
-                      read_state(run)["params"])
+        runs[name] = (
+            [r["loss"] for r in records if "loss" in r],
+            [r["eval_loss"] for r in records if "eval_loss" in r],
+            read_state(run)["params"],
+        )
     np.testing.assert_allclose(runs["seq"][0], runs["dp"][0], rtol=2e-5)
     np.testing.assert_allclose(runs["seq"][1], runs["dp"][1], rtol=2e-5)
     assert runs["dp"][1]  # eval ran

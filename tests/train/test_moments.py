@@ -28,9 +28,12 @@ def test_float32_moments_are_plain_adamw():
     """The spelled-out chain keeps optax.adamw's state tree and numbers (old checkpoints restore)."""
     params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "norm": jnp.ones(4)}
     grads = jax.tree.map(lambda p: 0.1 * p + 0.05, params)
-    reference = optax.chain(optax.clip_by_global_norm(F32.clip_norm),
-                            optax.adamw(schedule(F32, 10), b1=F32.b1, b2=F32.b2, eps=F32.eps,
-                                        weight_decay=F32.weight_decay, mask=decay_mask))
+    reference = optax.chain(
+        optax.clip_by_global_norm(F32.clip_norm),
+        optax.adamw(
+            schedule(F32, 10), b1=F32.b1, b2=F32.b2, eps=F32.eps, weight_decay=F32.weight_decay, mask=decay_mask
+        ),
+    )
     ours = make_optimizer(F32, 10)
     state_ref, state = reference.init(params), ours.init(params)
     assert jax.tree.structure(state_ref) == jax.tree.structure(state)
@@ -58,8 +61,11 @@ def test_bf16_moments_halve_optimizer_bytes_and_train_close(batches):
     assert all(x.dtype == jnp.bfloat16 for x in _moments(bf16.state["opt_state"]))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16.state["params"]))
     np.testing.assert_allclose(bf16_losses, f32_losses, rtol=2e-3)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4),
-                 bf16.state["params"], f32.state["params"])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4),
+        bf16.state["params"],
+        f32.state["params"],
+    )
 
 
 def test_bf16_moments_refuse_a_b2_they_cannot_follow():
@@ -77,11 +83,23 @@ def test_preflight_reports_half_the_optimizer_bytes():
     pytest.importorskip("libtpu", reason="pip install -e '.[tpu]'")
     from jaxsft import config_load
     from jaxsft.train import aot
-    small = ["model.vocab_size=512", "model.d_model=256", "model.n_layers=2", "model.head_dim=64", "model.d_ff=512",
-             "data.max_length=128", "train.global_batch_size=4", "mesh.data=1", "mesh.fsdp=-1"]
+
+    small = [
+        "model.vocab_size=512",
+        "model.d_model=256",
+        "model.n_layers=2",
+        "model.head_dim=64",
+        "model.d_ff=512",
+        "data.max_length=128",
+        "train.global_batch_size=4",
+        "mesh.data=1",
+        "mesh.fsdp=-1",
+    ]
     devices, chip, chips = aot.topology("v5e-4")
-    reports = [aot.compile_for(config_load.load(None, small + [f"optim.moments_dtype={dtype}"]), devices, chip, chips)
-               for dtype in ("float32", "bfloat16")]
+    reports = [
+        aot.compile_for(config_load.load(None, small + [f"optim.moments_dtype={dtype}"]), devices, chip, chips)
+        for dtype in ("float32", "bfloat16")
+    ]
     counters = 8  # Adam's and the schedule's int32 step counts, replicated
     assert (reports[1].optimizer_bytes - counters) * 2 == reports[0].optimizer_bytes - counters
 

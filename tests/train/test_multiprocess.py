@@ -51,10 +51,24 @@ def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     cache = tmp_path / "cache"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
-        "JAXSFT_CACHE": str(cache), "LOG_DIR": str(tmp_path / "logs"), "PYTHONUNBUFFERED": "1"}
-    command = [str(ROOT / "launch" / "local.sh"), "2", "--cpu-devices", "4", "--port", str(_free_port()), "--",
-               sys.executable, "-m", "jaxsft.cli", "train",
-               *[a for kv in _overrides(two, STEPS) for a in ("--set", kv)]]
+        "JAXSFT_CACHE": str(cache),
+        "LOG_DIR": str(tmp_path / "logs"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    command = [
+        str(ROOT / "launch" / "local.sh"),
+        "2",
+        "--cpu-devices",
+        "4",
+        "--port",
+        str(_free_port()),
+        "--",
+        sys.executable,
+        "-m",
+        "jaxsft.cli",
+        "train",
+        *[a for kv in _overrides(two, STEPS) for a in ("--set", kv)],
+    ]
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = [json.loads(p.read_text()) for p in sorted((two / "checkpoints" / str(STEPS) / "data").glob("process_*"))]
@@ -66,19 +80,31 @@ def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
     train(config_load.load(DEMO_CONFIG, _overrides(one, STEPS + MORE)))
     reference = _losses(one)
     np.testing.assert_allclose(_losses(two), reference[:STEPS], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 read_state(two, STEPS)["params"], read_state(one, STEPS)["params"])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        read_state(two, STEPS)["params"],
+        read_state(one, STEPS)["params"],
+    )
 
     summary = train(config_load.load(DEMO_CONFIG, _overrides(two, STEPS + MORE)))
     assert summary.start_step == STEPS
     np.testing.assert_allclose(_losses(two, after=STEPS), reference[STEPS:], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 read_state(two)["params"], read_state(one)["params"])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        read_state(two)["params"],
+        read_state(one)["params"],
+    )
 
 
-@pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=2, tensor=4), MeshConfig(data=1, fsdp=2, tensor=4),
-                                      MeshConfig(data=1, tensor=8),
-                                      MeshConfig(data=2, tensor=4, rules=LogicalRules(length=("tensor",)))])
+@pytest.mark.parametrize(
+    "mesh_cfg",
+    [
+        MeshConfig(data=2, tensor=4),
+        MeshConfig(data=1, fsdp=2, tensor=4),
+        MeshConfig(data=1, tensor=8),
+        MeshConfig(data=2, tensor=4, rules=LogicalRules(length=("tensor",))),
+    ],
+)
 def test_the_rows_a_process_holds_assemble_the_global_batch(mesh_cfg):
     """What the trainer feeds: the rows of this process's devices (here all 8), or a superset."""
     batch_sharding = sharding.batch_sharding(mesh_cfg.rules, sharding.make_mesh(mesh_cfg))

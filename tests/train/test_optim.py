@@ -18,7 +18,11 @@ def test_weight_decay_skips_norms_and_embeddings_only():
     params = nnx.state(model).to_pure_dict()
     flat = {"/".join(map(str, k)): v for k, v in nnx.traversals.flatten_mapping(decay_mask(params)).items()}
     assert {k for k, decays in flat.items() if not decays} == {
-        "embedding", "final_norm/scale", "blocks/attn_norm/scale", "blocks/mlp_norm/scale"}
+        "embedding",
+        "final_norm/scale",
+        "blocks/attn_norm/scale",
+        "blocks/mlp_norm/scale",
+    }
     assert all(flat[k] for k in ("lm_head", "blocks/attn/q_proj", "blocks/mlp/down_proj"))
 
 
@@ -27,8 +31,10 @@ def test_weight_decay_skips_biases():
 
     qwen2 = dataclasses.replace(TINY_MODEL, family="qwen2")
     model = nnx.eval_shape(lambda: Transformer(qwen2, VOCAB, rngs=nnx.Rngs(0)))
-    flat = {"/".join(map(str, k)): v for k, v in
-            nnx.traversals.flatten_mapping(decay_mask(nnx.state(model).to_pure_dict())).items()}
+    flat = {
+        "/".join(map(str, k)): v
+        for k, v in nnx.traversals.flatten_mapping(decay_mask(nnx.state(model).to_pure_dict())).items()
+    }
     biases = {k for k in flat if "bias" in k}
     assert biases == {"blocks/attn/q_bias", "blocks/attn/k_bias", "blocks/attn/v_bias"}
     assert not any(flat[k] for k in biases) and flat["blocks/attn/q_proj"]
@@ -47,7 +53,8 @@ def test_gradients_are_clipped_by_global_norm_before_adam():
     optimizer = make_optimizer(cfg, total_steps=10)
     params = {"w": jnp.zeros(4)}
     _, state = optimizer.update({"w": jnp.asarray([30.0, 40.0, 0.0, 0.0])}, optimizer.init(params), params)
-    first_moment = jax.tree.leaves([s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
-                                    if hasattr(s, "mu")][0].mu)[0]
+    first_moment = jax.tree.leaves(
+        [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")][0].mu
+    )[0]
     # The gradient's norm is 50; clipped to norm 1 it is [0.6, 0.8, 0, 0]; Adam keeps 0.1 of it.
     np.testing.assert_allclose(np.asarray(first_moment), [0.06, 0.08, 0.0, 0.0], rtol=1e-6)

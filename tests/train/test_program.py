@@ -4,7 +4,8 @@ import jax
 import pytest
 
 from jaxsft import config_load
-from jaxsft.train import aot, program as program_lib
+from jaxsft.train import aot
+from jaxsft.train import program as program_lib
 from jaxsft.train.trainer import train
 
 from test_trainer import TINY
@@ -25,10 +26,23 @@ def test_compile_and_train_lower_the_same_program_with_micro_batches_and_peft(tm
         return result
 
     monkeypatch.setattr(program_lib.Program, "lower_train", recording)
-    cfg = config_load.load(None, TINY + [
-        f"train.run_dir={tmp_path / 'run'}", "train.steps=1", "train.eval_every=100", "train.global_batch_size=16",
-        "train.micro_batches=2", "mesh.data=2", "mesh.fsdp=-1", "model.vocab_size=512",
-        "model.peft.method=lora", "model.peft.rank=4", "model.peft.targets=[q,v,down]"])
+    cfg = config_load.load(
+        None,
+        TINY
+        + [
+            f"train.run_dir={tmp_path / 'run'}",
+            "train.steps=1",
+            "train.eval_every=100",
+            "train.global_batch_size=16",
+            "train.micro_batches=2",
+            "mesh.data=2",
+            "mesh.fsdp=-1",
+            "model.vocab_size=512",
+            "model.peft.method=lora",
+            "model.peft.rank=4",
+            "model.peft.targets=[q,v,down]",
+        ],
+    )
     train(cfg)
     report = aot.compile_for(cfg, jax.devices(), aot.Chip(1, 2**34, 1e12), len(jax.devices()))
     assert len(lowered) == 2

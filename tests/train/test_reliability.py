@@ -21,10 +21,22 @@ from jaxsft.train.checkpoint import read_state
 from jaxsft.train.trainer import train
 
 TINY = [
-    "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=8",
-    "model.d_ff=64", "data.synthetic_train_examples=400", "data.synthetic_eval_examples=32",
-    "data.tokenizer_vocab_size=512", "data.max_length=64", "train.global_batch_size=8", "train.eval_batches=1",
-    "logging.progress=false", "logging.log_every=1", "optim.warmup_steps=2", "train.eval_every=1000",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.head_dim=8",
+    "model.d_ff=64",
+    "data.synthetic_train_examples=400",
+    "data.synthetic_eval_examples=32",
+    "data.tokenizer_vocab_size=512",
+    "data.max_length=64",
+    "train.global_batch_size=8",
+    "train.eval_batches=1",
+    "logging.progress=false",
+    "logging.log_every=1",
+    "optim.warmup_steps=2",
+    "train.eval_every=1000",
 ]
 pytestmark = pytest.mark.slow
 
@@ -109,8 +121,11 @@ def test_non_finite_steps_stop_the_run_with_exit_code_3(tmp_path, capsys, monkey
     real = step_lib.cross_entropy_sum
     monkeypatch.setattr(step_lib, "cross_entropy_sum", lambda *a, **k: (real(*a, **k)[0] * np.nan, real(*a, **k)[1]))
     run = tmp_path / "run"
-    args = ["train"] + [a for kv in _args(run, "train.steps=20", "checkpoint.every=1", "train.max_skipped_steps=3")
-                        for a in ("--set", kv)]
+    args = ["train"] + [
+        a
+        for kv in _args(run, "train.steps=20", "checkpoint.every=1", "train.max_skipped_steps=3")
+        for a in ("--set", kv)
+    ]
     assert main(args) == 3
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("jaxsft: stopped at step 3: 3 steps in a row had a non-finite loss")

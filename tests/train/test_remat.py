@@ -9,7 +9,7 @@ import pytest
 
 from jaxsft.config import MeshConfig, Remat
 
-from train_helpers import Setup, TINY_MODEL, make_batch
+from train_helpers import TINY_MODEL, Setup, make_batch
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,10 @@ def reference():
 @pytest.mark.parametrize("remat", [r for r in typing.get_args(Remat) if r != "none"])
 def test_remat_policy_trains_like_no_remat(reference, remat):
     batches, expected = reference
-    setup = Setup(model=dataclasses.replace(TINY_MODEL, remat=remat), devices=jax.devices()[:2],
-                  mesh_cfg=MeshConfig(data=1, fsdp=2))
+    setup = Setup(
+        model=dataclasses.replace(TINY_MODEL, remat=remat),
+        devices=jax.devices()[:2],
+        mesh_cfg=MeshConfig(data=1, fsdp=2),
+    )
     setup.run(batches)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), setup.state["params"], expected)

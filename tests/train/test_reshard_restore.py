@@ -11,8 +11,11 @@ from train_helpers import Setup
 
 
 def test_restore_onto_other_meshes(tmp_path, batches):
-    data = build_data(DataConfig(synthetic_train_examples=64, synthetic_eval_examples=8, max_length=64),
-                      seed=0, cache_dir=tmp_path / "cache")
+    data = build_data(
+        DataConfig(synthetic_train_examples=64, synthetic_eval_examples=8, max_length=64),
+        seed=0,
+        cache_dir=tmp_path / "cache",
+    )
     iterator = iter(data.train_dataset(4, seed=0))
     written = Setup(MeshConfig(data=1, fsdp=8))
     written.run(batches[:2])  # trained params and non-trivial Adam moments
@@ -21,11 +24,14 @@ def test_restore_onto_other_meshes(tmp_path, batches):
     checkpointer.close()
     expected = jax.device_get(written.state)
 
-    for mesh_cfg, devices in ((MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4]),
-                              (MeshConfig(), jax.devices()[:1])):
+    for mesh_cfg, devices in (
+        (MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4]),
+        (MeshConfig(), jax.devices()[:1]),
+    ):
         target = Setup(mesh_cfg, devices=devices)
         restored, same_layout = Checkpointer(tmp_path / "run", CheckpointConfig()).restore(
-            2, target.plan.abstract, iterator)
+            2, target.plan.abstract, iterator
+        )
         assert same_layout
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), expected)
         leaves = jax.tree.leaves(restored)

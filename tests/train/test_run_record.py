@@ -14,10 +14,22 @@ from jaxsft.train.checkpoint import read_state
 from jaxsft.train.trainer import train
 
 TINY = [
-    "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=8",
-    "model.d_ff=64", "data.synthetic_train_examples=400", "data.synthetic_eval_examples=32",
-    "data.tokenizer_vocab_size=512", "data.max_length=64", "train.global_batch_size=8", "train.eval_batches=1",
-    "logging.progress=false", "logging.log_every=1", "optim.warmup_steps=2", "train.eval_every=1000",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.head_dim=8",
+    "model.d_ff=64",
+    "data.synthetic_train_examples=400",
+    "data.synthetic_eval_examples=32",
+    "data.tokenizer_vocab_size=512",
+    "data.max_length=64",
+    "train.global_batch_size=8",
+    "train.eval_batches=1",
+    "logging.progress=false",
+    "logging.log_every=1",
+    "optim.warmup_steps=2",
+    "train.eval_every=1000",
     "eval.generate_n=0",
 ]
 
@@ -54,8 +66,9 @@ def test_cli_refuses_before_reading_data_and_keeps_config_yaml(tmp_path, capsys,
     _trained_dir(run)
     before = (run / "config.yaml").read_text()
     monkeypatch.setattr(trainer, "build_data", lambda *a, **k: pytest.fail("the data was read"))
-    args = [a for kv in TINY + [f"train.run_dir={run}", "train.steps=3", "optim.learning_rate=0.003"]
-            for a in ("--set", kv)]
+    args = [
+        a for kv in TINY + [f"train.run_dir={run}", "train.steps=3", "optim.learning_rate=0.003"] for a in ("--set", kv)
+    ]
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "optim.learning_rate 0.001 -> 0.003" in err
@@ -93,8 +106,10 @@ def test_an_allowed_change_is_appended_to_the_history(tmp_path):
     cfg2 = _cfg(run, "train.steps=3", "optim.learning_rate=0.002")
     run_record.record(cfg2, run_record.check(cfg2, allow_change=True), 3, lambda s: None)
     lines = [json.loads(x) for x in (run / run_record.HISTORY_NAME).read_text().splitlines()]
-    assert [x["changes"] for x in lines] == [{"optim.learning_rate": [0.001, 0.003]},
-                                            {"optim.learning_rate": [0.003, 0.002]}]
+    assert [x["changes"] for x in lines] == [
+        {"optim.learning_rate": [0.001, 0.003]},
+        {"optim.learning_rate": [0.003, 0.002]},
+    ]
     assert config_load.load(run / "config.yaml").optim.learning_rate == 0.002
 
 
@@ -105,8 +120,9 @@ def test_end_to_end_refuse_allow_and_raise_steps(tmp_path, capsys):
     with pytest.raises(ConfigError, match="optim.learning_rate 0.001 -> 0.003"):
         train(_cfg(run, "train.steps=3", "optim.learning_rate=0.003"))
     capsys.readouterr()
-    summary = train(_cfg(run, "train.steps=5", "checkpoint.every=3", "optim.learning_rate=0.003"),
-                    allow_config_change=True)
+    summary = train(
+        _cfg(run, "train.steps=5", "checkpoint.every=3", "optim.learning_rate=0.003"), allow_config_change=True
+    )
     out = "".join(capsys.readouterr())
     assert summary.start_step == 3 and "train.steps 3 -> 5: the learning-rate schedule" in out
     (line,) = [json.loads(x) for x in (run / run_record.HISTORY_NAME).read_text().splitlines()]

@@ -73,12 +73,16 @@ def test_packed_batch_equals_unpacked():
     _close(packed_grads, grads, 1e-5)
 
 
-@pytest.mark.parametrize("mesh_cfg", [
-    MeshConfig(data=8, strategy="dp", rules=STRATEGIES["dp"]),
-    MeshConfig(data=1, fsdp=8, strategy="fsdp", rules=STRATEGIES["fsdp"]),
-    MeshConfig(data=4, tensor=2, strategy="tp", rules=STRATEGIES["tp"]),
-    MeshConfig(data=2, fsdp=2, tensor=2, strategy="fsdp_tp", rules=STRATEGIES["fsdp_tp"]),
-], ids=["dp_data8", "fsdp8", "tp_data4_tensor2", "fsdp_tp_2x2x2"])
+@pytest.mark.parametrize(
+    "mesh_cfg",
+    [
+        MeshConfig(data=8, strategy="dp", rules=STRATEGIES["dp"]),
+        MeshConfig(data=1, fsdp=8, strategy="fsdp", rules=STRATEGIES["fsdp"]),
+        MeshConfig(data=4, tensor=2, strategy="tp", rules=STRATEGIES["tp"]),
+        MeshConfig(data=2, fsdp=2, tensor=2, strategy="fsdp_tp", rules=STRATEGIES["fsdp_tp"]),
+    ],
+    ids=["dp_data8", "fsdp8", "tp_data4_tensor2", "fsdp_tp_2x2x2"],
+)
 def test_sharded_runs_equal_one_device(batches, one_device_run, mesh_cfg):
     reference_losses, reference_params = one_device_run
     sharded = Setup(mesh_cfg)

@@ -13,10 +13,21 @@ from jaxsft.train.checkpoint import read_state
 from jaxsft.train.trainer import train
 
 TINY = [
-    "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=8",
-    "model.d_ff=64", "data.synthetic_train_examples=400", "data.synthetic_eval_examples=32",
-    "data.tokenizer_vocab_size=512", "data.max_length=64", "train.global_batch_size=8", "train.eval_batches=1",
-    "logging.progress=false", "logging.log_every=1", "optim.warmup_steps=2",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.head_dim=8",
+    "model.d_ff=64",
+    "data.synthetic_train_examples=400",
+    "data.synthetic_eval_examples=32",
+    "data.tokenizer_vocab_size=512",
+    "data.max_length=64",
+    "train.global_batch_size=8",
+    "train.eval_batches=1",
+    "logging.progress=false",
+    "logging.log_every=1",
+    "optim.warmup_steps=2",
 ]
 
 
@@ -58,8 +69,15 @@ def test_bad_lines_are_reported_and_good_lines_train(tmp_path, capsys):
         json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}),
     ]
     data.write_text("\n".join(lines) + "\n")
-    summary = train(_cfg(tmp_path / "run", f"data.train_files=[{data}]", f"data.eval_files=[{data}]",
-                         "train.steps=2", "data.max_dropped_fraction=0.5"))
+    summary = train(
+        _cfg(
+            tmp_path / "run",
+            f"data.train_files=[{data}]",
+            f"data.eval_files=[{data}]",
+            "train.steps=2",
+            "data.max_dropped_fraction=0.5",
+        )
+    )
     assert summary.final_step == 2 and np.isfinite(summary.train_loss)
     err = capsys.readouterr().err
     for line_no in (31, 32, 33, 34):
@@ -68,8 +86,11 @@ def test_bad_lines_are_reported_and_good_lines_train(tmp_path, capsys):
 
 def test_too_many_bad_lines_fail_with_one_line(tmp_path, capsys):
     data = tmp_path / "chats.jsonl"
-    data.write_text("{bad\n" * 5 + json.dumps({"messages": [{"role": "user", "content": "a"},
-                                                            {"role": "assistant", "content": "b"}]}) + "\n")
+    data.write_text(
+        "{bad\n" * 5
+        + json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+        + "\n"
+    )
     code = main(["train", "--set", f"data.train_files=[{data}]", "--set", f"train.run_dir={tmp_path / 'run'}"])
     assert code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -79,11 +100,15 @@ def test_too_many_bad_lines_fail_with_one_line(tmp_path, capsys):
 
 def test_cli_trains_and_writes_the_run_directory(tmp_path, capsys):
     run = tmp_path / "run"
-    args = ["train"] + [a for kv in TINY for a in ("--set", kv)] + ["--set", f"train.run_dir={run}",
-                                                                     "--set", "train.steps=4", "--set", "train.eval_every=2"]
+    args = (
+        ["train"]
+        + [a for kv in TINY for a in ("--set", kv)]
+        + ["--set", f"train.run_dir={run}", "--set", "train.steps=4", "--set", "train.eval_every=2"]
+    )
     assert main(args) == 0
     assert config_load.load(run / "config.yaml") == config_load.load(
-        DEMO_CONFIG, TINY + [f"train.run_dir={run}", "train.steps=4", "train.eval_every=2"])
+        DEMO_CONFIG, TINY + [f"train.run_dir={run}", "train.steps=4", "train.eval_every=2"]
+    )
     records = _records(run)
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]

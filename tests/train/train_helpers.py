@@ -7,7 +7,9 @@ whichever directory's conftest pytest happened to import last.
 import numpy as np
 
 from jaxsft.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig
-from jaxsft.train import program as program_lib, sharding, state as state_lib
+from jaxsft.train import program as program_lib
+from jaxsft.train import sharding
+from jaxsft.train import state as state_lib
 
 VOCAB = 64
 TINY_MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
@@ -34,11 +36,18 @@ class Setup:
     """A train state and its jitted step from the one program builder (train/program.py), on a
     mesh, for comparing meshes and batch splits."""
 
-    def __init__(self, mesh_cfg: MeshConfig = MeshConfig(), devices=None, micro_batches: int = 1,
-                 model: ModelConfig = TINY_MODEL, steps: int = 10,
-                 optim: OptimConfig = OptimConfig(learning_rate=1e-2, warmup_steps=0)):
-        self.cfg = Config(model=model, mesh=mesh_cfg, optim=optim,
-                          train=TrainConfig(steps=steps, micro_batches=micro_batches, seed=0))
+    def __init__(
+        self,
+        mesh_cfg: MeshConfig = MeshConfig(),
+        devices=None,
+        micro_batches: int = 1,
+        model: ModelConfig = TINY_MODEL,
+        steps: int = 10,
+        optim: OptimConfig = OptimConfig(learning_rate=1e-2, warmup_steps=0),
+    ):
+        self.cfg = Config(
+            model=model, mesh=mesh_cfg, optim=optim, train=TrainConfig(steps=steps, micro_batches=micro_batches, seed=0)
+        )
         self.mesh = sharding.make_mesh(mesh_cfg, devices)
         self.program = program_lib.build(self.cfg, VOCAB, self.mesh)
         self.plan, self.batch_sharding = self.program.plan, self.program.batch_sharding
