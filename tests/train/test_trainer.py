@@ -28,6 +28,9 @@ TINY = [
     "logging.progress=false",
     "logging.log_every=1",
     "optim.warmup_steps=2",
+    # The generation eval during training has its own tests (tests/eval/test_during_training.py);
+    # here it would only add a sampler compile to every run.
+    "eval.generate_n=0",
 ]
 
 
