@@ -20,24 +20,9 @@ from jaxsft.train import step as step_lib
 from jaxsft.train.checkpoint import read_state
 from jaxsft.train.trainer import train
 
-TINY = [
-    "model.d_model=32",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.head_dim=8",
-    "model.d_ff=64",
-    "data.synthetic_train_examples=400",
-    "data.synthetic_eval_examples=32",
-    "data.tokenizer_vocab_size=512",
-    "data.max_length=64",
-    "train.global_batch_size=8",
-    "train.eval_batches=1",
-    "logging.progress=false",
-    "logging.log_every=1",
-    "optim.warmup_steps=2",
-    "train.eval_every=1000",
-]
+from test_trainer import TINY as TRAINER_TINY
+
+TINY = [*TRAINER_TINY, "train.eval_every=1000"]
 pytestmark = pytest.mark.slow
 
 
