@@ -16,7 +16,13 @@ noise on a CPU host, each silenced at its source and only there:
   captured; every other line is replayed unchanged.
 - Orbax logs, through absl, that a read-only checkpoint manager changes its options and
   that a step has no `_CHECKPOINT_METADATA` (jaxsft's checkpoints are verified by their
-  own checksums, checkpoint.py). A logging filter drops exactly those messages.
+  own checksums, checkpoint.py). A logging filter drops exactly those messages, and
+  also Orbax's ERROR lines for a checkpoint write that failed part-way (one per writer
+  thread, each with the whole error): jaxsft stops the run with that error in one line
+  (checkpoint.py, exit code 6), so they only repeat it. After such a failure TensorStore's
+  pending writes still call back into Orbax's closed event loop, and Python prints each
+  "RuntimeError: Event loop is closed" through `sys.excepthook`: the hook drops exactly
+  that error raised in asyncio's `call_soon_threadsafe`, and passes everything else on.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import os
 import re
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 _GOOGLE_PCI_VENDOR = "0x1ae0"
@@ -39,7 +46,9 @@ _BENIGN_STDERR = re.compile(
 )
 _BENIGN_ORBAX = re.compile(
     r"^(CheckpointManagerOptions\.read_only=True, setting|Given directory is read only|"
-    r"Metadata file does not exist: .*_CHECKPOINT_METADATA)"
+    r"Metadata file does not exist: .*_CHECKPOINT_METADATA|"
+    r".*(_SignalingThread\.run\(\) raised an exception|Save Finalize thread \(save_finalize\) failed|"
+    r"Failed to run \d+ Handler Commit operations))"
 )
 
 
@@ -95,8 +104,22 @@ def _load_jax() -> None:
         register()
 
 
+def _closed_loop_callback(kind, value, tb) -> bool:
+    if kind is not RuntimeError or str(value) != "Event loop is closed":
+        return False
+    frames = traceback.extract_tb(tb)
+    return any(f.name == "call_soon_threadsafe" and "asyncio" in f.filename for f in frames)
+
+
+def _excepthook(kind, value, tb, _previous=sys.excepthook):
+    if not _closed_loop_callback(kind, value, tb):
+        _previous(kind, value, tb)
+
+
 def quiet_start(verb: str) -> None:
     logging.getLogger("absl").addFilter(ORBAX_NOISE)
+    if sys.excepthook is not _excepthook:
+        sys.excepthook = _excepthook
     if accelerator_present():
         return
     if verb != "compile" and "JAX_PLATFORMS" not in os.environ:

@@ -9,15 +9,21 @@ the current mesh.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxsft.config import CheckpointConfig
 from jaxsft.data import shards
@@ -35,6 +41,13 @@ class Checkpointer:
     hashed into a manifest (verify.py) and only then are the steps older than the newest
     `keep` verified ones removed. A failed write surfaces at the next `check()` or `save()`
     as one line (`CheckpointWriteFailed`), and the previous checkpoint stays as it was.
+
+    Before each write the directory is probed (a small file written, synced and removed)
+    and its free space compared with the checkpoint's size, so that a read-only or full
+    disk stops the run in one line at that save, before Orbax starts writing (its own
+    failures surface from several threads, with tracebacks). A write that still fails
+    part-way (space taken by another process meanwhile) is reported the same way, and
+    its temporary directory is removed at the next start (`cleanup_tmp_directories`).
     """
 
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig):
@@ -44,13 +57,17 @@ class Checkpointer:
             max_to_keep=None,
             enable_async_checkpointing=cfg.async_save,
             create=True,
+            cleanup_tmp_directories=True,  # what a failed or killed write left behind
         )
         self.run_dir = Path(run_dir).absolute()
         self.directory = self.run_dir / "checkpoints"
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._finisher: threading.Thread | None = None
         self._failure: str | None = None
+        self._reported = False
         self.last_verified: int | None = None
+        if cfg.enabled and (problem := self._unwritable()):
+            raise CheckpointWriteFailed(f"cannot write checkpoints to {self.directory}: {problem}; nothing was trained")
 
     def steps(self) -> list[int]:
         """The finalised steps on disk, oldest first (Orbax's temporary directories are not steps)."""
@@ -73,6 +90,7 @@ class Checkpointer:
             )
             return False
         self._finish_previous()
+        self._check_room(step, state)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
@@ -97,6 +115,57 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             self._failure = f"checkpoint {step} could not be written to {self.directory}: {_one_line(e)}"
 
+    def _unwritable(self) -> str | None:
+        """Why a file cannot be written in the checkpoint directory (read-only, full), or None."""
+        probe = self.directory / f".jaxsft-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            return _one_line(e)
+        finally:
+            with contextlib.suppress(OSError):  # absent, or a read-only directory refusing even that
+                probe.unlink()
+        return None
+
+    def _check_room(self, step: int, state) -> None:
+        """Stops before writing `step` when the directory is unwritable or too full for it.
+
+        The size is the state's bytes (what Orbax writes, uncompressed) or the newest
+        verified checkpoint's files, whichever is larger, plus 5%. On several processes the
+        main process decides for all, so that none enters Orbax's collective save alone.
+        """
+        problem = None
+        if distributed.is_main():
+            problem = self._unwritable()
+            if problem is None:
+                needed = 1.05 * max(_state_bytes(state), self._newest_bytes()) + (64 << 10)
+                free = shutil.disk_usage(self.directory).free
+                if free < needed:
+                    problem = (
+                        f"{free / 2**20:.1f} MiB free on its disk, the checkpoint needs about {needed / 2**20:.1f} MiB"
+                    )
+        if jax.process_count() > 1:
+            failed = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
+            if failed and problem is None:
+                problem = "the main process could not write it (see its log)"
+        if problem:
+            self._failure = f"checkpoint {step} could not be written to {self.directory}: {problem}"
+            self._raise_failure()
+
+    def _newest_bytes(self) -> int:
+        for step in reversed(self.steps()):
+            manifest = self.directory / str(step) / verify.MANIFEST
+            if manifest.is_file():
+                try:
+                    files = json.loads(manifest.read_text())["files"]
+                    return sum(int(f["bytes"]) for f in files.values())
+                except (OSError, ValueError, KeyError, TypeError):
+                    return 0
+        return 0
+
     def _rotate(self) -> None:
         verified = [s for s in self.steps() if verify.has_manifest(self.directory / str(s))]
         if len(verified) <= self.cfg.keep:
@@ -116,8 +185,15 @@ class Checkpointer:
     def _raise_failure(self) -> None:
         if self._failure:
             failure, self._failure = self._failure, None
-            kept = f"step {self.last_verified}" if self.last_verified else "the earlier checkpoints"
-            raise CheckpointWriteFailed(f"{failure}; {kept} is intact, fix the disk and run the same command")
+            kept = (
+                f"step {self.last_verified} is intact"
+                if self.last_verified
+                else "the earlier checkpoints are intact"
+                if self.steps()
+                else "no checkpoint of this run was written yet"
+            )
+            self._reported = True
+            raise CheckpointWriteFailed(f"{failure}; {kept}, fix the disk and run the same command")
 
     def check(self) -> None:
         """Raises a background save's failure once it is known (cheap: call it every step)."""
@@ -193,11 +269,28 @@ class Checkpointer:
         try:
             self._finish_previous()
         finally:
-            self.manager.wait_until_finished()
-            self.manager.close()
+            try:
+                self.manager.wait_until_finished()
+                self.manager.close()
+            except Exception as e:  # noqa: BLE001 - Orbax re-raises a failed write here
+                if not self._reported:  # otherwise already stopped the run in one line
+                    self._reported = True
+                    raise CheckpointWriteFailed(
+                        f"a checkpoint could not be written to {self.directory}: {_one_line(e)}; "
+                        f"fix the disk and run the same command"
+                    ) from None
+
+
+def _state_bytes(state) -> int:
+    return sum(
+        int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state) if hasattr(x, "shape")
+    )
 
 
 def _one_line(e: BaseException) -> str:
+    """The error in one line; TensorStore's long write errors reduced to their OS error."""
+    if found := re.search(r"([^:\]]+?) \[os_error_code='(\d+)'\]", str(e)):
+        return f"[Errno {found.group(2)}] {found.group(1).strip()}"
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     text = lines[0] if lines else type(e).__name__
     return text if len(text) <= 300 else text[:300] + "..."
