@@ -275,6 +275,8 @@ class EvalConfig:
     # Training: at every train.eval_every, this many held-out prompts are answered and scored
     # (spread over the eval splits, the same prompts each time); 0 turns it off.
     generate_n: int = 32
+    # Score the text after an answer's last `</think>` (reasoning models); samples keep the whole output.
+    strip_thinking: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

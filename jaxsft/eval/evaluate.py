@@ -59,7 +59,7 @@ def _config(source: str, config_path: str | None, overrides: Sequence[str], temp
 def _loss_report(model, cfg: Config, items: list[records.Item], drops: dict[str, int]) -> dict:
     groups = defaultdict(list)
     for item in items:
-        groups[item.source, item.task].append(item.conversation)
+        groups[item.source, item.task, item.split].append(item.conversation)
     sums = loss.loss_by_group(
         model.graphdef, model.params, groups, cfg.data, model.tokenizer, cfg.eval.batch_size, drops
     )
@@ -72,6 +72,7 @@ def _loss_report(model, cfg: Config, items: list[records.Item], drops: dict[str,
         "overall": summed(lambda k: True),
         "by_source": {s: summed(lambda k, s=s: k[0] == s) for s in dict.fromkeys(k[0] for k in sums)},
         "by_task": {t: summed(lambda k, t=t: k[1] == t) for t in sorted({k[1] for k in sums} - {""})},
+        "by_split": {p: summed(lambda k, p=p: k[2] == p) for p in sorted({k[2] for k in sums} - {""})},
     }
 
 
@@ -100,7 +101,7 @@ def score(
         if with_reference
         else []
     )
-    samples = [samples_lib.sample_of(it, a) for it, a in zip(with_reference, answers)]
+    samples = [samples_lib.sample_of(it, a, cfg.eval.strip_thinking) for it, a in zip(with_reference, answers)]
     too_long = sum(a is None for a in answers)
     notes = []
     if not with_reference:

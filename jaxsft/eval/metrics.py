@@ -2,6 +2,8 @@
 
 Contract:
     normalize(text) -> str           lower case, punctuation removed, whitespace collapsed
+    final_answer(output) -> str      the text after the last `</think>` (reasoning models), "" when a
+                                     `<think>` block never closed, else the output itself
     score(output, reference, regex) -> {metric: True | False | None}   (None: not applicable)
     tally(scores) -> {metric: {"hits", "of", "rate"}}                   (rate None when of == 0)
     loss_summary(loss_sum, weight, correct, examples) -> {"examples", "tokens", "loss", "perplexity", "token_accuracy"}
@@ -23,6 +25,16 @@ import re
 import unicodedata
 
 METRICS = ("exact_match", "normalized_match", "contains", "json_valid", "regex_match")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def final_answer(output: str) -> str:
+    """What a reasoning model answered, without its thinking (Qwen3 / DeepSeek-R1 `<think>` blocks)."""
+    if THINK_CLOSE in output:
+        return output.rsplit(THINK_CLOSE, 1)[1]
+    if output.lstrip().startswith(THINK_OPEN):
+        return ""  # stopped (max_new_tokens) while still thinking: no answer
+    return output
 
 
 def normalize(text: str) -> str:

@@ -9,7 +9,8 @@ Contract:
 A record's reference is its `reference` field when it has one, else the content of its
 last message when that is an assistant turn. The prompt is the conversation without that
 final assistant turn, so it never holds the reference. `task` is the record's `task` or
-`category` field; `regex` its `reference_regex` field, else `eval.regex`.
+`category` field; `split` its `split` field (the quality suite's seen / unseen phrasing /
+unseen task); `regex` its `reference_regex` field, else `eval.regex`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Item:
     prompt: Conversation  # the messages a generation continues
     reference: str | None
     regex: str | None
+    split: str = ""  # "" when the record has no split field
 
 
 def eval_splits(data_cfg: DataConfig, files: Sequence[str], seed: int, cache_dir: Path) -> list[Split]:
@@ -90,6 +92,7 @@ def read_items(splits: Sequence[Split], regex: str = "") -> tuple[list[Item], di
             where = str(split.source.where(i))
             prompt, reference = _reference(raw, conversation)
             task = _field(raw, "task", "category")
+            split_name = _field(raw, "split")
             items.append(
                 Item(
                     split.name,
@@ -99,6 +102,7 @@ def read_items(splits: Sequence[Split], regex: str = "") -> tuple[list[Item], di
                     prompt,
                     reference,
                     _checked_regex(_field(raw, "reference_regex"), where) or default_regex,
+                    "" if split_name is None else str(split_name),
                 )
             )
     return items, bad

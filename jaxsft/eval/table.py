@@ -1,4 +1,4 @@
-"""The console view of an eval report: one row per group (all, each source, each task)."""
+"""The console view of an eval report: one row per group (all, each source, each task, each split)."""
 
 from __future__ import annotations
 
@@ -30,14 +30,16 @@ def _rate(metric: dict | None, answers: int) -> str:
 
 
 def _groups(report: dict) -> list[tuple[str, dict, dict | None]]:
-    """(label, loss dict, generation dict or None) for all, each source, each task."""
+    """(label, loss dict, generation dict or None) for all, each source, each task, each split."""
     loss, gen = report["loss"], report["generation"] or {}
     rows = [("all", loss["overall"], gen.get("overall"))]
-    for kind in ("source", "task"):
-        names = list(dict.fromkeys([*loss[f"by_{kind}"], *gen.get(f"by_{kind}", {})]))
+    for kind in ("source", "task", "split"):
+        names = list(dict.fromkeys([*loss.get(f"by_{kind}", {}), *gen.get(f"by_{kind}", {})]))
         if kind == "source" and len(names) < 2:
             continue  # one source: its row repeats "all"
-        rows += [(f"{kind}: {n}", loss[f"by_{kind}"].get(n, {}), gen.get(f"by_{kind}", {}).get(n)) for n in names]
+        rows += [
+            (f"{kind}: {n}", loss.get(f"by_{kind}", {}).get(n, {}), gen.get(f"by_{kind}", {}).get(n)) for n in names
+        ]
     return rows
 
 

@@ -104,3 +104,43 @@ def test_regex_from_the_record_else_the_config(tmp_path):
     assert [i.regex for i in items] == ["^a$", "b"]
     with pytest.raises(DataError, match=r"eval.jsonl:1: reference_regex '\(' is not a valid"):
         _items(tmp_path, [{"messages": _chat("q", "a"), "reference_regex": "("}])
+
+
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        ("<think>12 + 30 = 42</think>\n42", "\n42"),  # scores strip the whitespace around it
+        ("<think>a</think>x<think>b</think> y", " y"),  # the text after the last block
+        ("  <think>still going", ""),  # cut off while thinking: no answer
+        ("42", "42"),
+        ("the tag <think> mid-answer", "the tag <think> mid-answer"),
+    ],
+)
+def test_final_answer_drops_the_thinking(output, expected):
+    assert metrics.final_answer(output) == expected
+
+
+def test_samples_are_scored_without_thinking_and_grouped_by_split(tmp_path):
+    from jaxsft.eval import generation, samples
+
+    items, _ = _items(
+        tmp_path,
+        [
+            {"messages": _chat("q", "42"), "task": "add", "split": "seen_phrasing"},
+            {"messages": _chat("q", "7"), "task": "add", "split": "unseen_phrasing"},
+            {"messages": _chat("q", "yes"), "task": "ask", "split": "unseen_phrasing"},
+        ],
+    )
+    assert [i.split for i in items] == ["seen_phrasing", "unseen_phrasing", "unseen_phrasing"]
+    outputs = ["<think>40 + 2</think> 42", "<think>3 + 4</think>7", "no"]
+    answers = [generation.Answer(text=o, stopped=True, prompt_tokens=3, new_tokens=5) for o in outputs]
+    scored = [samples.sample_of(i, a) for i, a in zip(items, answers)]
+    assert [s["answer"] for s in scored[:2]] == [" 42", "7"] and "answer" not in scored[2]
+    assert scored[0]["output"] == outputs[0]  # the sample keeps the thinking
+    report = samples.generation_report(scored)
+    assert report["overall"]["exact_match"] == {"hits": 2, "of": 3, "rate": 2 / 3}
+    assert report["by_split"]["seen_phrasing"]["exact_match"]["rate"] == 1.0
+    assert report["by_split"]["unseen_phrasing"]["exact_match"] == {"hits": 1, "of": 2, "rate": 0.5}
+    assert report["by_task"]["add"]["exact_match"]["rate"] == 1.0
+    raw = samples.sample_of(items[0], answers[0], strip_thinking=False)
+    assert not raw["scores"]["exact_match"] and "answer" not in raw
