@@ -61,10 +61,11 @@ def _model_info(args) -> None:
 
 
 def _export(args) -> None:
-    from jaxsft.infer.runs import export_hf, export_peft
+    from jaxsft.infer.runs import export_adapter, export_hf, export_peft
 
-    if args.format == "peft":
-        print(f"wrote {args.out}: {', '.join(export_peft(args.run_dir, args.out))}")
+    if args.format in ("peft", "adapter"):
+        export = export_peft if args.format == "peft" else export_adapter
+        print(f"wrote {args.out}: {', '.join(export(args.run_dir, args.out))}")
         return
     files = export_hf(
         args.run_dir, args.out, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3), merge=args.merge
@@ -94,10 +95,13 @@ def _sampling(args):
     )
 
 
-def _sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+def _sampling_args(parser: argparse.ArgumentParser, temperature: float = 0.0, top_p: float = 1.0) -> None:
+    greedy = "0 = greedy (default)" if temperature == 0 else f"0 = greedy (default {temperature:g})"
+    parser.add_argument("--temperature", type=float, default=temperature, help=greedy)
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument(
+        "--top-p", type=float, default=top_p, help=f"nucleus sampling mass (1 = off; default {top_p:g})"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
 
@@ -136,9 +140,11 @@ def _add_model_verbs(verbs) -> None:
     export.add_argument("out")
     export.add_argument(
         "--format",
-        choices=["hf", "peft"],
+        choices=["hf", "peft", "adapter"],
         default="hf",
-        help="peft: a LoRA/DoRA run's adapters (adapter_config.json + adapter_model.safetensors)",
+        help="peft: a LoRA/DoRA, prefix- or prompt-tuning run's trained part in Hugging Face PEFT's format "
+        "(adapter_config.json + adapter_model.safetensors); adapter: a bottleneck-adapter run's adapters "
+        "(our format, docs/training.md)",
     )
     export.add_argument(
         "--merge", action="store_true", help="hf format of a PEFT run: its trained part merged into the base"
@@ -226,6 +232,35 @@ def _add_eval_verb(verbs) -> None:
         help="score this source on the same data too, and print both side by side",
     )
     eval_.set_defaults(run=_eval)
+
+
+def _synth(args) -> None:
+    from jaxsft.synth import filters
+    from jaxsft.synth.generate import Settings, run
+
+    steps = filters.parse(args.filter, args.filters)
+    run(Settings(args.source, args.prompts, args.out, args.samples, _sampling(args), steps, args.batch_size))
+
+
+def _add_synth_verb(verbs) -> None:
+    synth = verbs.add_parser(
+        "synth", help="sample K answers per prompt, filter and rank them, write training records (docs/synth.md)"
+    )
+    synth.add_argument("source", help="a run directory, RUN/checkpoints/STEP, or hf:/path")
+    synth.add_argument("--prompts", required=True, help='JSONL: {"messages": [...]} or {"prompt": "..."}')
+    synth.add_argument("--out", required=True, help="JSONL of kept records (resumed when it exists)")
+    synth.add_argument("--samples", type=int, default=4, help="responses per prompt (default 4)")
+    synth.add_argument("--batch-size", type=int, default=16, help="sampler rows per call (default 16)")
+    synth.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="NAME[:K=V,...]",
+        help="a filter step, in order (repeatable): verify, length, repetition, dedup, near_dedup, majority, rank",
+    )
+    synth.add_argument("--filters", default=None, metavar="FILE", help="YAML list of filter steps (before --filter)")
+    _sampling_args(synth, temperature=1.0, top_p=0.95)
+    synth.set_defaults(run=_synth)
 
 
 def _add_data_verbs(verbs) -> None:
@@ -316,6 +351,7 @@ def parser() -> argparse.ArgumentParser:
     show.set_defaults(run=_config_show)
     _add_model_verbs(verbs)
     _add_eval_verb(verbs)
+    _add_synth_verb(verbs)
     _add_data_verbs(verbs)
     _add_compile_verb(verbs)
     return root

@@ -47,7 +47,7 @@ class RopeScaling:
 class PeftConfig:
     """Parameter-efficient fine-tuning (jaxsft/model/peft.py); method none is full fine-tuning."""
 
-    method: Literal["none", "lora", "dora", "freeze"] = "none"
+    method: Literal["none", "lora", "dora", "freeze", "adapter", "prefix_tuning", "prompt_tuning"] = "none"
     # lora / dora: adapters on block projections
     rank: int = 8
     alpha: float = 16.0
@@ -59,6 +59,20 @@ class PeftConfig:
     # only what matches trains
     trainable: tuple[str, ...] = ()
     top_layers: int = 0  # freeze: also train every param of the top N blocks
+    # adapter: bottleneck adapters, x + up(act(down(x))) on a block branch's output before the
+    # residual add; houlsby: after attention and the MLP, pfeiffer: after the MLP only (model/bottleneck.py)
+    adapter_size: int = 64
+    adapter_placement: Literal["houlsby", "pfeiffer"] = "houlsby"
+    adapter_activation: Literal["relu", "silu", "gelu_tanh"] = "relu"
+    # prefix_tuning / prompt_tuning: virtual tokens every example sees first (model/prompts.py)
+    num_virtual_tokens: int = 20
+    prefix_projection: bool = False  # prefix_tuning: prefixes through a 2-layer tanh MLP while training
+    prefix_hidden: int = 0  # that MLP's width; 0: the key/value width n_kv_heads * head_dim (HF PEFT)
+    prompt_init_text: str = ""  # prompt_tuning: start from this text's token embeddings ("": random vocab rows)
+    # QLoRA (lora / dora): the frozen base's seven block kernels stored quantised (model/quant.py)
+    quantize: Literal["none", "int8", "nf4"] = "none"
+    quant_block_size: int = 64  # absmax blocks along each kernel's input axis; 0: one scale per output channel
+    double_quant: bool = False  # the blocks' scales themselves in int8 (QLoRA's double quantisation)
 
     @property
     def adapters(self) -> bool:
@@ -226,6 +240,10 @@ class OptimConfig:
     eps: float = 1e-8
     clip_norm: float = 1.0
     moments_dtype: DType = "float32"  # Adam's two moments (bfloat16: half the bytes)
+    # L2-SP: each step adds drift_penalty * ||theta - theta_0||^2 over the trained params,
+    # theta_0 the run's starting weights (0: off; docs/training.md, forgetting control).
+    drift_penalty: float = 0.0
+    drift_anchor_dtype: DType = "float32"  # theta_0's copy (bfloat16: half the bytes)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,7 +93,34 @@ def validate(cfg: Config) -> None:
         "model.peft: method freeze needs model.peft.trainable patterns or model.peft.top_layers > 0",
     )
     _require(pe.top_layers >= 0, f"model.peft.top_layers={pe.top_layers}: expected 0 or more")
-    _require(not pe.init_from or pe.adapters, "model.peft.init_from: only for method lora or dora")
+    _require(
+        not pe.init_from or pe.method in ("lora", "dora", "adapter", "prefix_tuning", "prompt_tuning"),
+        "model.peft.init_from: only for method lora, dora, adapter, prefix_tuning or prompt_tuning",
+    )
+    if pe.method in ("prefix_tuning", "prompt_tuning"):  # model/prompts.py: attention must take a prefix
+        _require(
+            m.attention in ("xla", "auto"),
+            f"model.peft.method={pe.method} needs model.attention xla or auto: the {m.attention} kernel cannot "
+            "take a prefix",
+        )
+        _require(
+            m.sliding_window == 0,
+            f"model.peft.method={pe.method}: sliding-window attention (model.sliding_window={m.sliding_window}) "
+            "cannot take a prefix yet; use lora, dora or adapter",
+        )
+    _require(
+        pe.quantize == "none" or pe.adapters,
+        f"model.peft.quantize={pe.quantize}: a quantised frozen base (QLoRA) needs model.peft.method lora or dora, "
+        f"not {pe.method} (full fine-tuning and freeze train the base itself)",
+    )
+    _require(
+        pe.quantize != "nf4" or pe.quant_block_size % 2 == 0,
+        f"model.peft.quant_block_size={pe.quant_block_size}: nf4 packs two codes per byte, expected an even size",
+    )
+    _require(
+        not pe.double_quant or (pe.quantize != "none" and pe.quant_block_size > 0),
+        "model.peft.double_quant: needs model.peft.quantize int8 or nf4 and model.peft.quant_block_size > 0",
+    )
 
 
 def check_paths(cfg: Config) -> None:

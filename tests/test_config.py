@@ -45,7 +45,11 @@ def test_overrides_are_typed():
         ("mesh.rules.embed=[fsdq]", "mesh.rules.embed: unknown mesh axis 'fsdq'"),
         ("model.n_kv_heads=3", "model.n_heads=4 must be a positive multiple of model.n_kv_heads=3"),
         ("train.steps", "expected KEY=VALUE"),
-        ("model.peft.method=adapters", "model.peft.method: expected one of none, lora, dora, freeze, got 'adapters'"),
+        (
+            "model.peft.method=adapters",
+            "model.peft.method: expected one of none, lora, dora, freeze, adapter, prefix_tuning, prompt_tuning, "
+            "got 'adapters'",
+        ),
         ("model.peft.dropout=1.0", "model.peft.dropout=1.0: expected a value in [0, 1)"),
         ("model.peft.method=freeze", "method freeze needs model.peft.trainable patterns or model.peft.top_layers > 0"),
         ("lora.rank=8", "unknown config key lora"),

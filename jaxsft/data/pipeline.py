@@ -48,7 +48,8 @@ __all__ = ["DataError", "DataReport", "Encoder", "SFTData", "build_data"]
 
 PREFETCH_BATCHES = 2  # a background thread encodes and packs the next batches while the model steps
 MIN_PACKING_BINS = 16  # more open bins fill rows better when few rows are asked for
-PACK_WINDOW = 4096  # examples packed at once by best_fit (packing.py)
+PACK_WINDOW = 4096  # examples packed at once by best_fit (packing.py), at most
+MIN_PACK_WINDOW = 256  # ... and at least, when one epoch of a virtual shard is smaller
 SHARD_SEED = 1_000_003  # packer seed of virtual shard v: seed + stage + SHARD_SEED * v
 # Encoding is Python under the GIL: read threads would only contend with each other.
 READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
@@ -165,11 +166,13 @@ def pack_and_batch(
     seed: int,
     shuffle_bins: bool,
     drop_remainder: bool,
+    window: int = PACK_WINDOW,
 ) -> grain.IterDataset:
-    """Batches of `rows` rows of `cfg.max_length`; `packing=none` is one example per row."""
+    """Batches of `rows` rows of `cfg.max_length`; `packing=none` is one example per row;
+    best_fit packs `window` examples at a time."""
     lengths = {k: cfg.max_length for k in FEATURES}
     if cfg.packing == "best_fit":
-        packed = WindowBestFit(ds, cfg.max_length, PACK_WINDOW, pad_id, seed)
+        packed = WindowBestFit(ds, cfg.max_length, window, pad_id, seed)
     elif cfg.packing == "concat":
         # Examples run on across row ends (the rest opens the next row at position 0). Targets
         # and weights are packed as features of their own: as meta features they would stop
@@ -270,12 +273,19 @@ class SFTData:
             out.append((start, probabilities(usable, means, self.cfg.weight_by)))
         return out
 
-    def _shard(self, ds: grain.MapDataset, rows: int, seed: int) -> grain.IterDataset:
+    def _shard(self, ds: grain.MapDataset, rows: int, seed: int, window: int) -> grain.IterDataset:
         encoder = Encoder(self.cfg, self.tokenizer)
         it = ds.map(encoder).filter(is_example).to_iter_dataset(READ_OPTIONS)
         return pack_and_batch(
-            it, self.cfg, rows, self.tokenizer.pad_id, seed=seed, shuffle_bins=True, drop_remainder=True
+            it, self.cfg, rows, self.tokenizer.pad_id, seed=seed, shuffle_bins=True, drop_remainder=True, window=window
         )
+
+    def pack_window(self, count: int) -> int:
+        """best_fit's window per virtual shard: PACK_WINDOW examples, or one epoch of a shard when
+        that is fewer (a small dataset's first batch would otherwise wait for many epochs of
+        encoding: 2,000 conversations over 8 shards are 16 epochs of a 4,096 window)."""
+        epoch = -(-sum(len(p) for p in self.pools) // count)
+        return max(MIN_PACK_WINDOW, min(PACK_WINDOW, epoch))
 
     def _prefetch(self, it: grain.IterDataset) -> grain.IterDataset:
         if self.cfg.worker_count > 0:
@@ -289,11 +299,12 @@ class SFTData:
         count = shard_count(self.cfg.virtual_shards, rows)
         per_shard = rows // count
         shards = list(range(count)) if shards is None else sorted(shards)
+        window = self.pack_window(count)
         stages = []
         for k, (start, probs) in enumerate(self.stage_probabilities()):
             mixture = Mixture(self.pools, probs, seed=seed * 1009 + k, shuffle=self.cfg.shuffle)
             blocks = [
-                self._shard(mixture[v::count].map(Lookup(self.train)), per_shard, seed + k + SHARD_SEED * v)
+                self._shard(mixture[v::count].map(Lookup(self.train)), per_shard, seed + k + SHARD_SEED * v, window)
                 for v in shards
             ]
             stages.append((start, self._prefetch(Concat(blocks, shards))))

@@ -15,7 +15,8 @@ a resumed run first forgets the lines of steps after its checkpoint, as metrics.
 Score keys (all rates in [0, 1], only metrics that apply): `eval_exact_match` over every
 prompt, `eval_exact_match/task/<task>` per `task` field, and `eval_exact_match/source/<name>`
 per source when there is more than one. A PEFT run's trainable part is merged into its
-frozen base first (peft.merged), as `jaxsft generate` does for the saved run.
+frozen base first (peft.merged), as `jaxsft generate` does for the saved run; adapters,
+prefixes and prompts, which do not merge, run beside the base (model/adapted.py).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from jaxsft.eval import generation, metrics, records
 from jaxsft.eval.samples import generation_report, sample_of
 from jaxsft.infer.runs import Loaded
 from jaxsft.infer.sampler import Sampling
-from jaxsft.model import peft
+from jaxsft.model import adapted, peft
 from jaxsft.model.transformer import abstract_model
 from jaxsft.train import distributed
 from jaxsft.train.metrics import console, drop_after
@@ -110,9 +111,12 @@ class HeldOut:
 
     def answer(self, params) -> list[dict]:
         """The fixed prompts' samples (`jaxsft eval`'s fields) under these params."""
-        if self.frozen:
-            params = peft.merged(self.cfg.model.peft, params, self.frozen[0], dtype=self.model_cfg.param_dtype)
-        model = Loaded(self.graphdef, params, self.model_cfg, self.vocab_size, self.tokenizer, self.cfg.data.template)
+        graphdef, method = self.graphdef, self.cfg.model.peft
+        if self.frozen and not peft.mergeable(method):  # adapters, prefixes, prompts: base + trained part
+            graphdef, params = adapted.build(self.model_cfg, self.vocab_size, method, self.frozen[0], params)
+        elif self.frozen:
+            params = peft.merged(method, params, self.frozen[0], dtype=self.model_cfg.param_dtype)
+        model = Loaded(graphdef, params, self.model_cfg, self.vocab_size, self.tokenizer, self.cfg.data.template)
         sampling = Sampling(max_new_tokens=self.cfg.eval.max_new_tokens)
         answers = generation.answer(
             model,

@@ -8,12 +8,14 @@ Contract:
         source: a run directory (config.yaml + checkpoints/), one step of it (`RUN/checkpoints/STEP`),
                 `hf:/dir` or `orbax:/dir`
     export_hf(run_dir, out_dir, *, dtype, max_shard_bytes, merge) -> list of written files
-    export_peft(run_dir, out_dir) -> list of written files (a LoRA/DoRA run's adapters, HF PEFT format)
+    export_peft(run_dir, out_dir) -> list of written files (LoRA/DoRA adapters, prefixes or prompts: HF PEFT format)
+    export_adapter(run_dir, out_dir) -> list of written files (bottleneck adapters: our format, bottleneck.py)
 
 A PEFT run's checkpoints hold only its trainable part (adapters, or the params a
 `freeze` run trains); its base is what its config names (`model.init_from`, else the
 seed's random init). Loading such a run merges the two (peft.merged), so generation and
-`--format hf --merge` see the adapted model.
+`--format hf --merge` see the adapted model; bottleneck adapters, prefixes and prompts do
+not merge into weights, so their runs load as the base plus the trained part (adapted.py).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from jaxsft import config as config_lib
 from jaxsft import config_load
 from jaxsft.config import ConfigError, ModelConfig
 from jaxsft.infer import hf_files
-from jaxsft.model import hf, hf_peft, peft, pretrained
+from jaxsft.model import adapted, bottleneck, hf, hf_peft, hf_prompt, peft, pretrained, quant
 from jaxsft.model.transformer import abstract_model, abstract_params
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -58,9 +60,11 @@ def _tokenizer(spec: str):
     return load_tokenizer(spec)
 
 
-def _replicated(cfg: ModelConfig, vocab_size: int) -> dict:
+def _replicated(cfg: ModelConfig, vocab_size: int, pe: config_lib.PeftConfig = config_lib.PeftConfig()) -> dict:
+    """One device's shardings for the params (laid out like the quantised base under QLoRA `pe`)."""
     mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:1])
-    return jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_params(cfg, vocab_size))
+    layout = jax.eval_shape(lambda p: quant.quantize_base(p, pe), abstract_params(cfg, vocab_size))
+    return jax.tree.map(lambda _: NamedSharding(mesh, P()), layout)
 
 
 def _load_pretrained(source: str) -> Loaded:
@@ -91,6 +95,9 @@ def _load_run(run_dir: Path, step: int | None = None) -> Loaded:
     if peft.enabled(method):
         vocab = cfg.model.vocab_size or tokenizer.vocab_size
         frozen = peft.frozen_of(method, _peft_base(cfg, model_cfg, vocab))
+        if not peft.mergeable(method):
+            graphdef, params = adapted.build(model_cfg, vocab, method, frozen, params)
+            return Loaded(graphdef, params, model_cfg, vocab, tokenizer, cfg.data.template)
         params = peft.merged(method, params, frozen, dtype=model_cfg.param_dtype)
     vocab = int(params["embedding"].shape[0])
     return Loaded(_graphdef(model_cfg, vocab), params, model_cfg, vocab, tokenizer, cfg.data.template)
@@ -100,7 +107,7 @@ def _peft_base(cfg, model_cfg: ModelConfig, vocab: int) -> dict:
     """The base a PEFT run trained on: the trainer's own choice of base (`state.base_params`)."""
     from jaxsft.train.state import base_params
 
-    return base_params(cfg.model, vocab, _replicated(model_cfg, vocab), cfg.train.seed)
+    return base_params(cfg.model, vocab, _replicated(model_cfg, vocab, cfg.model.peft), cfg.train.seed)
 
 
 def _tokenizer_spec(run_dir: Path, cfg) -> str:
@@ -128,17 +135,42 @@ def load(source: str | Path) -> Loaded:
 
 
 def export_peft(run_dir: str | Path, out_dir: str | Path) -> list[str]:
-    """A LoRA run's latest adapters as adapter_config.json + adapter_model.safetensors."""
+    """A LoRA/DoRA, prefix- or prompt-tuning run's latest trained part as adapter_config.json +
+    adapter_model.safetensors, in Hugging Face PEFT's format."""
     from jaxsft.train.checkpoint import read_state
 
     run_dir = Path(run_dir)
     cfg = config_load.load(run_dir / "config.yaml")
+    if cfg.model.peft.method == "adapter":
+        raise ConfigError(f"{run_dir}: Hugging Face PEFT has no bottleneck adapters; export it with --format adapter")
+    if cfg.model.peft.method in ("prefix_tuning", "prompt_tuning"):
+        model = pretrained.resolve_config(cfg.model)
+        dims = (model.n_layers, model.d_model, model.n_heads, model.n_kv_heads, model.head_dim)
+        return hf_prompt.save(cfg.model.peft, read_state(run_dir)["params"], out_dir, dims, _base_dir(cfg))
     if not cfg.model.peft.adapters:
         raise ConfigError(
             f"{run_dir}: not a LoRA/DoRA run (model.peft.method is {cfg.model.peft.method}); export it with --format hf"
         )
-    base = cfg.model.init_from.split(":", 1)[1] if cfg.model.init_from.startswith("hf:") else ""
-    return hf_peft.save_peft(read_state(run_dir)["params"], cfg.model.peft, out_dir, base_model=base)
+    return hf_peft.save_peft(read_state(run_dir)["params"], cfg.model.peft, out_dir, base_model=_base_dir(cfg))
+
+
+def _base_dir(cfg) -> str:
+    return cfg.model.init_from.split(":", 1)[1] if cfg.model.init_from.startswith("hf:") else ""
+
+
+def export_adapter(run_dir: str | Path, out_dir: str | Path) -> list[str]:
+    """A bottleneck-adapter run's latest adapters in our own format (bottleneck.py); they load
+    back through `model.peft.init_from`."""
+    from jaxsft.train.checkpoint import read_state
+
+    run_dir = Path(run_dir)
+    cfg = config_load.load(run_dir / "config.yaml")
+    if cfg.model.peft.method != "adapter":
+        raise ConfigError(
+            f"{run_dir}: not a bottleneck-adapter run (model.peft.method is {cfg.model.peft.method}); "
+            "export it with --format peft or --format hf"
+        )
+    return bottleneck.save(read_state(run_dir)["params"], cfg.model.peft, out_dir, base_model=_base_dir(cfg))
 
 
 def export_hf(
@@ -154,6 +186,12 @@ def export_hf(
     A PEFT run needs `merge` (its trained part is merged into the base it names)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     method = config_load.load(run_dir / "config.yaml").model.peft.method if (run_dir / "config.yaml").is_file() else ""
+    if method in ("adapter", "prefix_tuning", "prompt_tuning"):
+        fmt = "adapter" if method == "adapter" else "peft"
+        raise ConfigError(
+            f"{run_dir} is a {method} run: its trained part cannot be merged into the base's weights; "
+            f"export it with --format {fmt}"
+        )
     if method not in ("", "none") and not merge:
         hint = "--format peft, or --format hf --merge" if method in ("lora", "dora") else "--format hf --merge"
         raise ConfigError(f"{run_dir} is a {method} run: export it with {hint}")

@@ -59,7 +59,7 @@ def sample_logits(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> 
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
-def _generate(graphdef, params, tokens_BxP, lengths_B, stop_ids, sampling: Sampling):
+def _generate(graphdef, params, tokens_BxP, lengths_B, stop_ids, sampling: Sampling, seed):
     model = nnx.merge(graphdef, params)
     batch, prompt_len = tokens_BxP.shape
     steps = sampling.max_new_tokens
@@ -70,7 +70,7 @@ def _generate(graphdef, params, tokens_BxP, lengths_B, stop_ids, sampling: Sampl
     last_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     out_BxU = jnp.zeros((batch, steps), jnp.int32)
     done_B = jnp.zeros((batch,), bool)
-    key = jax.random.key(sampling.seed)
+    key = jax.random.key(seed)  # traced: a new seed reuses the compilation
 
     def cond(carry):
         t, _, _, done_B, _, _ = carry
@@ -103,7 +103,10 @@ def generate(
         row[: len(prompt)] = prompt
     lengths_B = np.array([len(p) for p in prompts], np.int32)
     stops = np.array(list(stop_ids) or [-1], np.int32)
-    out_BxU = np.asarray(_generate(graphdef, params, tokens_BxP, lengths_B, stops, sampling))
+    static = dataclasses.replace(sampling, seed=0)
+    out_BxU = np.asarray(
+        _generate(graphdef, params, tokens_BxP, lengths_B, stops, static, np.uint32(sampling.seed % 2**32))
+    )
     results = []
     for row in out_BxU:
         tokens = [int(t) for t in row if t >= 0]

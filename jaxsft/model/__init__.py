@@ -13,4 +13,5 @@ name, `x_BxTxD`, one letter per axis, and a letter means the same thing everywhe
     M  the batch's B*T tokens, flattened    C  chunks of M (the chunked loss)
     E  tokens in one loss chunk             P  prompt tokens (generation)
     U  tokens generated per row             1  a kept axis of size 1
+    W  virtual tokens (prefix / prompt tuning)  Q  bottleneck adapter width
 """

@@ -16,6 +16,9 @@ Contract:
   builds its own mask from cached positions and calls `masked_attention`.
 - Variants: query scale (Gemma 2's query_pre_attn_scalar), logit soft-capping, and a
   sliding window that may differ per layer (a traced scalar under the layer scan).
+- A prefix (prefix / prompt tuning, model/prompts.py): W extra keys/values every query of
+  every row sees, before its own row's keys, whatever its segment (every segment of a packed
+  row sees the same prefix). Only `xla` takes one (`auto` falls back to it).
 - Implementations (`model.attention`): `xla` here, the reference, every platform and
   variant, its queries in blocks that skip the keys after them; `cudnn`, `splash`,
   `pallas_gpu` in kernels.py, which refuse in one line what they cannot compute; `auto`
@@ -82,7 +85,23 @@ def query_blocks(length: int) -> list[tuple[int, int]]:
     return [(start, min(start + block, length)) for start in range(0, length, block)]
 
 
-def _xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale, softcap, window):
+def with_prefix(k_BxSxKxH, v_BxSxKxH, mask_BxTxS, prefix):
+    """Keys, values and mask with the prefix's W slots first; every query sees all of them."""
+    if prefix is None:
+        return k_BxSxKxH, v_BxSxKxH, mask_BxTxS
+    b, t = mask_BxTxS.shape[:2]
+    k_WxKxH, v_WxKxH = prefix
+    n = k_WxKxH.shape[0]
+    k_BxWxKxH = jnp.broadcast_to(k_WxKxH.astype(k_BxSxKxH.dtype), (b, *k_WxKxH.shape))
+    v_BxWxKxH = jnp.broadcast_to(v_WxKxH.astype(v_BxSxKxH.dtype), (b, *v_WxKxH.shape))
+    return (
+        jnp.concatenate([k_BxWxKxH, k_BxSxKxH], axis=1),
+        jnp.concatenate([v_BxWxKxH, v_BxSxKxH], axis=1),
+        jnp.concatenate([jnp.ones((b, t, n), bool), mask_BxTxS], axis=2),
+    )
+
+
+def _xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale, softcap, window, prefix=None):
     """Queries in blocks, each against the keys up to its own last row only: the blocks above
     the causal diagonal, fully masked, are never computed (with 8 blocks, 9/16 of the dense
     work, forward and backward). Within a block the mask does the rest, exactly as dense."""
@@ -93,9 +112,7 @@ def _xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale, soft
     outs = [
         masked_attention(
             q_BxTxNxH[:, start:end],
-            k_BxSxKxH[:, :end],
-            v_BxSxKxH[:, :end],
-            mask_BxTxS[:, start:end, :end],
+            *with_prefix(k_BxSxKxH[:, :end], v_BxSxKxH[:, :end], mask_BxTxS[:, start:end, :end], prefix),
             scale,
             softcap,
         )
@@ -151,11 +168,13 @@ def attention(
     scale: float | None = None,
     softcap: float = 0.0,
     window=None,
+    prefix=None,
 ) -> jax.Array:
     """Causal, segment-masked grouped-query attention; see the module docstring.
 
     scale: query scaling (default head_dim ** -0.5); softcap: logit soft-cap (0 = off);
-    window: sliding window in tokens (None or 0 = full causal attention).
+    window: sliding window in tokens (None or 0 = full causal attention);
+    prefix: None or (k_WxKxH, v_WxKxH) that every query sees first (xla and auto only).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
@@ -163,4 +182,8 @@ def attention(
         )
     _check_shapes(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT)
     scale = q_BxTxNxH.shape[-1] ** -0.5 if scale is None else scale
+    if prefix is not None:
+        if implementation not in ("xla", "auto"):
+            raise ValueError(f"attention implementation {implementation!r} cannot take a prefix; use xla")
+        return _xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale, softcap, window, prefix)
     return IMPLEMENTATIONS[implementation](q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale, softcap, window)

@@ -15,6 +15,8 @@ Layouts: Hugging Face linears are [out, in]; ours are [in, out] with heads split
 ((d, n, h) for q/k/v, (n, h, d) for o). Our `blocks/*` params are stacked [L, ...]; each
 layer comes from its own `model.layers.{i}.*` tensor and is written into the stacked
 device buffer in place (donated), so host memory holds about one tensor at a time.
+With `model.peft.quantize` (QLoRA) `shardings` are laid out like the quantised base and each
+block kernel's layer is quantised on the mesh as it arrives (quant.py).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsft.config import ConfigError, ModelConfig
-from jaxsft.model import hf_config, paths
+from jaxsft.model import hf_config, paths, quant
 from jaxsft.model.families import resolve, variant
 from jaxsft.model.safetensors_io import DTYPES, TensorIndex, TensorSpec, write_sharded
 from jaxsft.model.transformer import abstract_params
@@ -171,10 +173,19 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, vocab_size: int, shardi
     dtype = jnp.dtype(cfg.param_dtype)
     placed: dict[str, jax.Array] = {}
     for name, (path, kind, layer) in tensor_map(cfg).items():
-        sharding = flat_shardings[path]
+        sharding = flat_shardings.get(path)
         host = to_ours(kind, index.read(name), _layer_shape(path, shapes))
         if layer is None:
             placed[path] = jax.jit(lambda a: a.astype(dtype), out_shardings=sharding)(_place(host, sharding))
+            continue
+        if sharding is None:  # QLoRA (quant.py): each layer's kernel is quantised on the mesh as it arrives
+            node_shardings = paths.get(shardings, path)
+            if path not in placed:
+                placed[path] = quant.zeros(path, shapes[path].shape, cfg.peft, node_shardings)
+            # Rounded to param_dtype first: the same base as quantising the unquantised import.
+            layer_array = _place(host, _layer_sharding(node_shardings["codes"])).astype(dtype)
+            placed[path] = quant.set_layer(placed[path], layer_array, layer, path, cfg.peft)
+            del host, layer_array
             continue
         if path not in placed:
             placed[path] = jax.jit(lambda: jnp.zeros(shapes[path].shape, dtype), out_shardings=sharding)()

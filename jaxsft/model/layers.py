@@ -13,6 +13,8 @@ Job: one block of every supported family, its variant switches read from
   and the KV-cache decode path differ only there.
 - Every block projection y = x @ W passes through an optional `adapt(path, x, W, y)` hook
   before any bias or norm (LoRA/DoRA branches, lora.py); None leaves the projection as is.
+  So does each branch's output before the residual add, at "attn/adapter" and "mlp/adapter"
+  with W None (bottleneck adapters, bottleneck.py); LoRA's hook passes those through.
 """
 
 from __future__ import annotations
@@ -192,8 +194,12 @@ class Block(nnx.Module):
         h_BxTxD, aux = self.attn(self.attn_norm(x_BxTxD), cos_BxTxH, sin_BxTxH, attend, adapt)
         if self.post_norms:
             h_BxTxD = self.post_attn_norm(h_BxTxD)
+        if adapt:  # a branch's output before the residual add (bottleneck adapters)
+            h_BxTxD = adapt("attn/adapter", h_BxTxD, None, h_BxTxD)
         x_BxTxD = x_BxTxD + h_BxTxD
         h_BxTxD = self.mlp(self.mlp_norm(x_BxTxD), adapt)
         if self.post_norms:
             h_BxTxD = self.post_mlp_norm(h_BxTxD)
+        if adapt:
+            h_BxTxD = adapt("mlp/adapter", h_BxTxD, None, h_BxTxD)
         return constrain(x_BxTxD + h_BxTxD, ACTIVATION_AXES), aux

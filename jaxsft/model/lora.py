@@ -31,7 +31,8 @@ live in lora_branch.py, below the decoder that runs them; the Hugging Face PEFT 
 
 Contract:
     target_paths(cfg) -> tuple of param paths;  scale(cfg) -> float   (from lora_branch.py)
-    adapter_shapes(params, cfg) -> {path: {"a": shape, "b": shape[, "m": shape]}} (params may be abstract)
+    adapter_shapes(params, cfg) -> {path: {"a": shape, "b": shape[, "m": shape]}} (params may be abstract,
+        or a QLoRA base whose kernels are quantised: quant.py)
     adapter_specs(specs, params, cfg) -> logical names tree for the adapters
     init_adapters(params, cfg, key) -> adapters;  merge(params, adapters, cfg) -> params
     count(model_cfg, vocab_size, cfg) -> (trainable, total), without allocating anything
@@ -45,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsft.config import ModelConfig, PeftConfig
-from jaxsft.model import paths
+from jaxsft.model import paths, quant
 from jaxsft.model.lora_branch import KERNELS, scale, target_paths
 from jaxsft.model.transformer import abstract_params
 
@@ -67,7 +68,7 @@ def adapter_shapes(params, cfg: PeftConfig) -> dict[str, dict[str, tuple[int, ..
     """{path: {"a": [L, *in, r], "b": [L, r, *out], DoRA "m": [L, *out]}} for every adapted kernel."""
     out = {}
     for path in target_paths(cfg):
-        shape = tuple(paths.get(params, path).shape)
+        shape = quant.kernel_shape(paths.get(params, path), path)  # a QLoRA base's too
         split = 1 + _IN_DIMS[path]
         out[path] = {"a": (*shape[:split], cfg.rank), "b": (shape[0], cfg.rank, *shape[split:])}
         if cfg.method == "dora":
@@ -91,7 +92,11 @@ def adapter_specs(specs, params, cfg: PeftConfig) -> dict:
 
 
 def _column_norm(w, n_in: int) -> jax.Array:
-    """||W|| per output feature: the L2 norm over the input axes of [L, *in, *out], float32."""
+    """||W|| per output feature: the L2 norm over the input axes of [L, *in, *out], float32.
+
+    A quantised kernel (QLoRA) is dequantised one layer at a time, never whole."""
+    if quant.quantized(w):
+        return jax.lax.map(lambda layer: _column_norm(quant.dequantize(layer, tuple(range(n_in)))[None], n_in)[0], w)
     return jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=tuple(range(1, 1 + n_in))))
 
 

@@ -2,7 +2,7 @@
 
 Contract:
     resolve_config(cfg) -> ModelConfig      shapes from init_from's config.json (tensors checked), else the preset
-    load_pretrained(cfg, vocab_size, shardings) -> params placed on `shardings`
+    load_pretrained(cfg, vocab_size, shardings) -> params placed on `shardings` (QLoRA: the quantised base)
 
 `hf:/dir` reads a Hugging Face directory (safetensors, streamed one tensor at a time).
 `orbax:/dir` reads the output of `jaxsft convert`: the same params already in our layout
@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxsft.config import ConfigError, ModelConfig
-from jaxsft.model import hf
+from jaxsft.model import hf, paths, quant
 from jaxsft.model.families import resolve
 from jaxsft.model.transformer import abstract_params
 
@@ -54,12 +54,26 @@ def resolve_config(cfg: ModelConfig) -> ModelConfig:
 
 def load_pretrained(cfg: ModelConfig, vocab_size: int, shardings: dict) -> dict:
     prefix, directory = _source(cfg.init_from)
-    if prefix == "hf:":
+    if prefix == "hf:":  # QLoRA: quantised tensor by tensor as they stream in
         return hf.load_params(directory, cfg, vocab_size, shardings)
+    quantized = cfg.peft.quantize != "none"
+    # QLoRA from Orbax: the full base is restored (each kernel on its codes' sharding), then quantised.
+    full = _kernels_on_codes(shardings) if quantized else shardings
     target = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params(cfg, vocab_size), shardings
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params(cfg, vocab_size), full
     )
     if not (directory / "params").is_dir():
         raise ConfigError(f"model.init_from={cfg.init_from}: no params/ checkpoint (made by `jaxsft convert`)")
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(directory / "params", target)
+        params = checkpointer.restore(directory / "params", target)
+    if not quantized:
+        return params
+    return jax.jit(lambda p: quant.quantize_base(p, cfg.peft), out_shardings=shardings)(params)
+
+
+def _kernels_on_codes(shardings: dict) -> dict:
+    """Shardings of the full base from a quantised base's: each kernel where its codes are (same rank)."""
+    out = paths.unflatten(paths.flatten(shardings))
+    for path in quant.KERNEL_PATHS:
+        paths.put(out, path, paths.get(shardings, path)["codes"])
+    return out

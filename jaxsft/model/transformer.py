@@ -5,9 +5,11 @@ step at a time over a KV cache for generation.
 
 Contract:
     Transformer(cfg: ModelConfig, vocab_size: int, *, rngs: nnx.Rngs)
-    model(tokens_BxT, positions_BxT, segment_ids_BxT, blocks=None, key=None) -> logits_BxTxV (float32)
+    model(tokens_BxT, positions_BxT, segment_ids_BxT, blocks=None, key=None, prefix=None) -> logits_BxTxV (float32)
     model.hidden_states(same arguments) -> h_BxTxD;  model.head() -> w_DxV;  model.logits(h_BxTxD) -> logits
-    model.decode(tokens_BxT, positions_BxT, valid_BxT, cache, index) -> (logits_BxTxV, cache)
+    model.decode(tokens_BxT, positions_BxT, valid_BxT, cache, index, blocks=None, prefix=None)
+        -> (logits_BxTxV, cache)
+    model.virtual_kv(x_WxD, blocks=None) -> {"k", "v"}: [L, W, K, H] of W input vectors at positions 0..W-1
     init_cache(cfg, batch, length) -> cache
     abstract_model(cfg, vocab_size) -> Transformer whose params are ShapeDtypeStructs (no allocation)
     abstract_params(cfg, vocab_size) -> the params' tree (`nnx.state(model, nnx.Param).to_pure_dict()`
@@ -24,7 +26,11 @@ Contract:
 - Parameter-efficient fine-tuning (peft.py) hands the layer stack in as `blocks`: a list
   of segments (stacked params of consecutive layers, LoRA/DoRA adapters or None), run
   one scan each in order. Frozen segments below every trained param are then outside
-  the differentiated computation altogether.
+  the differentiated computation altogether. Bottleneck adapters ride in the same slot
+  (their hook acts on the branch outputs, bottleneck.py).
+- Prefix and prompt tuning (prompts.py) hand in `prefix`: per layer W keys/values [L, W, K, H]
+  that every query sees first; the real tokens' positions are then offset by W, as when the
+  W virtual tokens sit before every example (Hugging Face PEFT's convention).
 - Family switches live in families.py and layers.py; `cfg.preset` is applied here too.
 - Shape suffixes (`x_BxTxD`) follow the one key in jaxsft/model/__init__.py.
 """
@@ -35,11 +41,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import linen, nnx
 
 from jaxsft.config import ModelConfig
-from jaxsft.model import lora_branch
-from jaxsft.model.attention import attention, masked_attention
+from jaxsft.model import bottleneck, lora_branch, quant
+from jaxsft.model.attention import attention, masked_attention, with_prefix
 from jaxsft.model.families import layer_windows, resolve, variant
 from jaxsft.model.layers import (
     ACTIVATION_AXES,
@@ -114,17 +120,20 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, init, (cfg.d_model, vocab_size), ("embed", "vocab"), cfg.param_dtype)
 
-    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, blocks=None, key=None) -> jax.Array:
+    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, blocks=None, key=None, prefix=None) -> jax.Array:
         """`blocks`: [(stacked block params, adapters or None), ...] replacing the model's own layer
-        stack (peft.py); `key`: the adapters' dropout key (training only)."""
-        return self.logits(self.hidden_states(tokens_BxT, positions_BxT, segment_ids_BxT, blocks, key))
+        stack (peft.py); `key`: the adapters' dropout key (training only); `prefix`: {"k", "v"}
+        [L, W, K, H] every query sees first (prompts.py)."""
+        return self.logits(self.hidden_states(tokens_BxT, positions_BxT, segment_ids_BxT, blocks, key, prefix))
 
-    def hidden_states(self, tokens_BxT, positions_BxT, segment_ids_BxT, blocks=None, key=None) -> jax.Array:
+    def hidden_states(
+        self, tokens_BxT, positions_BxT, segment_ids_BxT, blocks=None, key=None, prefix=None
+    ) -> jax.Array:
         """The final-normed hidden states [B, T, D] the head reads (chunked losses start here)."""
         cfg = self.cfg
         scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else cfg.head_dim**-0.5
 
-        def attend(window):
+        def attend(window, *layer_prefix):
             def fn(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
                 return attention(
                     q_BxTxNxH,
@@ -135,29 +144,64 @@ class Transformer(nnx.Module):
                     softcap=cfg.attn_logit_softcap,
                     window=window,
                     implementation=cfg.attention,
+                    prefix=layer_prefix or None,
                 ), None
 
             return fn
 
+        if prefix is not None:  # the real tokens come after the W virtual ones
+            positions_BxT = positions_BxT + prefix["k"].shape[1]
         x_BxTxD, cos_BxTxH, sin_BxTxH = self._embed(tokens_BxT, positions_BxT)
-        x_BxTxD, _ = self._run_blocks(x_BxTxD, cos_BxTxH, sin_BxTxH, attend, None, blocks, key)
+        layer_prefix = None if prefix is None else (prefix["k"], prefix["v"])
+        x_BxTxD, _ = self._run_blocks(x_BxTxD, cos_BxTxH, sin_BxTxH, attend, layer_prefix, blocks, key)
         return self.final_norm(x_BxTxD)
 
-    def decode(self, tokens_BxT, positions_BxT, valid_BxT, cache, index):
+    def virtual_kv(self, x_WxD, blocks=None) -> dict:
+        """Each layer's keys/values [L, W, K, H] (rotated, as a KV cache holds them) of W input
+        vectors (as the first block reads them: Gemma's embedding scale is theirs to carry,
+        as Hugging Face PEFT's prompts do) run causally at positions 0..W-1."""
+        cfg = self.cfg
+        scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else cfg.head_dim**-0.5
+        n = x_WxD.shape[0]
+        segment_ids_1xW = jnp.ones((1, n), jnp.int32)
+
+        def attend(window):
+            def fn(q_1xWxNxH, k_1xWxKxH, v_1xWxKxH):
+                out = attention(
+                    q_1xWxNxH, k_1xWxKxH, v_1xWxKxH, segment_ids_1xW, scale=scale, softcap=cfg.attn_logit_softcap
+                )
+                return out, (k_1xWxKxH[0], v_1xWxKxH[0])
+
+            return fn
+
+        positions_1xW = jnp.arange(n, dtype=jnp.int32)[None]
+        # One row that every example shares: replicated over the batch's mesh axes, not split
+        # (a 1-row batch split over data x fsdp deadlocked XLA's CPU collectives with tensor > 1).
+        rules = tuple(r for r in linen.get_logical_axis_rules() if r[0] != "batch")
+        with linen.logical_axis_rules((("batch", None), *rules)):
+            x_1xWxD, cos_1xWxH, sin_1xWxH = self._embed_vectors(x_WxD[None], positions_1xW)
+            _, (k_LxWxKxH, v_LxWxKxH) = self._run_blocks(x_1xWxD, cos_1xWxH, sin_1xWxH, attend, None, blocks)
+        return {"k": k_LxWxKxH, "v": v_LxWxKxH}
+
+    def decode(self, tokens_BxT, positions_BxT, valid_BxT, cache, index, blocks=None, prefix=None):
         """Runs T new tokens per row against the cache, writing them at slots [index, index + T).
 
         A cached key is visible to a query when it is valid (position >= 0), no later than
         the query's position, and within the layer's window: rows of different prompt
-        lengths share one set of slots. Returns (logits_BxTxV, updated cache).
+        lengths share one set of slots. Returns (logits_BxTxV, updated cache). `blocks` and
+        `prefix` as in `__call__`: the prefix is seen by every query, not stored in the cache,
+        and `positions` are those of the real tokens (offset by W here, as in training).
         """
         cfg = self.cfg
+        if prefix is not None:
+            positions_BxT = positions_BxT + prefix["k"].shape[1]
         scale = cfg.query_pre_attn_scalar**-0.5 if cfg.query_pre_attn_scalar else cfg.head_dim**-0.5
         new_positions_BxT = jnp.where(valid_BxT, positions_BxT, -1).astype(jnp.int32)
         key_positions_BxS = jax.lax.dynamic_update_slice(cache["positions"], new_positions_BxT, (0, index))
         distance_BxTxS = positions_BxT[:, :, None] - key_positions_BxS[:, None, :]
         visible_BxTxS = (key_positions_BxS[:, None, :] >= 0) & (distance_BxTxS >= 0)
 
-        def attend(window, k_cache_BxSxKxH, v_cache_BxSxKxH):
+        def attend(window, k_cache_BxSxKxH, v_cache_BxSxKxH, *layer_prefix):
             def fn(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
                 k_all = jax.lax.dynamic_update_slice(
                     k_cache_BxSxKxH, k_BxTxKxH.astype(k_cache_BxSxKxH.dtype), (0, index, 0, 0)
@@ -170,9 +214,9 @@ class Transformer(nnx.Module):
                     mask_BxTxS = mask_BxTxS & ((window <= 0) | (distance_BxTxS < window))
                 out = masked_attention(
                     q_BxTxNxH,
-                    k_all.astype(q_BxTxNxH.dtype),
-                    v_all.astype(q_BxTxNxH.dtype),
-                    mask_BxTxS,
+                    *with_prefix(
+                        k_all.astype(q_BxTxNxH.dtype), v_all.astype(q_BxTxNxH.dtype), mask_BxTxS, layer_prefix or None
+                    ),
                     scale,
                     cfg.attn_logit_softcap,
                 )
@@ -181,7 +225,8 @@ class Transformer(nnx.Module):
             return fn
 
         x_BxTxD, cos_BxTxH, sin_BxTxH = self._embed(tokens_BxT, positions_BxT)
-        x_BxTxD, (k_L, v_L) = self._run_blocks(x_BxTxD, cos_BxTxH, sin_BxTxH, attend, (cache["k"], cache["v"]))
+        caches = (cache["k"], cache["v"]) + (() if prefix is None else (prefix["k"], prefix["v"]))
+        x_BxTxD, (k_L, v_L) = self._run_blocks(x_BxTxD, cos_BxTxH, sin_BxTxH, attend, caches, blocks)
         return self.logits(self.final_norm(x_BxTxD)), {"k": k_L, "v": v_L, "positions": key_positions_BxS}
 
     def _embed(self, tokens_BxT, positions_BxT):
@@ -191,6 +236,12 @@ class Transformer(nnx.Module):
         if variant(cfg.family).embed_scale:
             # Gemma: the multiplier is rounded to the compute dtype first, as in the reference.
             x_BxTxD = x_BxTxD * jnp.asarray(math.sqrt(cfg.d_model), dt)
+        return self._embed_vectors(x_BxTxD, positions_BxT)
+
+    def _embed_vectors(self, x_BxTxD, positions_BxT):
+        """Input vectors as the first block reads them, and their rotary tables."""
+        cfg = self.cfg
+        x_BxTxD = x_BxTxD.astype(jnp.dtype(cfg.dtype))
         cos_BxTxH, sin_BxTxH = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         return constrain(x_BxTxD, ACTIVATION_AXES), cos_BxTxH, sin_BxTxH
 
@@ -212,8 +263,8 @@ class Transformer(nnx.Module):
         """Scan (or loop) one block's pure function over the stacked params, segment by segment.
 
         `attend(window, *layer_caches)` builds the layer's attention; `caches` is a tuple
-        of [L, ...] arrays scanned along with the params (None for the training path, which
-        is the only one given `blocks`).
+        of [L, ...] arrays scanned along with the params (decode: the KV cache; training: a
+        prefix, or None).
         """
         graphdef, stacked_state = nnx.split(self.blocks)
         segments = blocks or [(stacked_state, None)]
@@ -223,15 +274,22 @@ class Transformer(nnx.Module):
 
         def body(x_BxTxD, xs):
             layer_state, window, layer_caches, layer_adapters, layer = xs
-            block = nnx.merge(graphdef, layer_state)
-            adapt = lora_branch.layer_hook(
-                layer_adapters, peft_cfg, None if key is None else jax.random.fold_in(key, layer)
-            )
+            block = nnx.merge(graphdef, quant.dequantize_layer(layer_state))  # QLoRA: this layer's kernels only
+            if peft_cfg.method == "adapter":
+                adapt = bottleneck.layer_hook(layer_adapters, peft_cfg)
+            else:
+                adapt = lora_branch.layer_hook(
+                    layer_adapters, peft_cfg, None if key is None else jax.random.fold_in(key, layer)
+                )
             return block(x_BxTxD, cos_BxTxH, sin_BxTxH, attend(window, *(layer_caches or ())), adapt)
 
         if self.cfg.remat != "none":
             # prevent_cse only matters outside scan; inside it just blocks XLA optimisations.
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
+        elif any(quant.quantized_stack(state) for state, _ in segments):
+            # QLoRA without remat: keep the matmul outputs; never the layers' dequantised kernels.
+            policy = _REMAT_POLICIES["dots_with_no_batch_dims_saveable"]
+            body = jax.checkpoint(body, policy=policy, prevent_cse=not self.cfg.scan_layers)
         start, outs = 0, []
         for segment_state, segment_adapters in segments:
             n = jax.tree.leaves(segment_state)[0].shape[0]
@@ -239,7 +297,7 @@ class Transformer(nnx.Module):
             xs = (
                 segment_state,
                 None if windows_L is None else windows_L[layers],
-                caches,
+                caches if len(segments) == 1 else jax.tree.map(lambda c: c[layers], caches),
                 segment_adapters,
                 jnp.arange(start, start + n, dtype=jnp.int32),
             )

@@ -58,11 +58,11 @@ class Throughput:
 class ProgressLine:
     """A rich progress bar (loss, tokens/s, ETA), or plain lines when disabled or not a terminal."""
 
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.bar = None
+    def __init__(self, total: int, start: int, enabled: bool, label: str = "train", unit: str = "step"):
+        self.bar, self.unit = None, unit
         if enabled and console.is_terminal:
             self.bar = Progress(
-                TextColumn("train", style="bold"),
+                TextColumn(label, style="bold"),
                 BarColumn(bar_width=20),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[status]}"),
@@ -71,7 +71,7 @@ class ProgressLine:
                 TimeRemainingColumn(),
                 console=console,
             )
-            self.task = self.bar.add_task("train", total=total, completed=start, status="")
+            self.task = self.bar.add_task(label, total=total, completed=start, status="")
             self.bar.start()
         self.status, self.held = "", ""
 
@@ -80,7 +80,7 @@ class ProgressLine:
         if self.bar is not None:
             self.bar.update(self.task, completed=step, status=self._status())
         else:
-            console.print(f"step {step}: {status}")
+            console.print(f"{self.unit} {step}: {status}")
 
     def held_out(self, record: dict) -> None:
         """An eval record: its loss and exact match stay on the bar, or get a plain line of their own."""
@@ -100,8 +100,9 @@ class ProgressLine:
 
 def format_status(record: dict) -> str:
     mfu = f"  MFU {record['mfu']:.1%}" if record.get("mfu") is not None else ""
+    drift = f"  drift {record['drift']:.3g}" if "drift" in record else ""
     return (
-        f"loss {record['loss']:.4f}  lr {record['learning_rate']:.2e}  "
+        f"loss {record['loss']:.4f}{drift}  lr {record['learning_rate']:.2e}  "
         f"gnorm {record['grad_norm']:.3f}  {record['tokens_per_second']:,.0f} tok/s{mfu}"
     )
 

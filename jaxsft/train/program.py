@@ -10,10 +10,11 @@ chunked loss, remat and all).
 Contract:
     program = build(cfg, vocab_size, mesh)
     program.compile() -> Compiled(train, eval): AOT-compiled against abstract inputs
-        train(state, batch, *frozen) -> (state, metrics), the state donated
+        train(state, batch, *frozen, *anchor) -> (state, metrics), the state donated
         eval(params, batch, *frozen) -> (loss sum, weight sum)
     program.jit_train(donate=...) -> the same train step as a `jax.jit` function
-    `frozen` is `(frozen params,)` for a PEFT run and `()` otherwise.
+    `frozen` is `(frozen params,)` for a PEFT run and `()` otherwise; `anchor` is
+    `(theta_0,)` (state.drift_anchor) when `optim.drift_penalty` > 0 and `()` otherwise.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Program:
     optimizer: optax.GradientTransformation
     plan: state_lib.StatePlan
     batch_sharding: NamedSharding
-    train_fn: Callable  # pure: (state, batch, frozen=None) -> (state, metrics)
+    train_fn: Callable  # pure: (state, batch, *frozen, *anchor) -> (state, metrics)
     eval_fn: Callable  # pure: (params, batch, frozen=None) -> (loss sum, weight sum)
 
     @contextlib.contextmanager
@@ -75,10 +76,21 @@ class Program:
     def frozen_abstract(self) -> tuple:
         return (self.plan.frozen_abstract,) if self.plan.peft else ()
 
+    @property
+    def anchor_abstract(self) -> tuple:
+        """`(theta_0's ShapeDtypeStructs,)` with a drift penalty: the trainable params' shapes and
+        shardings in `optim.drift_anchor_dtype`; `()` without."""
+        if not self.cfg.optim.drift_penalty:
+            return ()
+        dtype = jnp.dtype(self.cfg.optim.drift_anchor_dtype)
+        params = self.plan.abstract["params"]
+        return (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding), params),)
+
     def jit_train(self, *, donate: bool = True):
+        anchor_shardings = (self.plan.shardings["params"],) if self.anchor_abstract else ()
         return jax.jit(
             self.train_fn,
-            in_shardings=(self.plan.shardings, self.batch_sharding, *self._frozen_shardings),
+            in_shardings=(self.plan.shardings, self.batch_sharding, *self._frozen_shardings, *anchor_shardings),
             out_shardings=(self.plan.shardings, None),
             donate_argnums=0 if donate else (),
         )
@@ -98,7 +110,9 @@ class Program:
 
     def lower_train(self, rows: int | None = None, length: int | None = None):
         with self.context():
-            return self.jit_train().lower(self.plan.abstract, self.abstract_batch(rows, length), *self.frozen_abstract)
+            return self.jit_train().lower(
+                self.plan.abstract, self.abstract_batch(rows, length), *self.frozen_abstract, *self.anchor_abstract
+            )
 
     def compile_train(self, rows: int | None = None, length: int | None = None):
         return self.lower_train(rows, length).compile()
@@ -124,7 +138,7 @@ def build(cfg: Config, vocab_size: int, mesh: Mesh) -> Program:
     batch_sharding = sharding.batch_sharding(cfg.mesh.rules, mesh)
     # [M, B/M, T] micro-batches keep the rows' sharding on their second axis.
     micro_sharding = NamedSharding(mesh, P(None, *batch_sharding.spec))
-    train_fn = make_train_step(
+    train_step = make_train_step(
         graphdef=plan.graphdef,
         optimizer=optimizer,
         schedule=schedule(cfg.optim, t.steps),
@@ -133,7 +147,13 @@ def build(cfg: Config, vocab_size: int, mesh: Mesh) -> Program:
         peft_cfg=cfg.model.peft,
         seed=t.seed,
         loss_chunk=t.loss_chunk,
+        drift_penalty=cfg.optim.drift_penalty,
     )
+    peft_run, drift = plan.peft, bool(cfg.optim.drift_penalty)
+
+    def train_fn(state, batch, *extras):  # exactly the arguments the run has: *frozen, *anchor
+        return train_step(state, batch, extras[0] if peft_run else None, extras[-1] if drift else None)
+
     eval_fn = make_eval_step(graphdef=plan.graphdef, peft_cfg=cfg.model.peft, loss_chunk=t.loss_chunk)
     return Program(cfg, vocab_size, mesh, optimizer, plan, batch_sharding, train_fn, eval_fn)
 

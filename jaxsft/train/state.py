@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxsft.config import Config, ConfigError, LogicalRules, ModelConfig, PeftConfig
-from jaxsft.model import hf_peft, lora, peft, pretrained
+from jaxsft.model import hf_peft, lora, peft, pretrained, prompts, quant
 from jaxsft.model.transformer import Transformer, abstract_model
 from jaxsft.train import sharding
 from jaxsft.train.step import init_state
@@ -55,6 +55,7 @@ def _with_sharding(abstract, shardings):
 def plan(
     cfg: ModelConfig, vocab_size: int, optimizer: optax.GradientTransformation, rules: LogicalRules, mesh: Mesh
 ) -> StatePlan:
+    peft.check(cfg)  # a PEFT method this model cannot run: one line, before anything is traced
     graphdef, full_abstract, specs = _abstract_model(cfg, vocab_size)
     specs = jax.tree.map(
         lambda s: s if isinstance(s, P) else P(), specs, is_leaf=lambda s: isinstance(s, P) or s is None
@@ -112,24 +113,28 @@ def create(
 def base_params(cfg: ModelConfig, vocab_size: int, shardings, seed: int):
     """The whole model's params a run starts from, on `shardings`: `model.init_from`'s weights
     (Hugging Face or Orbax), else the seed's random init. A PEFT run's base; export rebuilds
-    the same base to merge adapters onto."""
+    the same base to merge adapters onto. QLoRA (`model.peft.quantize`): the base comes
+    quantised (model/quant.py) and `shardings` are laid out like it."""
     if cfg.init_from:
         return pretrained.load_pretrained(cfg, vocab_size, shardings)
-    return jax.jit(lambda: init_params(cfg, vocab_size, seed), out_shardings=shardings)()
+    return jax.jit(lambda: quant.quantize_base(init_params(cfg, vocab_size, seed), cfg.peft), out_shardings=shardings)()
 
 
 def create_base(cfg: ModelConfig, vocab_size: int, state_plan: StatePlan, seed: int):
-    """A run's base (`base_params`) on the whole model's shardings of `state_plan`."""
-    return base_params(cfg, vocab_size, state_plan.full_shardings, seed)
+    """A run's base (`base_params`) on the whole model's shardings of `state_plan` (QLoRA: the
+    frozen tree's, which is the quantised base)."""
+    quantized = cfg.peft.quantize != "none"
+    return base_params(cfg, vocab_size, state_plan.frozen_shardings if quantized else state_plan.full_shardings, seed)
 
 
-def split_base(cfg: ModelConfig, base, state_plan: StatePlan, seed: int):
+def split_base(cfg: ModelConfig, base, state_plan: StatePlan, seed: int, prompt_ids=()):
     """(fresh trainable params, frozen params) of a PEFT run from its base, each on its shardings.
 
-    LoRA/DoRA donate the base: the frozen tree is the base itself, in the same buffers."""
+    LoRA/DoRA donate the base: the frozen tree is the base itself, in the same buffers.
+    `prompt_ids`: prompt tuning's `prompt_init_text` as token ids."""
     key = jax.random.fold_in(jax.random.key(seed), 1)
     return jax.jit(
-        lambda p: peft.init(cfg.peft, p, key),
+        lambda p: peft.init(cfg.peft, p, key, tuple(prompt_ids), prompts.embed_scale(cfg)),
         donate_argnums=0 if cfg.peft.adapters else (),
         out_shardings=(state_plan.shardings["params"], state_plan.frozen_shardings),
     )(base)
@@ -151,7 +156,12 @@ def from_params(params, optimizer: optax.GradientTransformation, state_plan: Sta
 
 
 def initial_state(
-    cfg: Config, vocab_size: int, optimizer: optax.GradientTransformation, state_plan: StatePlan, restored=None
+    cfg: Config,
+    vocab_size: int,
+    optimizer: optax.GradientTransformation,
+    state_plan: StatePlan,
+    restored=None,
+    prompt_ids=(),
 ):
     """(train state, frozen argument tuple) a run starts from. The first source that exists wins:
 
@@ -162,7 +172,8 @@ def initial_state(
     4. `train.seed`: the seed's random init is the base.
 
     Full fine-tuning trains the whole base; a PEFT run trains `peft.init`'s part of it and
-    passes the rest as the frozen argument of every step (`()` without PEFT).
+    passes the rest as the frozen argument of every step (`()` without PEFT). `prompt_ids`:
+    `model.peft.prompt_init_text` as the run's tokenizer encodes it (prompt tuning, 4 only).
     """
     model, seed = cfg.model, cfg.train.seed
     if not state_plan.peft:
@@ -179,12 +190,16 @@ def initial_state(
     if model.peft.init_from:
         frozen = frozen_part(model, base, state_plan)
         return from_params(peft_adapters(model.peft, state_plan), optimizer, state_plan), (frozen,)
-    trainable, frozen = split_base(model, base, state_plan, seed)
+    if model.peft.prompt_init_text and not prompt_ids:
+        raise ConfigError("model.peft.prompt_init_text: the text encodes to no token ids")
+    trainable, frozen = split_base(model, base, state_plan, seed, prompt_ids)
     return from_params(trainable, optimizer, state_plan), (frozen,)
 
 
 def peft_adapters(pe: PeftConfig, state_plan: StatePlan):
     """The adapters of `model.peft.init_from` (a HF PEFT directory), placed on the adapters' shardings."""
+    if not peft.mergeable(pe):  # bottleneck adapters (our files), prefix / prompt tuning (HF PEFT)
+        return jax.device_put(peft.load(pe, pe.init_from, state_plan.frozen_abstract), state_plan.shardings["params"])
     peft_cfg, adapters = hf_peft.load_peft(pe.init_from, state_plan.frozen_abstract)
     if (peft_cfg.method, peft_cfg.rank, set(lora.target_paths(peft_cfg))) != (
         pe.method,
@@ -196,3 +211,37 @@ def peft_adapters(pe: PeftConfig, state_plan: StatePlan):
             f"{list(peft_cfg.targets)}; set model.peft.method, rank and targets to match"
         )
     return jax.device_put(adapters, state_plan.shardings["params"])
+
+
+def drift_anchor(cfg: Config, vocab_size: int, state_plan: StatePlan, start_params=None, prompt_ids=()) -> tuple:
+    """`(theta_0,)`, the drift penalty's anchor, or `()` when `optim.drift_penalty` is 0.
+
+    theta_0 is the trainable params a fresh run starts from (`initial_state` without a
+    checkpoint), stored in `optim.drift_anchor_dtype` on the params' shardings. A fresh run
+    passes its `start_params` (copied: the state is donated to the step); a resumed run
+    rebuilds them from the same sources in the same order (`model.peft.init_from`,
+    `model.init_from`, the seed; `prompt_ids` as for `initial_state`), which is why
+    checkpoints never hold the anchor.
+    """
+    if not cfg.optim.drift_penalty:
+        return ()
+    dtype = jax.numpy.dtype(cfg.optim.drift_anchor_dtype)
+    # jnp.array(copy=True) binds a copy: jit would otherwise forward an unchanged input as the output.
+    anchor_of = jax.jit(
+        lambda p: jax.tree.map(lambda x: jax.numpy.array(x, dtype=dtype, copy=True), p),
+        out_shardings=state_plan.shardings["params"],
+    )
+    if start_params is None:
+        start_params = _fresh_trainable(cfg, vocab_size, state_plan, prompt_ids)
+    return (anchor_of(start_params),)
+
+
+def _fresh_trainable(cfg: Config, vocab_size: int, state_plan: StatePlan, prompt_ids=()):
+    """The trainable params of `initial_state` with nothing restored (its steps 2-4), without an
+    optimizer state; the frozen part built on the way is dropped."""
+    model, seed = cfg.model, cfg.train.seed
+    if not state_plan.peft:
+        return base_params(model, vocab_size, state_plan.full_shardings, seed)
+    if model.peft.init_from:
+        return peft_adapters(model.peft, state_plan)
+    return split_base(model, create_base(model, vocab_size, state_plan, seed), state_plan, seed, prompt_ids)[0]

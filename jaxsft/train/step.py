@@ -8,6 +8,12 @@ stays a plain `jax.jit` function with explicit shardings.
 Gradient accumulation runs the micro-batches under `lax.scan` and sums *unnormalised*
 losses and gradients; the division by the step's total loss weight happens once, so
 K micro-batches give the same update as one batch of the same rows (invariant 5).
+
+The drift penalty (L2-SP, `optim.drift_penalty` = lambda) is added once per optimizer
+step, after that division: a step minimises CE_sum / W + lambda * ||theta - theta_0||^2
+over the trainable params, whatever the micro-batches, devices or trained tokens.
+theta_0 (`anchor`) is an argument, never differentiated; its gradient 2 (theta - theta_0)
+is written out in float32, and `drift` = ||theta - theta_0||^2 before the update is logged.
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ def loss_sums(
     at a time (loss.chunked_cross_entropy_sum): the [B, T, V] float32 logits never exist."""
     merged, blocks = peft.model_inputs(peft_cfg, params, frozen)
     model = nnx.merge(graphdef, merged)
-    hidden_BxTxD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"], blocks, key)
+    prefix = peft.prefix(peft_cfg, params, model)  # prefix / prompt tuning: per-layer keys/values first
+    hidden_BxTxD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"], blocks, key, prefix)
     if loss_chunk:
         return chunked_cross_entropy_sum(
             hidden_BxTxD,
@@ -59,6 +66,13 @@ def loss_sums(
             dtype=jnp.dtype(model.cfg.dtype),
         )
     return cross_entropy_sum(model.logits(hidden_BxTxD), batch["targets"], batch["loss_weights"])
+
+
+def drift_and_grad(params, anchor) -> tuple[jax.Array, Any]:
+    """(||params - anchor||^2, its gradient 2 (params - anchor)) in float32, over every leaf."""
+    diffs = jax.tree.map(lambda p, a: p.astype(jnp.float32) - a.astype(jnp.float32), params, anchor)
+    drift = sum((jnp.sum(jnp.square(d)) for d in jax.tree.leaves(diffs)), jnp.zeros((), jnp.float32))
+    return drift, jax.tree.map(lambda d: 2.0 * d, diffs)
 
 
 def split_micro_batches(batch: Batch, micro_batches: int, constrain: Callable) -> Batch:
@@ -85,12 +99,14 @@ def make_train_step(
     peft_cfg: PeftConfig = PeftConfig(),
     seed: int = 0,
     loss_chunk: int = 0,
+    drift_penalty: float = 0.0,
 ):
-    """`train_step(state, batch, frozen=None)`; with PEFT (peft.py) state["params"] are the trainable
+    """`train_step(state, batch, frozen=None, anchor=None)`; with PEFT (peft.py) state["params"] are the trainable
     part and `frozen` the rest: only the trainable part is differentiated and updated.
 
     Adapter dropout draws from a key that is a function of (seed, step, micro-batch), so a
-    resumed run drops exactly what the uninterrupted run would have."""
+    resumed run drops exactly what the uninterrupted run would have. `anchor` (the starting
+    trainable params) is given when `drift_penalty` > 0."""
     grad_fn = jax.value_and_grad(
         lambda p, frozen, b, key: loss_sums(graphdef, p, b, frozen, peft_cfg, key, loss_chunk), has_aux=True
     )
@@ -120,13 +136,22 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    def train_step(state, batch: Batch, frozen=None):
+    def train_step(state, batch: Batch, frozen=None, anchor=None):
         weight = jnp.sum(batch["loss_weights"].astype(jnp.float32))
         loss_sum, grads = accumulate(state["params"], frozen, batch, state["step"])
         # A step with no trained target (cannot come from the pipeline, which drops such
         # examples) changes nothing rather than dividing by zero.
         denominator = jnp.maximum(weight, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state["params"])
+        if anchor is None:
+            grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state["params"])
+        else:
+            drift, drift_grads = drift_and_grad(state["params"], anchor)
+            grads = jax.tree.map(
+                lambda g, d, p: (g / denominator + drift_penalty * d).astype(p.dtype),
+                grads,
+                drift_grads,
+                state["params"],
+            )
         loss, grad_norm = loss_sum / denominator, optax.global_norm(grads)
         # A non-finite loss or gradient skips the update: params and optimizer state stay as
         # they were, the step counter still advances (the data position and the schedule stay
@@ -145,6 +170,8 @@ def make_train_step(
             "tokens": jnp.sum(batch["segment_ids"] > 0),
             "skipped": (~finite).astype(jnp.float32),
         }
+        if anchor is not None:
+            metrics["drift"] = drift
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return train_step

@@ -130,6 +130,7 @@ def _train(cfg: Config, allow_config_change: bool = False) -> RunSummary:
         console.print(model_tokenizer.fallback_note(cfg))
     # Presets and `init_from` fix the shapes here; the run directory records the result.
     cfg = dataclasses.replace(cfg, model=pretrained.resolve_config(cfg.model))
+    peft.check(cfg.model)  # what this model's PEFT selection cannot train: one line, before any data
     config_changes = run_record.check(cfg, allow_config_change)  # a config other than the run's: refused
     data = build_data(cfg.data, seed=cfg.train.seed, cache_dir=cache_dir())
     for line in data.report.summary_lines():
@@ -166,7 +167,11 @@ def _train(cfg: Config, allow_config_change: bool = False) -> RunSummary:
             data_iterator.close()
             data_iterator = train_iterator(cfg.train.seed + start)
     # PEFT: the frozen params ride along as an argument of every step, never in the state.
-    train_state, frozen = state_lib.initial_state(cfg, vocab_size, program.optimizer, plan, train_state)
+    text = cfg.model.peft.prompt_init_text  # prompt tuning: its virtual tokens start as this text
+    prompt_ids = data.tokenizer.encode(text) if text else ()
+    train_state, frozen = state_lib.initial_state(cfg, vocab_size, program.optimizer, plan, train_state, prompt_ids)
+    # optim.drift_penalty: theta_0 rides along too (never checkpointed: a resumed run rebuilds it).
+    anchor = state_lib.drift_anchor(cfg, vocab_size, plan, None if start else train_state["params"], prompt_ids)
 
     compile_start = time.perf_counter()
     train_step, eval_step = program.compile()
@@ -194,7 +199,7 @@ def _train(cfg: Config, allow_config_change: bool = False) -> RunSummary:
             for step in range(start + 1, total + 1):
                 local_batch = next(data_iterator)
                 throughput.add(float(np.count_nonzero(local_batch["segment_ids"][fed])) * jax.process_count())
-                train_state, metrics = train_step(train_state, to_global(local_batch), *frozen)
+                train_state, metrics = train_step(train_state, to_global(local_batch), *frozen, *anchor)
                 skips.observe(step, metrics["skipped"])  # a non-finite step changed nothing; K in a row stop
                 if step % cfg.logging.log_every == 0 or step == total:
                     last = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -50,6 +50,15 @@ def test_trained_targets_decode_to_the_assistant_messages(tmp_path):
     assert segments > 48  # packing put several examples in each of the 48 rows
 
 
+def test_best_fit_packs_one_epoch_of_a_small_dataset_at_a_time(tmp_path):
+    """300 examples over 8 virtual shards: a window of 256 (the floor), not 4,096 examples (14 epochs)."""
+    data = build_data(CFG, seed=0, cache_dir=tmp_path)
+    examples = sum(len(p) for p in data.pools)
+    assert data.pack_window(8) == 256 and data.pack_window(1) == examples
+    big = dataclasses.replace(data, pools=[np.arange(100_000)])
+    assert big.pack_window(8) == 4096
+
+
 def test_untrained_messages_do_not_change_which_targets_train(tmp_path):
     """Rewriting system and user text changes inputs but never the trained targets' text."""
     data = build_data(dataclasses.replace(CFG, synthetic_train_examples=40), seed=0, cache_dir=tmp_path)

@@ -52,12 +52,16 @@ class Setup:
         self.program = program_lib.build(self.cfg, VOCAB, self.mesh)
         self.plan, self.batch_sharding = self.program.plan, self.program.batch_sharding
         self.state, _ = state_lib.initial_state(self.cfg, VOCAB, self.program.optimizer, self.plan)
+        # optim.drift_penalty > 0: theta_0 is the start (`()` otherwise, the step unchanged).
+        self.anchor = state_lib.drift_anchor(self.cfg, VOCAB, self.plan, self.state["params"])
         self.step = self.program.jit_train(donate=False)
 
     def run(self, batches):
         losses = []
         for batch in batches:
             with self.program.context():
-                self.state, metrics = self.step(self.state, sharding.global_batch(batch, self.batch_sharding))
+                self.state, metrics = self.step(
+                    self.state, sharding.global_batch(batch, self.batch_sharding), *self.anchor
+                )
             losses.append(float(metrics["loss"]))
         return losses
