@@ -136,6 +136,7 @@ def test_curriculum_resumes_under_another_process_count(tmp_path):
     _assert_resumes(build_data(cfg, seed=0, cache_dir=tmp_path / "cache"), 2, 1, stop=1, steps=5)
 
 
+@pytest.mark.slow  # tens of seconds (pre-flight compiles, trainer runs): `pytest -m slow`
 def test_worker_processes_resume_under_another_process_count(data):
     # Two workers each take every other sample of every shard the process owns.
     _assert_resumes(_with(data, worker_count=2), 2, 1, stop=2, steps=4)

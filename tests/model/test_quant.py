@@ -179,6 +179,7 @@ def _qlora_logits(cfg, vocab, frozen, tokens):
     return np.asarray(logits(frozen))
 
 
+@pytest.mark.slow  # tens of seconds (pre-flight compiles, trainer runs): `pytest -m slow`
 def test_the_scan_dequantises_each_layer_as_the_whole_base_would():
     """Logits and adapter gradients of the training path on a quantised base == the plain model
     on `dequantize_base` (a random 2-layer model, NF4 in blocks of 8, DoRA; no remat, where the

@@ -37,6 +37,7 @@ def test_bad_topology_names_get_one_line(name, message):
         aot.topology(name)
 
 
+@pytest.mark.slow  # tens of seconds (pre-flight compiles, trainer runs): `pytest -m slow`
 def test_fsdp_on_v5p_holds_a_quarter_of_the_state_per_chip():
     devices, chip, chips = aot.topology("v5p-8")
     assert (len(devices), chips, chip.hbm_bytes) == (4, 4, 95 * aot.GIB)
@@ -52,6 +53,7 @@ def test_fsdp_on_v5p_holds_a_quarter_of_the_state_per_chip():
     assert report.mfu_at_peak == 1.0
 
 
+@pytest.mark.slow  # tens of seconds (pre-flight compiles, trainer runs): `pytest -m slow`
 def test_sweep_prints_one_row_per_variant(capsys):
     args = [
         "compile",
@@ -84,6 +86,7 @@ def test_a_job_that_does_not_fit_says_so(capsys):
     assert err.startswith("jaxsft: error: does not fit:") and "exceeds available HBM" in err, err
 
 
+@pytest.mark.slow  # tens of seconds (pre-flight compiles, trainer runs): `pytest -m slow`
 def test_lora_pre_flight_counts_the_frozen_base_and_adapter_only_moments():
     """`jaxsft compile` with model.peft: the frozen base is an argument, moments cover the adapters only."""
     devices, chip, chips = aot.topology("v5p-8")

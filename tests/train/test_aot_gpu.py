@@ -37,6 +37,7 @@ def test_bad_gpu_names_get_one_line(name, hosts, message):
         aot.gpu_topology(name, hosts)
 
 
+@pytest.mark.slow  # tens of seconds (pre-flight compiles, trainer runs): `pytest -m slow`
 @pytest.mark.parametrize("hosts", [1, 2])
 def test_fsdp_over_h100_hosts_splits_the_state(hosts):
     devices, chip, gpus = aot.gpu_topology("h100x8", hosts)
@@ -52,6 +53,7 @@ def test_fsdp_over_h100_hosts_splits_the_state(hosts):
     assert report.model_flops == pytest.approx(6 * n * 16 * 256 + 12 * 2 * 4 * 64 * 256 * 16 * 256)
 
 
+@pytest.mark.slow  # tens of seconds (pre-flight compiles, trainer runs): `pytest -m slow`
 def test_cli_says_when_a_job_does_not_fit_on_the_gpus(capsys):
     big = [
         "model.vocab_size=32000",

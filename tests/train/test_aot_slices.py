@@ -31,6 +31,7 @@ def _slice_rows(mesh):
     return [sorted({d.slice_index for d in block.flat}) for block in mesh.devices]
 
 
+@pytest.mark.slow  # tens of seconds (pre-flight compiles, trainer runs): `pytest -m slow`
 def test_slices_go_on_data_unless_told(two_slices):
     devices, chip, chips = two_slices
     cfg = config_load.load(None, SMALL + ["mesh.data=1", "mesh.fsdp=4"])
@@ -41,6 +42,7 @@ def test_slices_go_on_data_unless_told(two_slices):
     assert report.params_bytes == param_count(cfg.model, 512) * 4 // 4 and report.fits
 
 
+@pytest.mark.slow  # tens of seconds (pre-flight compiles, trainer runs): `pytest -m slow`
 def test_fsdp_over_dcn_splits_state_over_both_slices(two_slices):
     devices, chip, chips = two_slices
     cfg = config_load.load(None, SMALL + ["mesh.data=1", "mesh.fsdp=4", "mesh.dcn_fsdp=2"])

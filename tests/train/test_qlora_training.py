@@ -75,6 +75,7 @@ def test_compiled_arguments_hold_adapters_moments_and_the_quantised_base():
     assert expected <= arguments <= expected + 64, (arguments, expected)
 
 
+@pytest.mark.slow  # tens of seconds (pre-flight compiles, trainer runs): `pytest -m slow`
 def test_sharded_qlora_equals_one_device(batches):
     int8 = dataclasses.replace(NF4, quantize="int8", double_quant=False)
     one = LoraSetup(peft_cfg=int8, devices=jax.devices()[:1])
