@@ -81,7 +81,10 @@ def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
     reference = _losses(one)
     np.testing.assert_allclose(_losses(two), reference[:STEPS], rtol=1e-5)
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        # Two processes reduce the gradients in another order than one; Adam turns a last-bit
+        # difference in a rarely trained embedding row's tiny gradient into ~2e-6 (measured 1.7e-6
+        # in 1 of 16,384 elements with the tests' unoptimised XLA code, conftest.py).
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-6),
         read_state(two, STEPS)["params"],
         read_state(one, STEPS)["params"],
     )
@@ -90,7 +93,7 @@ def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
     assert summary.start_step == STEPS
     np.testing.assert_allclose(_losses(two, after=STEPS), reference[STEPS:], rtol=1e-5)
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-6),  # as above
         read_state(two)["params"],
         read_state(one)["params"],
     )
