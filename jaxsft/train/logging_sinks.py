@@ -17,6 +17,7 @@ installed (it is not a dependency); a resumed run continues the same W&B run.
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from pathlib import Path
 
@@ -43,7 +44,14 @@ class _TensorBoard:
         from tensorboardX import SummaryWriter
 
         # purge_step: events at or after it, left by an earlier invocation, are hidden.
-        self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=start + 1 if start else None)
+        # tensorboardX names the file by the whole second only: two invocations in one
+        # second would share (and truncate) one file. The nanosecond suffix keeps each
+        # invocation's file apart and in the order the reader must replay them.
+        self.writer = SummaryWriter(
+            str(run_dir / TENSORBOARD_DIR),
+            purge_step=start + 1 if start else None,
+            filename_suffix=f".{time.time_ns():020d}",
+        )
 
     def write(self, record: dict) -> None:
         for key, value in scalars(record).items():
