@@ -8,13 +8,15 @@ Contract of a batch: a dict of numpy arrays, each `[rows, cfg.max_length]`:
 Padding has inputs = targets = tokenizer.pad_id and weight 0.
 
 `build_data` resolves the sources (reading.py), trains or loads the tokenizer, and runs
-`Encoder` over every record once, only to count: bad records, drops and truncations
+`Encoder` over every record once to count: bad records, drops and truncations
 land in per-source `DataReport`s, a dropped share above `data.max_dropped_fraction`
 raises `DataError` before anything trains, and the indices of the records that make
-examples are kept (no tokens are). The train graph samples those indices:
+examples are kept. When all train examples together have at most `ENCODED_CACHE_TOKENS`
+tokens, their tokens and weights are kept too (`Encoded`), and the stream reads them
+instead of encoding every record a second time. The train graph samples those indices:
 
-  per virtual shard v (shards.py): Mixture(seed)[v::V] -> read + parse -> Encoder -> to_iter_dataset
-      -> pack (best_fit: packing.py | first_fit, concat: Grain | none) -> batch(rows / V)
+  per virtual shard v (shards.py): Mixture(seed)[v::V] -> Encoded | (read + parse -> Encoder)
+      -> to_iter_dataset -> pack (best_fit: packing.py | first_fit, concat: Grain | none) -> batch(rows / V)
   -> Concat(the shards this process owns) -> thread prefetch | mp_prefetch -> Sharded (state per shard)
 
 and with `data.stages`, one Concat + prefetch per stage behind `mixture.Staged`. Reading and
@@ -54,6 +56,9 @@ SHARD_SEED = 1_000_003  # packer seed of virtual shard v: seed + stage + SHARD_S
 # Encoding is Python under the GIL: read threads would only contend with each other.
 READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 FEATURES = ("inputs", "targets", "loss_weights")
+# Train examples kept encoded by build_data when they total at most this many tokens
+# (8 bytes a token: 128 MiB; a Grain worker process gets its own copy).
+ENCODED_CACHE_TOKENS = 16 * 2**20
 
 
 class Encoder:
@@ -153,6 +158,37 @@ class Records(grain.MapDataset):
         return self.conversations[i % len(self)]
 
 
+class Encoded:
+    """(source, record index) from the mixture -> that record's features, as `Encoder` made
+    them in `build_data`'s counting pass: per source, every kept example's tokens
+    (inputs + the last target) and loss weights, concatenated, with offsets."""
+
+    def __init__(self, pools: Sequence[np.ndarray], examples: Sequence[Sequence[dict[str, np.ndarray]]]):
+        self.order = [np.argsort(p, kind="stable") for p in pools]  # per source: kept example k of record i
+        self.sorted = [np.asarray(p)[o] for p, o in zip(pools, self.order)]
+        self.tokens, self.weights, self.offsets = [], [], []
+        for features in examples:
+            lengths = np.fromiter((len(f["inputs"]) for f in features), np.int64, len(features))
+            self.offsets.append(np.concatenate([[0], np.cumsum(lengths + 1)]))
+            self.tokens.append(
+                np.concatenate([np.append(f["inputs"], f["targets"][-1:]) for f in features]).astype(np.int32)
+                if features
+                else np.zeros(0, np.int32)
+            )
+            self.weights.append(
+                np.concatenate([np.append(0, f["loss_weights"]) for f in features]).astype(np.float32)
+                if features
+                else np.zeros(0, np.float32)
+            )
+
+    def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
+        j, i = item
+        k = int(self.order[j][np.searchsorted(self.sorted[j], i)])
+        start, end = self.offsets[j][k], self.offsets[j][k + 1]
+        tokens, weights = self.tokens[j][start:end], self.weights[j][start:end]
+        return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_weights": weights[1:]}
+
+
 def is_example(element: dict[str, np.ndarray] | str) -> bool:
     return not isinstance(element, str)  # a string is a drop reason, already counted
 
@@ -244,6 +280,7 @@ class SFTData:
     report: DataReport  # all train sources together
     eval_report: DataReport
     source_reports: dict[str, DataReport]  # per train source
+    encoded: Encoded | None = None  # the train examples' features, when small enough to keep
 
     @property
     def train_records(self) -> list[Conversation]:
@@ -274,8 +311,11 @@ class SFTData:
         return out
 
     def _shard(self, ds: grain.MapDataset, rows: int, seed: int, window: int) -> grain.IterDataset:
-        encoder = Encoder(self.cfg, self.tokenizer)
-        it = ds.map(encoder).filter(is_example).to_iter_dataset(READ_OPTIONS)
+        if self.encoded is not None:
+            it = ds.map(self.encoded).to_iter_dataset(READ_OPTIONS)
+        else:
+            it = ds.map(Lookup(self.train)).map(Encoder(self.cfg, self.tokenizer)).filter(is_example)
+            it = it.to_iter_dataset(READ_OPTIONS)
         return pack_and_batch(
             it, self.cfg, rows, self.tokenizer.pad_id, seed=seed, shuffle_bins=True, drop_remainder=True, window=window
         )
@@ -303,10 +343,7 @@ class SFTData:
         stages = []
         for k, (start, probs) in enumerate(self.stage_probabilities()):
             mixture = Mixture(self.pools, probs, seed=seed * 1009 + k, shuffle=self.cfg.shuffle)
-            blocks = [
-                self._shard(mixture[v::count].map(Lookup(self.train)), per_shard, seed + k + SHARD_SEED * v, window)
-                for v in shards
-            ]
+            blocks = [self._shard(mixture[v::count], per_shard, seed + k + SHARD_SEED * v, window) for v in shards]
             stages.append((start, self._prefetch(Concat(blocks, shards))))
         stream = stages[0][1] if len(stages) == 1 else Staged([d for _, d in stages], [s for s, _ in stages])
         return Sharded(stream, shards, count)
@@ -369,9 +406,25 @@ def build_data(cfg: DataConfig, *, seed: int, cache_dir: Path) -> SFTData:
     encoder = Encoder(cfg, tokenizer)
     report, eval_report, source_reports = DataReport(), DataReport(), {}
     pools, lengths = [], []
+    examples: list[list[dict[str, np.ndarray]]] | None = []
+    budget = ENCODED_CACHE_TOKENS  # tokens the cache may still take
+
+    def encode(messages: Conversation):
+        nonlocal examples, budget
+        out = encoder.encode(messages)
+        if examples is not None and not isinstance(out, str):
+            budget -= len(out[0]["inputs"]) + 1
+            if budget < 0:  # too large to keep: the stream encodes instead
+                examples = None
+            else:
+                examples[-1].append(out[0])
+        return out
+
     for split in train:
         r = source_reports[split.name] = DataReport()
-        good, n = count_split(split, encoder.encode, r, cfg.on_bad_record)
+        if examples is not None:
+            examples.append([])
+        good, n = count_split(split, encode, r, cfg.on_bad_record)
         pools.append(good)
         lengths.append(n)
         report.add(r)
@@ -381,6 +434,7 @@ def build_data(cfg: DataConfig, *, seed: int, cache_dir: Path) -> SFTData:
         good, _ = count_split(split, encoder.encode, eval_report, cfg.on_bad_record)
         eval_pools.append(good)
     check_dropped(eval_report, cfg, "eval")
+    encoded = Encoded(pools, examples) if examples is not None else None
     return SFTData(
-        cfg, tokenizer, template, train, evals, pools, lengths, eval_pools, report, eval_report, source_reports
+        cfg, tokenizer, template, train, evals, pools, lengths, eval_pools, report, eval_report, source_reports, encoded
     )

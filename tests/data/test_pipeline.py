@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxsft.config import DataConfig
+from jaxsft.config import DataConfig, SourceConfig
+from jaxsft.data import pipeline
 from jaxsft.data.pipeline import DataError, SFTData, build_data
 
 ROWS, LENGTH = 8, 128
@@ -305,3 +306,24 @@ def test_concat_fills_every_row_with_the_example_stream(data):
             starts = np.flatnonzero(np.diff(np.concatenate([[0], b["segment_ids"][r]])))
             assert (b["positions"][r][starts] == 0).all()
             assert (np.diff(b["positions"][r]) == 1).sum() == LENGTH - len(starts)
+
+
+@pytest.mark.parametrize("packing", ["best_fit", "none"])
+def test_kept_encodings_give_the_batches_of_encoding_in_the_stream(tmp_path, cache, monkeypatch, packing):
+    # Two sources (one with bad lines, so pools skip record indices), weighted and shuffled.
+    lines = [_qa(f"Say {i}", str(i)) for i in range(30)]
+    sources = [
+        SourceConfig(name="a", path=_write_jsonl(tmp_path / "a.jsonl", lines[:12] + BAD_LINES[:2] + lines[12:])),
+        SourceConfig(
+            name="b", path=_write_jsonl(tmp_path / "b.jsonl", [_qa(f"Echo {w}", w) for w in "xyzuvw"]), weight=2
+        ),
+    ]
+    cfg = DataConfig(sources=tuple(sources), max_length=32, packing=packing, max_dropped_fraction=0.5)
+    kept = build_data(cfg, seed=0, cache_dir=cache)
+    monkeypatch.setattr(pipeline, "ENCODED_CACHE_TOKENS", 100)  # less than the data: encoded in the stream
+    streamed = build_data(cfg, seed=0, cache_dir=cache)
+    assert kept.encoded is not None and streamed.encoded is None
+    a, b = iter(kept.train_dataset(ROWS, seed=1)), iter(streamed.train_dataset(ROWS, seed=1))
+    assert _equal(_take(a, 12), _take(b, 12))  # several epochs of 42 examples
+    a.close()
+    b.close()
