@@ -23,7 +23,7 @@ def _dense(q, k, v, segment_ids, window=None):
     return masked_attention(q, k, v, mask, q.shape[-1] ** -0.5)
 
 
-@pytest.mark.parametrize("window", [None, 50])
+@pytest.mark.parametrize("window", [pytest.param(None, marks=pytest.mark.slow), 50])
 def test_blocks_equal_dense_values_and_gradients(window):
     b, t, n, kv, h = 2, 200, 4, 2, 8  # 4 blocks of 64, the last one short
     rng = np.random.default_rng(0)

@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from jaxsft.config import ModelConfig
 from jaxsft.model import hf, hf_config, paths
@@ -40,6 +41,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_import_peak_host_memory_is_about_one_tensor(tmp_path):
     mapping = hf.tensor_map(CFG)
     shapes = paths.flatten(abstract_params(CFG, VOCAB))

@@ -222,7 +222,7 @@ def tiny_llama(tmp_path_factory):
     return _tiny_hf_llama(tmp_path_factory.mktemp("llama") / "hf")
 
 
-@pytest.mark.parametrize("method, double", [("int8", False), ("nf4", True)])
+@pytest.mark.parametrize("method, double", [("int8", False), pytest.param("nf4", True, marks=pytest.mark.slow)])
 def test_streamed_import_quantises_exactly_what_the_plain_import_holds(tiny_llama, method, double):
     pe = PeftConfig(method="lora", quantize=method, double_quant=double)
     cfg, vocab, streamed = _quantized_import(tiny_llama, pe)

@@ -41,7 +41,10 @@ def _batch(rng):
 
 @pytest.mark.parametrize(
     "peft_cfg",
-    [PeftConfig(), pytest.param(PeftConfig(method="lora", targets=("q", "v")), marks=pytest.mark.slow)],
+    [
+        pytest.param(PeftConfig(), marks=pytest.mark.slow),
+        pytest.param(PeftConfig(method="lora", targets=("q", "v")), marks=pytest.mark.slow),
+    ],
     ids=["full", "lora"],
 )
 def test_chunked_step_equals_the_full_logits_step_with_far_less_temporary_memory(peft_cfg):

@@ -115,6 +115,7 @@ def _drift_run(setup: Setup, batches) -> tuple[list[float], list[float]]:
     return losses, drifts
 
 
+@pytest.mark.slow
 def test_lambda_zero_has_no_anchor_and_the_first_penalised_step_equals_the_plain_step(batches):
     """lambda = 0 builds today's program (no anchor argument at all); with lambda > 0 the anchor
     is the start, so the first step's penalty and its gradient are exactly zero."""
@@ -143,7 +144,9 @@ def test_bf16_anchor_is_stored_bf16_on_the_params_shardings():
 
 
 @pytest.mark.parametrize(
-    "mesh_cfg", [MeshConfig(data=1, fsdp=8), MeshConfig(data=2, fsdp=2, tensor=2)], ids=["fsdp8", "fsdp_tp_2x2x2"]
+    "mesh_cfg",
+    [MeshConfig(data=1, fsdp=8), pytest.param(MeshConfig(data=2, fsdp=2, tensor=2), marks=pytest.mark.slow)],
+    ids=["fsdp8", "fsdp_tp_2x2x2"],
 )
 def test_sharded_penalised_run_equals_one_device(batches, mesh_cfg):
     one, sharded = Setup(optim=DRIFT, **ONE_DEVICE), Setup(mesh_cfg, optim=DRIFT)

@@ -46,7 +46,11 @@ def test_selection_cuts_the_layer_stack_into_segments():
 
 @pytest.mark.parametrize(
     "cfg",
-    [BITFIT_TOP, PeftConfig(method="freeze", trainable=("norm",)), PeftConfig(method="freeze", top_layers=2)],
+    [
+        pytest.param(BITFIT_TOP, marks=pytest.mark.slow),
+        PeftConfig(method="freeze", trainable=("norm",)),
+        PeftConfig(method="freeze", top_layers=2),
+    ],
     ids=["bitfit+top1", "norms", "top2"],
 )
 def test_loss_and_gradients_equal_the_full_model_restricted_to_the_selection(cfg):

@@ -79,6 +79,7 @@ def test_bf16_moments_refuse_a_b2_they_cannot_follow():
         from_dict({"optim": {"moments_dtype": "float16"}})
 
 
+@pytest.mark.slow
 def test_preflight_reports_half_the_optimizer_bytes():
     pytest.importorskip("libtpu", reason="pip install -e '.[tpu]'")
     from jaxsft import config_load
