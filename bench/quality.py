@@ -27,7 +27,16 @@ import yaml
 from jaxsft.data import synthetic_tasks
 from jaxsft.eval import metrics
 
-RECIPES = ("sft-full", "sft-lora", "sft-replay", "sft-drift", "sft-no-reasoning", "sft-2-phrasings")
+RECIPES = (
+    "sft-full",
+    "sft-lora",
+    "sft-prompt",
+    "sft-adapter",
+    "sft-replay",
+    "sft-drift",
+    "sft-no-reasoning",
+    "sft-2-phrasings",
+)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "quality"
 THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.S)
 BEGIN, END = "<!-- quality-table:begin -->", "<!-- quality-table:end -->"

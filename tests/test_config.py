@@ -11,7 +11,7 @@ from jaxsft.cli import DEMO_CONFIG, main
 
 def test_demo_config_loads_and_round_trips(tmp_path):
     cfg = config_load.load(DEMO_CONFIG)
-    assert cfg.train.steps == 300 and cfg.model.d_model == 128
+    assert cfg.train.steps == 760 and cfg.model.d_model == 128 and cfg.model.family == "qwen3"
     config_load.save(cfg, tmp_path / "config.yaml")
     assert config_load.load(tmp_path / "config.yaml") == cfg
 

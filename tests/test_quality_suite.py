@@ -23,6 +23,16 @@ def test_every_recipe_parses_and_differs_from_full_in_one_way():
     assert set(configs) == {"base", *quality.RECIPES}
     full = configs["sft-full"]
     assert configs["sft-lora"].model.peft.method == "lora" and full.model.peft.method == "none"
+    assert configs["sft-prompt"].model.peft.method == "prompt_tuning"
+    assert configs["sft-adapter"].model.peft.method == "adapter"
+    for name in ("sft-lora", "sft-prompt", "sft-adapter"):  # only the method and its learning rate differ
+        c = configs[name]
+        assert (
+            dataclasses.replace(
+                c, model=dataclasses.replace(c.model, peft=full.model.peft), optim=full.optim, train=full.train
+            )
+            == full
+        ), name
     assert configs["sft-no-reasoning"].data.reasoning == "drop" and full.data.reasoning == "train"
     assert configs["sft-2-phrasings"].data.sources[0].phrasings == 2 and full.data.sources[0].phrasings == 0
     assert configs["sft-replay"].data.sources[1].weight > 0 == full.data.sources[1].weight

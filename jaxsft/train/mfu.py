@@ -10,6 +10,9 @@ dense bf16 figure of the named table for TPUs and GPUs (aot.CHIPS, aot.GPUS). An
 else (a CPU host, an unlisted GPU) gets a measured matmul in the model's compute dtype,
 taken once per machine and cached in JAXSFT_CACHE (`peak_flops.json`): a CPU's "peak" is
 what XLA reaches on a large matmul, so a CPU MFU near 100% means the step runs at that speed.
+A matmul timed while other jobs share the cores reads low; when a step then runs faster
+than the cached peak, the step's own FLOP/s become the peak (in memory and in the cache),
+so MFU never reads above 100% and the stale figure is replaced.
 All CPU devices of a process share its cores: the host's peak counts once per process.
 """
 
@@ -64,25 +67,45 @@ def measured_matmul_flops(dtype: str, device=None, repeats: int = 5) -> float:
     return 2 * _MATMUL**3 / best
 
 
+def _peak_key(device, dtype: str) -> str:
+    return (
+        f"{device.platform}|{device.device_kind}|{platform.processor() or platform.machine()}|{os.cpu_count()}|{dtype}"
+    )
+
+
+def _read(path: Path) -> dict:
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cached if isinstance(cached, dict) else {}
+
+
+def _write(path: Path, cached: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cached, indent=1))
+    tmp.replace(path)
+
+
 def peak_flops(device, dtype: str, cache: Path) -> tuple[float, str]:
     table = _table_peak(device)
     if table:
         return table, f"{device.device_kind} bf16 peak"
-    key = (
-        f"{device.platform}|{device.device_kind}|{platform.processor() or platform.machine()}|{os.cpu_count()}|{dtype}"
-    )
-    path = cache / "peak_flops.json"
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
+    key, path = _peak_key(device, dtype), cache / "peak_flops.json"
+    cached = _read(path)
     if not isinstance(cached.get(key), (int, float)):
         cached[key] = measured_matmul_flops(dtype, device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached, indent=1))
-        tmp.replace(path)
+        _write(path, cached)
     return float(cached[key]), f"measured {dtype} matmul"
+
+
+def raise_measured_peak(device, dtype: str, cache: Path, flops: float) -> None:
+    """Records `flops` as the cached peak when it is higher (see the module docstring)."""
+    key, path = _peak_key(device, dtype), cache / "peak_flops.json"
+    cached = _read(path)
+    if flops > cached.get(key, 0.0):
+        _write(path, {**cached, key: flops})
 
 
 class Utilization:
@@ -91,8 +114,15 @@ class Utilization:
         positions = cfg.train.global_batch_size * cfg.data.max_length
         self.flops_per_token = aot.model_flops(cfg, vocab_size)[0] / positions
         self.peak, self.source = peak_flops(devices[0], cfg.model.dtype, cache)
+        self.measured = self.source.startswith("measured")
+        self.device, self.dtype, self.cache = devices[0], cfg.model.dtype, cache
         # CPU devices of one process share its cores; accelerators each bring their own.
-        self.peak *= jax.process_count() if devices[0].platform == "cpu" else len(devices)
+        self.per_peak = jax.process_count() if devices[0].platform == "cpu" else len(devices)
+        self.peak *= self.per_peak
 
     def __call__(self, tokens_per_second: float) -> float:
-        return tokens_per_second * self.flops_per_token / self.peak
+        flops = tokens_per_second * self.flops_per_token
+        if self.measured and flops > self.peak:  # the cached matmul was timed on a busy machine
+            self.peak = flops
+            raise_measured_peak(self.device, self.dtype, self.cache, flops / self.per_peak)
+        return flops / self.peak

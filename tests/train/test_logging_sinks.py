@@ -5,6 +5,7 @@ import json
 import sys
 import types
 
+import jax
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -207,3 +208,8 @@ def test_mfu_is_model_flops_over_the_peak(monkeypatch, tmp_path):
     n = 2 * 100 * 32 + 4 * 32 * 32 + 3 * 32 * 64 + 3 * 32
     per_token = 6 * n + 12 * 1 * 2 * 16 * 8
     assert mfu.Utilization(cfg, 100, tmp_path)(1000.0) == pytest.approx(1000.0 * per_token / 1e9, rel=1e-6)
+    # A step faster than the cached matmul (timed on a busy machine) becomes the peak: 100%, cached.
+    fast = 1e9 / per_token * 3
+    assert mfu.Utilization(cfg, 100, tmp_path)(fast) == pytest.approx(1.0)
+    assert mfu.peak_flops(jax.devices()[0], "float32", tmp_path)[0] == pytest.approx(3e9)
+    assert mfu.Utilization(cfg, 100, tmp_path)(fast / 2) == pytest.approx(0.5)
