@@ -38,6 +38,7 @@ import grain
 import numpy as np
 
 from jaxsft.config import DataConfig
+from jaxsft.data.encoded import Encoded
 from jaxsft.data.formats import BadRecord, Conversation, DataError
 from jaxsft.data.mixture import Mixture, Staged, probabilities
 from jaxsft.data.packing import ConcatThenSplit, WindowBestFit
@@ -100,6 +101,22 @@ class Encoder:
                 return end, "whole turns"
         return limit, "inside a turn"
 
+    def prime(self, conversations: Sequence[Conversation]) -> None:
+        """Lets the tokenizer encode these conversations' texts in one batch call ahead of
+        `encode` (its library's threads: the counting pass's main cost); `prime([])` forgets."""
+        prime = getattr(self.tokenizer, "prime", None)
+        if prime is None:
+            return
+        texts = []
+        for messages in conversations:
+            try:
+                texts += self.template.encoded_texts(messages, self.tokenizer)
+            except BadRecord:
+                continue  # encode says why
+            except NotImplementedError:
+                return  # a template that renders conversations whole (data.template: hf)
+        prime(texts)
+
     def encode(self, messages: Conversation) -> tuple[dict[str, np.ndarray], str | None] | str:
         """(features, truncation reason or None), or the drop reason."""
         try:
@@ -156,37 +173,6 @@ class Records(grain.MapDataset):
         if isinstance(i, slice):
             return self.slice(i)
         return self.conversations[i % len(self)]
-
-
-class Encoded:
-    """(source, record index) from the mixture -> that record's features, as `Encoder` made
-    them in `build_data`'s counting pass: per source, every kept example's tokens
-    (inputs + the last target) and loss weights, concatenated, with offsets."""
-
-    def __init__(self, pools: Sequence[np.ndarray], examples: Sequence[Sequence[dict[str, np.ndarray]]]):
-        self.order = [np.argsort(p, kind="stable") for p in pools]  # per source: kept example k of record i
-        self.sorted = [np.asarray(p)[o] for p, o in zip(pools, self.order)]
-        self.tokens, self.weights, self.offsets = [], [], []
-        for features in examples:
-            lengths = np.fromiter((len(f["inputs"]) for f in features), np.int64, len(features))
-            self.offsets.append(np.concatenate([[0], np.cumsum(lengths + 1)]))
-            self.tokens.append(
-                np.concatenate([np.append(f["inputs"], f["targets"][-1:]) for f in features]).astype(np.int32)
-                if features
-                else np.zeros(0, np.int32)
-            )
-            self.weights.append(
-                np.concatenate([np.append(0, f["loss_weights"]) for f in features]).astype(np.float32)
-                if features
-                else np.zeros(0, np.float32)
-            )
-
-    def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
-        j, i = item
-        k = int(self.order[j][np.searchsorted(self.sorted[j], i)])
-        start, end = self.offsets[j][k], self.offsets[j][k + 1]
-        tokens, weights = self.tokens[j][start:end], self.weights[j][start:end]
-        return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_weights": weights[1:]}
 
 
 def is_example(element: dict[str, np.ndarray] | str) -> bool:
@@ -424,14 +410,14 @@ def build_data(cfg: DataConfig, *, seed: int, cache_dir: Path) -> SFTData:
         r = source_reports[split.name] = DataReport()
         if examples is not None:
             examples.append([])
-        good, n = count_split(split, encode, r, cfg.on_bad_record)
+        good, n = count_split(split, encode, r, cfg.on_bad_record, prime=encoder.prime)
         pools.append(good)
         lengths.append(n)
         report.add(r)
     check_dropped(report, cfg, "train")
     eval_pools = []
     for split in evals:
-        good, _ = count_split(split, encoder.encode, eval_report, cfg.on_bad_record)
+        good, _ = count_split(split, encoder.encode, eval_report, cfg.on_bad_record, prime=encoder.prime)
         eval_pools.append(good)
     check_dropped(eval_report, cfg, "eval")
     encoded = Encoded(pools, examples) if examples is not None else None

@@ -15,6 +15,7 @@ of the records that make examples come back: only those are ever sampled.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -221,41 +222,63 @@ def resolve_sources(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[list[S
     return train, evals
 
 
+PRIME_RECORDS = 512  # records whose texts the tokenizer encodes in one batch call
+
+
 def count_split(
-    split: Split, encode: Callable[[Conversation], Any] | None, report: DataReport, on_bad_record: str = "skip"
+    split: Split,
+    encode: Callable[[Conversation], Any] | None,
+    report: DataReport,
+    on_bad_record: str = "skip",
+    prime: Callable[[list[Conversation]], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Counts one split into `report`; returns the good record indices and their token counts.
 
-    `encode(messages)` returns a drop reason (str) or `(features, truncation reason or None)`.
+    `encode(messages)` returns a drop reason (str) or `(features, truncation reason or None)`;
+    `prime(conversations)`, if given, is called on each block of records before they are
+    encoded one by one (batch tokenization), and with `[]` at the end.
     """
     good, lengths = [], []
-    for i, item in split.read():
-        report.records += 1
-        where = split.source.where(i)
-        if isinstance(item, BadRecord):
-            report.bad_records[item.reason] = report.bad_records.get(item.reason, 0) + 1
-            bad = BadLine(where.file, where.line, item.reason, item.detail)
-        elif encode is None:  # counting bad records only
-            continue
-        else:
-            out = encode(item)
-            if not isinstance(out, str):
-                features, truncation = out
-                if truncation:
-                    report.truncations[truncation] = report.truncations.get(truncation, 0) + 1
-                n = len(features["inputs"])
-                report.examples += 1
-                report.tokens += n
-                report.trained_tokens += int(np.count_nonzero(features["loss_weights"]))
+    records = iter(split.read())
+    while block := list(itertools.islice(records, PRIME_RECORDS)):
+        if prime is not None and encode is not None:
+            prime([item for _, item in block if not isinstance(item, BadRecord)])
+        for i, item in block:
+            n = _count(split, i, item, encode, report, on_bad_record)
+            if n is not None:
                 good.append(i)
                 lengths.append(n)
-                continue
-            report.dropped[out] = report.dropped.get(out, 0) + 1
-            bad = f"{where}: {out}"
-        report.note(bad)
-        if on_bad_record == "raise":
-            raise DataError(f"data.on_bad_record=raise: {bad}")
+    if prime is not None:
+        prime([])
     return np.asarray(good, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+
+
+def _count(split: Split, i: int, item, encode, report: DataReport, on_bad_record: str) -> int | None:
+    """Counts one record into `report`; its token count when it makes an example."""
+    where = split.source.where(i)
+    report.records += 1
+    if isinstance(item, BadRecord):
+        report.bad_records[item.reason] = report.bad_records.get(item.reason, 0) + 1
+        bad = BadLine(where.file, where.line, item.reason, item.detail)
+    elif encode is None:  # counting bad records only
+        return None
+    else:
+        out = encode(item)
+        if not isinstance(out, str):
+            features, truncation = out
+            if truncation:
+                report.truncations[truncation] = report.truncations.get(truncation, 0) + 1
+            n = len(features["inputs"])
+            report.examples += 1
+            report.tokens += n
+            report.trained_tokens += int(np.count_nonzero(features["loss_weights"]))
+            return n
+        report.dropped[out] = report.dropped.get(out, 0) + 1
+        bad = f"{where}: {out}"
+    report.note(bad)
+    if on_bad_record == "raise":
+        raise DataError(f"data.on_bad_record=raise: {bad}")
+    return None
 
 
 def training_texts(splits: list[Split], template) -> Iterator[str]:

@@ -104,10 +104,18 @@ class Template:
     def piece(self, text: str, tokenizer: Tokenizer) -> int:
         return tokenizer.eos_id if text == EOS else tokenizer.piece_id(text)
 
+    @staticmethod
+    def _uncached(part: Part) -> bool:
+        return part.message >= 0 or len(part.text) > 64  # only short constant texts are cached
+
+    def encoded_texts(self, messages: Sequence[Message], tokenizer: Tokenizer) -> list[str]:
+        """The texts `render` passes to `tokenizer.encode` (for `tokenizer.prime`)."""
+        return [p.text for p in self.parts(messages, tokenizer) if not p.special and self._uncached(p)]
+
     def _encode(self, part: Part, tokenizer: Tokenizer) -> list[int]:
         if part.special:
             return [self.piece(part.text, tokenizer)]
-        if part.message >= 0 or len(part.text) > 64:  # only short constant texts are cached
+        if self._uncached(part):
             return tokenizer.encode(part.text)
         cache = self._cache.setdefault(tokenizer, {})
         if part.text not in cache:

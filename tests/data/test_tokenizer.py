@@ -104,3 +104,27 @@ def test_configured_tokenizer_is_loaded_or_named_when_missing(tmp_path, tokenize
     assert loaded.encode("sort these words") == tokenizer.encode("sort these words")
     with pytest.raises(DataError, match=r"^data\.tokenizer: SentencePiece model .*missing\.model does not exist$"):
         load_or_train(DataConfig(tokenizer=str(tmp_path / "missing.model")), lambda: [], tmp_path)
+
+
+PRIMED = ["Sort these words: pear apple", "héllo wörld 🙂", "", "  two  spaces ", "12345 + 678", "pear apple"]
+
+
+@pytest.mark.parametrize("library", ["sentencepiece", "hf"])
+def test_primed_batch_encoding_gives_the_ids_of_one_by_one(library, spm_all, hf_tokenizers):
+    tok = spm_all if library == "sentencepiece" else next(iter(hf_tokenizers.values()))
+    expected = [tok.encode(t) for t in PRIMED]
+    tok.prime(PRIMED + PRIMED[:2])  # repeats are fine
+    assert [tok.encode(t) for t in PRIMED] == expected
+    assert tok.encode("not primed") == tok.encode("not primed")
+    tok.prime([])
+    assert not tok._primed and [tok.encode(t) for t in PRIMED] == expected
+
+
+def test_a_tokenizer_that_pads_batches_is_not_primed(hf_tokenizers):
+    tok = next(iter(hf_tokenizers.values()))
+    tok._tok.enable_padding(length=64)
+    try:
+        tok.prime(PRIMED)
+        assert tok._primed == {}
+    finally:
+        tok._tok.no_padding()
