@@ -206,6 +206,7 @@ def test_negative_penalty_is_one_line():
         config_load.load(None, ["optim.drift_penalty=-1"])
 
 
+@pytest.mark.slow
 def test_compiled_step_takes_the_anchor_as_one_more_argument_in_its_dtype():
     """What `jaxsft train` and `jaxsft compile` run: the bf16 anchor adds 2 bytes per trained param."""
     plain = Setup(optim=dataclasses.replace(DRIFT, drift_penalty=0.0), **ONE_DEVICE)

@@ -16,6 +16,7 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("JAXSFT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+@pytest.mark.slow
 def test_compile_and_train_lower_the_same_program_with_micro_batches_and_peft(tmp_path, monkeypatch):
     lowered = []
     original = program_lib.Program.lower_train
