@@ -23,6 +23,10 @@ noise on a CPU host, each silenced at its source and only there:
   pending writes still call back into Orbax's closed event loop, and Python prints each
   "RuntimeError: Event loop is closed" through `sys.excepthook`: the hook drops exactly
   that error raised in asyncio's `call_soon_threadsafe`, and passes everything else on.
+  TensorStore's own threads print the same traceback without the hook (PyErr_Display);
+  `ClosedLoopStderr` drops exactly those blocks, and only from threads Python did not start.
+  Orbax's failed write tasks are also logged by asyncio at exit ("Task exception was never
+  retrieved"); a filter on the asyncio logger drops exactly those of Orbax's coroutines.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 
@@ -69,6 +74,18 @@ class _OrbaxNoise(logging.Filter):
 
 
 ORBAX_NOISE = _OrbaxNoise()  # one object: adding it twice is a no-op
+
+
+class _OrbaxOrphanTask(logging.Filter):
+    """asyncio's "Task exception was never retrieved" for an Orbax write task: the failed
+    checkpoint write that jaxsft already reported in one line (checkpoint.py, exit code 6)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and "orbax/checkpoint" in message)
+
+
+ORBAX_ORPHAN_TASK = _OrbaxOrphanTask()
 
 
 @contextlib.contextmanager
@@ -116,10 +133,66 @@ def _excepthook(kind, value, tb, _previous=sys.excepthook):
         _previous(kind, value, tb)
 
 
+class ClosedLoopStderr:
+    """sys.stderr, less the "Event loop is closed" tracebacks printed by threads Python did not
+    start (see the module docstring). Their writes are held line by line; a traceback block is
+    dropped when it raised in `call_soon_threadsafe` and ended in that error, else written
+    whole. Every other write passes straight through."""
+
+    CLOSED = "RuntimeError: Event loop is closed"
+
+    def __init__(self, stream):
+        self.stream = stream
+        self._held: dict[int, str] = {}  # per foreign thread: its text not yet written
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def write(self, text: str) -> int:
+        if not isinstance(threading.current_thread(), threading._DummyThread):
+            return self.stream.write(text)
+        with self._lock:
+            key = threading.get_ident()
+            held = self._held.get(key, "") + text
+            self._held[key] = self._release(held)
+        return len(text)
+
+    def _release(self, held: str) -> str:
+        """Writes what is decided; returns what must wait for more text."""
+        header = "Traceback (most recent call last):"
+        while held:
+            if held.startswith(header):
+                lines = held.split("\n")  # the last item is an unfinished line ("" after a newline)
+                end = next((i for i in range(1, len(lines) - 1) if lines[i] and not lines[i].startswith(" ")), None)
+                if end is None:
+                    return held  # the block's exception line has not come yet
+                block = "\n".join(lines[: end + 1]) + "\n"
+                if not (lines[end] == self.CLOSED and "in call_soon_threadsafe" in block):
+                    self.stream.write(block)
+                held = "\n".join(lines[end + 1 :])
+                continue
+            newline = held.find("\n")
+            if newline < 0:
+                if header.startswith(held):
+                    return held  # may still become a traceback's first line
+                self.stream.write(held)
+                return ""
+            self.stream.write(held[: newline + 1])
+            held = held[newline + 1 :]
+        return held
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def quiet_start(verb: str) -> None:
     logging.getLogger("absl").addFilter(ORBAX_NOISE)
+    logging.getLogger("asyncio").addFilter(ORBAX_ORPHAN_TASK)
     if sys.excepthook is not _excepthook:
         sys.excepthook = _excepthook
+    if not isinstance(sys.stderr, ClosedLoopStderr):
+        sys.stderr = ClosedLoopStderr(sys.stderr)
     if accelerator_present():
         return
     if verb != "compile" and "JAX_PLATFORMS" not in os.environ:

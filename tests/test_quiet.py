@@ -60,3 +60,45 @@ def test_orbax_read_only_notes_are_dropped_and_other_warnings_kept(caplog):
         absl.warning("Given directory is read only=/run/checkpoints")
         absl.warning("Something else about /run/checkpoints")
     assert [r.getMessage() for r in caplog.records] == ["Something else about /run/checkpoints"]
+
+
+CLOSED_LOOP = [  # as PyErr_Display writes it, piece by piece
+    "Traceback (most recent call last):\n",
+    '  File "/usr/lib/python3.11/asyncio/base_events.py", line 806, in call_soon_threadsafe\n',
+    "    self._check_closed()\n",
+    "RuntimeError",
+    ": ",
+    "Event loop is closed",
+    "\n",
+]
+OTHER_ERROR = ["Traceback (most recent call last):\n", '  File "a.py", line 1, in f\n', "ValueError: boom\n"]
+
+
+def test_closed_loop_tracebacks_of_foreign_threads_are_dropped_and_everything_else_kept():
+    import _thread
+    import io
+    import threading
+
+    out = io.StringIO()
+    stderr = quiet.ClosedLoopStderr(out)
+    done = threading.Event()
+
+    def foreign():  # a thread Python did not start, as TensorStore's are
+        for chunk in [*CLOSED_LOOP, "a plain line\n", *OTHER_ERROR, *CLOSED_LOOP, "a partial line"]:
+            stderr.write(chunk)
+        done.set()
+
+    _thread.start_new_thread(foreign, ())
+    assert done.wait(10)
+    stderr.write("".join(CLOSED_LOOP))  # Python's own threads always pass straight through
+    assert out.getvalue() == "a plain line\n" + "".join(OTHER_ERROR) + "a partial line" + "".join(CLOSED_LOOP)
+
+
+def test_only_orbax_tasks_never_retrieved_are_dropped_from_asyncio_logs():
+    def record(message):
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None, None)
+
+    orbax = "Task exception was never retrieved\nfuture: <Task coro=<f() defined at /x/orbax/checkpoint/_src/a.py:1>>"
+    other = "Task exception was never retrieved\nfuture: <Task coro=<f() defined at /x/mine.py:1>>"
+    assert not quiet.ORBAX_ORPHAN_TASK.filter(record(orbax))
+    assert quiet.ORBAX_ORPHAN_TASK.filter(record(other)) and quiet.ORBAX_ORPHAN_TASK.filter(record("other"))

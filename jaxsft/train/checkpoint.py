@@ -10,6 +10,7 @@ the current mesh.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -287,10 +288,16 @@ def _state_bytes(state) -> int:
     )
 
 
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+
+
 def _one_line(e: BaseException) -> str:
     """The error in one line; TensorStore's long write errors reduced to their OS error."""
     if found := re.search(r"([^:\]]+?) \[os_error_code='(\d+)'\]", str(e)):
         return f"[Errno {found.group(2)}] {found.group(1).strip()}"
+    for code in _DISK_ERRNOS:  # other TensorStore wordings (e.g. a directory it failed to create)
+        if os.strerror(code) in str(e):
+            return f"[Errno {code}] {os.strerror(code)}"
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     text = lines[0] if lines else type(e).__name__
     return text if len(text) <= 300 else text[:300] + "..."
