@@ -295,7 +295,7 @@ def _one_line(e: BaseException) -> str:
     """The error in one line; TensorStore's long write errors reduced to their OS error."""
     if found := re.search(r"([^:\]]+?) \[os_error_code='(\d+)'\]", str(e)):
         return f"[Errno {found.group(2)}] {found.group(1).strip()}"
-    for code in _DISK_ERRNOS:  # other TensorStore wordings (e.g. a directory it failed to create)
+    for code in _DISK_ERRNOS if not isinstance(e, OSError) else ():  # TensorStore's other wordings
         if os.strerror(code) in str(e):
             return f"[Errno {code}] {os.strerror(code)}"
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
