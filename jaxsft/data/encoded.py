@@ -25,16 +25,8 @@ class Encoded:
         for features in examples:
             lengths = np.fromiter((len(f["inputs"]) for f in features), np.int64, len(features))
             self.offsets.append(np.concatenate([[0], np.cumsum(lengths + 1)]))
-            self.tokens.append(
-                np.concatenate([np.append(f["inputs"], f["targets"][-1:]) for f in features]).astype(np.int32)
-                if features
-                else np.zeros(0, np.int32)
-            )
-            self.weights.append(
-                np.concatenate([np.append(0, f["loss_weights"]) for f in features]).astype(np.float32)
-                if features
-                else np.zeros(0, np.float32)
-            )
+            self.tokens.append(_joined([np.append(f["inputs"], f["targets"][-1:]) for f in features], np.int32))
+            self.weights.append(_joined([np.append(0, f["loss_weights"]) for f in features], np.float32))
 
     def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
         j, i = item
@@ -42,3 +34,7 @@ class Encoded:
         start, end = self.offsets[j][k], self.offsets[j][k + 1]
         tokens, weights = self.tokens[j][start:end], self.weights[j][start:end]
         return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_weights": weights[1:]}
+
+
+def _joined(arrays: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)

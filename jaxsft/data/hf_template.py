@@ -192,6 +192,12 @@ class HFTemplate(Template):
             return bos + [Part(messages[0].content, message=0, kind="body"), Part(EOS, True, 0, "eot")]
         raise NotImplementedError("HFTemplate.render renders conversations whole")
 
+    def encoded_texts(self, messages: Sequence[Message], tokenizer: Tokenizer) -> list[str]:
+        """A conversation is rendered whole and tokenized with offsets, never by `tokenizer.encode`."""
+        if len(messages) == 1 and messages[0].role == "text":
+            return super().encoded_texts(messages, tokenizer)
+        return []
+
     def _layout(self, messages: Sequence[Message]):
         tools = self._tools(messages)
         real = self.render_text(self.message_dicts(messages), tools=tools)

@@ -113,8 +113,6 @@ class Encoder:
                 texts += self.template.encoded_texts(messages, self.tokenizer)
             except BadRecord:
                 continue  # encode says why
-            except NotImplementedError:
-                return  # a template that renders conversations whole (data.template: hf)
         prime(texts)
 
     def encode(self, messages: Conversation) -> tuple[dict[str, np.ndarray], str | None] | str:

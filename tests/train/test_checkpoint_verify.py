@@ -134,3 +134,20 @@ def test_failed_write_stops_in_one_line_and_keeps_the_good_checkpoint(tmp_path, 
     monkeypatch.undo()
     step, _, _ = _restore(run, iterator)
     assert step == 2  # 3 was never verified: set aside
+
+
+def test_write_errors_reduce_to_their_os_error_in_one_line():
+    from jaxsft.train.checkpoint import _one_line
+
+    coded = ValueError(
+        "RESOURCE_EXHAUSTED: Error writing x: Failed to write: No space left on device [os_error_code='28']"
+    )
+    assert _one_line(coded) == "[Errno 28] No space left on device"
+    # TensorStore's wording for a directory it could not create carries no os_error_code.
+    uncoded = ValueError(
+        'RESOURCE_EXHAUSTED: Error opening "zarr" driver: Failed to create directory: "d" [No space left on device]'
+    )
+    assert _one_line(uncoded) == "[Errno 28] No space left on device"
+    read_only = OSError(errno.EROFS, "Read-only file system", "/ckpt")  # an OSError keeps its path
+    assert _one_line(read_only) == "[Errno 30] Read-only file system: '/ckpt'"
+    assert _one_line(RuntimeError("first line\nsecond")) == "first line"
