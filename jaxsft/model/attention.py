@@ -28,6 +28,8 @@ Contract:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -45,23 +47,83 @@ def packed_causal_mask(segment_ids_BxT: jax.Array) -> jax.Array:
     return causal_TxS[None] & same_segment_BxTxS
 
 
+def _grouped(q_BxTxNxH, kv_heads: int):
+    """[B, T, N, H] -> [B, K, G, T, H]: query heads under their kv head, heads before tokens."""
+    b, t, n, h = q_BxTxNxH.shape
+    return q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
+
+
+def _ungrouped(out_BxKxGxTxH):
+    b, k, g, t, h = out_BxKxGxTxH.shape
+    return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, h)
+
+
+def _attend_forward(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale: float, softcap: float):
+    """(out, residuals). The G query heads of a kv head and their T tokens are one axis X = G*T, so
+    every product is one batched matmul over (B, K) with its operands in the layout it reads."""
+    b, kv_heads, g, t, h = q_BxKxGxTxH.shape
+    s = k_BxKxSxH.shape[2]
+    q_BxKxXxH = q_BxKxGxTxH.reshape(b, kv_heads, g * t, h)
+    logits_BxKxXxS = jnp.einsum("bkxh,bksh->bkxs", q_BxKxXxH, k_BxKxSxH, preferred_element_type=jnp.float32)
+    logits_BxKxXxS = logits_BxKxXxS.astype(jnp.float32) * scale
+    chain_BxKxXxS = None
+    if softcap:
+        tanh_BxKxXxS = jnp.tanh(logits_BxKxXxS / softcap)
+        logits_BxKxXxS = softcap * tanh_BxKxXxS
+        chain_BxKxXxS = 1.0 - jnp.square(tanh_BxKxXxS)  # d cap*tanh(x/cap) / dx
+    mask_Bx1xXxS = jnp.broadcast_to(mask_BxTxS[:, None], (b, g, t, s)).reshape(b, 1, g * t, s)
+    logits_BxKxXxS = jnp.where(mask_Bx1xXxS, logits_BxKxXxS, _MASKED_LOGIT)
+    probs_BxKxXxS = jax.nn.softmax(logits_BxKxXxS, axis=-1)
+    out_BxKxXxH = jnp.einsum("bkxs,bksh->bkxh", probs_BxKxXxS.astype(v_BxKxSxH.dtype), v_BxKxSxH)
+    residuals = (q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, probs_BxKxXxS, out_BxKxXxH, chain_BxKxXxS)
+    return out_BxKxXxH.reshape(b, kv_heads, g, t, h), residuals
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attend(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale: float, softcap: float):
+    """softmax(mask(softcap(q k^T * scale))) v, logits and softmax in float32; the gradient is
+    written out (below) rather than left to autodiff."""
+    return _attend_forward(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap)[0]
+
+
+def _attend_bwd(scale, softcap, residuals, d_out_BxKxGxTxH):
+    """The softmax gradient from the output (delta = rowsum(dO * O), as flash attention does),
+    and the key and value gradients as (q^T dS)^T and (dO^T P)^T: each matmul reads the
+    [X, S] tensors in their own layout; only the narrow [X, H] operands are transposed.
+    Autodiff left XLA's CPU backend to transpose the [X, S] tensors (bench/NOTES.md)."""
+    q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, probs_BxKxXxS, out_BxKxXxH, chain_BxKxXxS = residuals
+    d_out_BxKxXxH = d_out_BxKxGxTxH.reshape(out_BxKxXxH.shape)
+    d_probs_BxKxXxS = jnp.einsum("bkxh,bksh->bkxs", d_out_BxKxXxH, v_BxKxSxH, preferred_element_type=jnp.float32)
+    delta_BxKxXx1 = jnp.sum(d_out_BxKxXxH.astype(jnp.float32) * out_BxKxXxH.astype(jnp.float32), axis=-1, keepdims=True)
+    d_logits_BxKxXxS = probs_BxKxXxS * (d_probs_BxKxXxS.astype(jnp.float32) - delta_BxKxXx1)
+    if chain_BxKxXxS is not None:
+        d_logits_BxKxXxS = d_logits_BxKxXxS * chain_BxKxXxS
+    d_logits_BxKxXxS = (d_logits_BxKxXxS * scale).astype(q_BxKxXxH.dtype)
+    d_q_BxKxXxH = jnp.einsum("bkxs,bksh->bkxh", d_logits_BxKxXxS, k_BxKxSxH)
+    q_BxKxHxX = jax.lax.optimization_barrier(q_BxKxXxH.swapaxes(2, 3))
+    d_k_BxKxHxS = jnp.einsum("bkhx,bkxs->bkhs", q_BxKxHxX, d_logits_BxKxXxS)
+    d_out_BxKxHxX = jax.lax.optimization_barrier(d_out_BxKxXxH.swapaxes(2, 3))
+    d_v_BxKxHxS = jnp.einsum("bkhx,bkxs->bkhs", d_out_BxKxHxX, probs_BxKxXxS.astype(v_BxKxSxH.dtype))
+    return (
+        d_q_BxKxXxH.reshape(d_out_BxKxGxTxH.shape).astype(q_BxKxXxH.dtype),
+        d_k_BxKxHxS.swapaxes(2, 3).astype(k_BxKxSxH.dtype),
+        d_v_BxKxHxS.swapaxes(2, 3).astype(v_BxKxSxH.dtype),
+        None,
+    )
+
+
+_attend.defvjp(lambda *args: _attend_forward(*args), _attend_bwd)
+
+
 def masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale: float, softcap: float = 0.0):
-    """Grouped einsum under an explicit mask; logits and softmax in float32 whatever the dtype.
+    """Grouped attention under an explicit mask; logits and softmax in float32 whatever the dtype.
 
     `softcap` > 0 squashes the logits as cap * tanh(logits / cap) (Gemma 2) before masking.
     """
-    b, t, n, h = q_BxTxNxH.shape
     kv_heads = k_BxSxKxH.shape[2]
-    # Group query heads under their kv head instead of repeating k/v: no K->N copy.
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
-    logits_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32)
-    logits_BxKxGxTxS = logits_BxKxGxTxS * scale
-    if softcap:
-        logits_BxKxGxTxS = softcap * jnp.tanh(logits_BxKxGxTxS / softcap)
-    logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, _MASKED_LOGIT)
-    probs_BxKxGxTxS = jax.nn.softmax(logits_BxKxGxTxS, axis=-1)
-    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS.astype(v_BxSxKxH.dtype), v_BxSxKxH)
-    return out_BxTxKxGxH.reshape(b, t, n, h)
+    k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.swapaxes(1, 2), v_BxSxKxH.swapaxes(1, 2)
+    out_BxKxGxTxH = _attend(_grouped(q_BxTxNxH, kv_heads), k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap)
+    return _ungrouped(out_BxKxGxTxH)
 
 
 def window_mask(length: int, window) -> jax.Array:
@@ -104,21 +166,28 @@ def with_prefix(k_BxSxKxH, v_BxSxKxH, mask_BxTxS, prefix):
 def _xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale, softcap, window, prefix=None):
     """Queries in blocks, each against the keys up to its own last row only: the blocks above
     the causal diagonal, fully masked, are never computed (with 8 blocks, 9/16 of the dense
-    work, forward and backward). Within a block the mask does the rest, exactly as dense."""
+    work, forward and backward). Within a block the mask does the rest, exactly as dense.
+    q, k and v are put heads-first once for all blocks."""
     length = segment_ids_BxT.shape[1]
     mask_BxTxS = packed_causal_mask(segment_ids_BxT)
     if window is not None:
         mask_BxTxS = mask_BxTxS & window_mask(length, window)[None]
+    width = 0 if prefix is None else prefix[0].shape[0]
+    k_BxSxKxH, v_BxSxKxH, mask_BxTxS = with_prefix(k_BxSxKxH, v_BxSxKxH, mask_BxTxS, prefix)
+    q_BxKxGxTxH = _grouped(q_BxTxNxH, k_BxSxKxH.shape[2])
+    k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.swapaxes(1, 2), v_BxSxKxH.swapaxes(1, 2)
     outs = [
-        masked_attention(
-            q_BxTxNxH[:, start:end],
-            *with_prefix(k_BxSxKxH[:, :end], v_BxSxKxH[:, :end], mask_BxTxS[:, start:end, :end], prefix),
+        _attend(
+            q_BxKxGxTxH[:, :, :, start:end],
+            k_BxKxSxH[:, :, : width + end],
+            v_BxKxSxH[:, :, : width + end],
+            mask_BxTxS[:, start:end, : width + end],
             scale,
             softcap,
         )
         for start, end in query_blocks(length)
     ]
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    return _ungrouped(outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3))
 
 
 IMPLEMENTATIONS = {

@@ -28,6 +28,7 @@ from flax import linen as nn
 from flax import nnx
 
 from jaxsft.config import ModelConfig, RopeScaling
+from jaxsft.model.dense import dense
 from jaxsft.model.families import variant
 
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -91,18 +92,34 @@ def rope_tables(
     return jnp.cos(angles_BxTxH), jnp.sin(angles_BxTxH)
 
 
-def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
-    """Llama/HF `rotate_half`: pairs are (i, i + H/2), not interleaved (i, i + 1)."""
-    x32_BxTxNxH = x_BxTxNxH.astype(jnp.float32)
-    first, second = jnp.split(x32_BxTxNxH, 2, axis=-1)
-    rotated_BxTxNxH = jnp.concatenate([-second, first], axis=-1)
-    out = x32_BxTxNxH * cos_BxTxH[:, :, None] + rotated_BxTxNxH * sin_BxTxH[:, :, None]
+def _rotate(x_BxTxNxH, cos_BxTxH, sin_BxTxH):
+    """x * cos + rotate_half(x) * sin on halves, float32 inside, x's dtype out."""
+    half = x_BxTxNxH.shape[-1] // 2
+    first, second = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+    cos_BxTx1xA, sin_BxTx1xA = cos_BxTxH[:, :, None, :half], sin_BxTxH[:, :, None, :half]
+    out = jnp.concatenate([first * cos_BxTx1xA - second * sin_BxTx1xA, second * cos_BxTx1xA + first * sin_BxTx1xA], -1)
     return out.astype(x_BxTxNxH.dtype)
 
 
-def _linear(spec: str, x, w, dtype, adapt, path: str):
-    """x @ w in the compute dtype, then the adapter hook (if any) for the kernel at `path`."""
-    y = jnp.einsum(spec, x, w.astype(dtype))
+@jax.custom_vjp
+def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array) -> jax.Array:
+    """Llama/HF `rotate_half`: pairs are (i, i + H/2), not interleaved (i, i + 1).
+
+    A rotation, so its gradient is the rotation back (sin negated): one fused pass, where
+    autodiff of the concatenate took pads and a second concatenate (bench/NOTES.md)."""
+    return _rotate(x_BxTxNxH, cos_BxTxH, sin_BxTxH)
+
+
+apply_rope.defvjp(
+    lambda x, cos, sin: (_rotate(x, cos, sin), (cos, sin)),
+    lambda residuals, d_out: (_rotate(d_out, residuals[0], -residuals[1]), None, None),
+)
+
+
+def _linear(x, w, n_in: int, dtype, adapt, path: str):
+    """x's last `n_in` axes times w's first `n_in` (model/dense.py) in the compute dtype, then
+    the adapter hook (if any) for the kernel at `path`."""
+    y = dense(x, w.astype(dtype), n_in)
     return adapt(path, x, w, y) if adapt else y
 
 
@@ -131,10 +148,7 @@ class Attention(nnx.Module):
 
     def _project(self, x_BxTxD, name: str, adapt):
         dt = self.dtype
-        w_DxNxH = getattr(self, f"{name}_proj")[...]
-        y_BxTxNxH = jnp.einsum("btd,dnh->btnh", x_BxTxD, w_DxNxH.astype(dt))
-        if adapt:
-            y_BxTxNxH = adapt(f"attn/{name}_proj", x_BxTxD, w_DxNxH, y_BxTxNxH)
+        y_BxTxNxH = _linear(x_BxTxD, getattr(self, f"{name}_proj")[...], 1, dt, adapt, f"attn/{name}_proj")
         if self.qkv_bias:
             y_BxTxNxH = y_BxTxNxH + getattr(self, f"{name}_bias")[...].astype(dt)
         if self.qk_norm and name in ("q", "k"):
@@ -148,7 +162,7 @@ class Attention(nnx.Module):
         k_BxTxKxH = constrain(k_BxTxKxH, ("batch", "length", "kv_heads", "head_dim"))
         v_BxTxKxH = constrain(self._project(x_BxTxD, "v", adapt), ("batch", "length", "kv_heads", "head_dim"))
         out_BxTxNxH, aux = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)
-        return _linear("btnh,nhd->btd", out_BxTxNxH, self.o_proj[...], self.dtype, adapt, "attn/o_proj"), aux
+        return _linear(out_BxTxNxH, self.o_proj[...], 2, self.dtype, adapt, "attn/o_proj"), aux
 
 
 class MLP(nnx.Module):
@@ -166,10 +180,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxTxD, adapt=None):
         dt = self.dtype
-        gate_BxTxF = _linear("btd,df->btf", x_BxTxD, self.gate_proj[...], dt, adapt, "mlp/gate_proj")
-        up_BxTxF = _linear("btd,df->btf", x_BxTxD, self.up_proj[...], dt, adapt, "mlp/up_proj")
+        gate_BxTxF = _linear(x_BxTxD, self.gate_proj[...], 1, dt, adapt, "mlp/gate_proj")
+        up_BxTxF = _linear(x_BxTxD, self.up_proj[...], 1, dt, adapt, "mlp/up_proj")
         hidden_BxTxF = constrain(_ACTIVATIONS[self.activation](gate_BxTxF) * up_BxTxF, ("batch", "length", "mlp"))
-        return _linear("btf,fd->btd", hidden_BxTxF, self.down_proj[...], dt, adapt, "mlp/down_proj")
+        return _linear(hidden_BxTxF, self.down_proj[...], 1, dt, adapt, "mlp/down_proj")
 
 
 class Block(nnx.Module):

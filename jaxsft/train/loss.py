@@ -87,7 +87,10 @@ def _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk: int, softca
             logits_ExV, log_z_E, targets_E, jnp.where(weights_E > 0, weights_E, 0.0), chain_ExV
         ).astype(dtype)
         d_hidden_ExD = jnp.dot(d_logits_ExV, head_DxV.T, preferred_element_type=jnp.float32)
-        d_head_DxV = d_head_DxV + jnp.dot(hidden_ExD.T, d_logits_ExV, preferred_element_type=jnp.float32)
+        # hidden^T materialised first: XLA's CPU dot otherwise copies the wide d_logits instead
+        # (model/dense.py says why); 2x on this matmul.
+        hidden_DxE = jax.lax.optimization_barrier(hidden_ExD.T)
+        d_head_DxV = d_head_DxV + jnp.dot(hidden_DxE, d_logits_ExV, preferred_element_type=jnp.float32)
         return (total, d_head_DxV), (nll_E, d_hidden_ExD)
 
     d_head = jnp.zeros(head_DxV.shape, jnp.float32) if grads else jnp.zeros((), jnp.float32)

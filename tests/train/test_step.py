@@ -29,7 +29,9 @@ def _close(a, b, tol):
 def test_micro_batches_equal_one_batch(batches):
     whole, split = Setup(**ONE_DEVICE), Setup(micro_batches=4, **ONE_DEVICE)
     np.testing.assert_allclose(whole.run(batches), split.run(batches), rtol=1e-5)
-    _close(whole.state["params"], split.state["params"], 1e-5)
+    # 2e-5: the two sum their gradients in different orders, and Adam at lr 1e-2 turns a
+    # last-bit difference of a near-zero gradient into ~1e-5 of a parameter (max seen 1.0e-5).
+    _close(whole.state["params"], split.state["params"], 2e-5)
 
 
 def test_loss_is_normalised_over_the_whole_step():
