@@ -252,8 +252,9 @@ class TrainConfig:
     steps: int = 300
     global_batch_size: int = 16  # packed rows per optimizer step, over all devices
     micro_batches: int = 1  # gradient accumulation: rows are split into this many
-    # > 0: cross-entropy over chunks of this many tokens, never the full [B, T, V] logits
-    loss_chunk: int = 0
+    # > 0: cross-entropy over chunks of this many tokens, never the full [B, T, V] logits,
+    # its gradient in the same pass (train/loss.py); 0: from the full logits
+    loss_chunk: int = 1024
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 4

@@ -28,21 +28,25 @@ def _flat(x, w, n_in: int):
     return x.reshape(-1, features_in), w.reshape(features_in, -1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def dense(x, w, n_in: int = 1):
-    """einsum of x's last `n_in` axes with w's first `n_in` axes; result [x's leading, w's trailing]."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense(x, w, n_in: int = 1, out_dtype=None):
+    """einsum of x's last `n_in` axes with w's first `n_in` axes; result [x's leading, w's trailing].
+
+    `out_dtype` (e.g. float32 logits from bfloat16 operands) is the matmul's accumulation and
+    output type; None: the operands' type."""
     x_MxI, w_IxO = _flat(x, w, n_in)
-    return jnp.dot(x_MxI, w_IxO).reshape(*x.shape[: x.ndim - n_in], *w.shape[n_in:])
+    y_MxO = jnp.dot(x_MxI, w_IxO, preferred_element_type=out_dtype)
+    return y_MxO.reshape(*x.shape[: x.ndim - n_in], *w.shape[n_in:])
 
 
-def _dense_fwd(x, w, n_in):
-    return dense(x, w, n_in), (x, w)
+def _dense_fwd(x, w, n_in, out_dtype):
+    return dense(x, w, n_in, out_dtype), (x, w)
 
 
-def _dense_bwd(n_in, residuals, dy):
+def _dense_bwd(n_in, out_dtype, residuals, dy):
     x, w = residuals
     x_MxI, w_IxO = _flat(x, w, n_in)
-    dy_MxO = dy.reshape(x_MxI.shape[0], w_IxO.shape[1])
+    dy_MxO = dy.reshape(x_MxI.shape[0], w_IxO.shape[1]).astype(x.dtype)
     dx_MxI = jnp.dot(dy_MxO, w_IxO.T)
     if x_MxI.shape[1] <= dy_MxO.shape[1]:  # transpose the narrower of x and dy
         dw_IxO = jnp.dot(jax.lax.optimization_barrier(x_MxI.T), dy_MxO)

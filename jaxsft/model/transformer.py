@@ -46,6 +46,7 @@ from flax import linen, nnx
 from jaxsft.config import ModelConfig
 from jaxsft.model import bottleneck, lora_branch, quant
 from jaxsft.model.attention import attention, masked_attention, with_prefix
+from jaxsft.model.dense import dense
 from jaxsft.model.families import layer_windows, resolve, variant
 from jaxsft.model.layers import (
     ACTIVATION_AXES,
@@ -252,7 +253,7 @@ class Transformer(nnx.Module):
 
     def logits(self, h_BxTxD):
         """float32 logits of final-normed hidden states, soft-capped where the family does."""
-        logits_BxTxV = jnp.einsum("btd,dv->btv", h_BxTxD, self.head(), preferred_element_type=jnp.float32)
+        logits_BxTxV = dense(h_BxTxD, self.head(), 1, jnp.float32)
         logits_BxTxV = logits_BxTxV.astype(jnp.float32)
         if self.cfg.final_logit_softcap:
             cap = self.cfg.final_logit_softcap

@@ -65,6 +65,7 @@ def _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk: int, softca
     The gradient comes out of the forward pass: the loss is a scalar, so its cotangent only
     scales these, and the backward pass needs neither the logits nor a second matmul over them."""
     tokens = hidden_MxD.shape[0]
+    chunk = min(chunk, tokens)  # a batch smaller than one chunk is one chunk, unpadded
     pad = -tokens % chunk
     if pad:  # zero weight: padding adds nothing to the sums and gets no gradient
         hidden_MxD = jnp.pad(hidden_MxD, ((0, pad), (0, 0)))

@@ -56,6 +56,9 @@ def test_dense_keeps_bfloat16():
     y, (dx, dw) = _grads(lambda x, w: dense(x, w), [x, w], jnp.ones((2, 3, 5), jnp.bfloat16))
     assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
     assert float(dw[0, 0]) == 6.0 and float(dx[0, 0, 0]) == 5.0
+    # float32 out (the logits): accumulated and returned in float32, gradients in the operands' type
+    y, (dx, dw) = _grads(lambda x, w: dense(x, w, 1, jnp.float32), [x, w], jnp.ones((2, 3, 5), jnp.float32))
+    assert y.dtype == jnp.float32 and dx.dtype == dw.dtype == jnp.bfloat16
 
 
 def _plain_attention(q, k, v, mask, scale, softcap=0.0):
