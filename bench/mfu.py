@@ -19,6 +19,10 @@ import dataclasses
 import statistics
 import time
 
+from jaxsft import hostmem
+
+hostmem.reexec_with_tunables()  # the malloc `jaxsft train` runs with (jaxsft/hostmem.py)
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -16,11 +16,11 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+import jax
 
-from jaxsft.config import Config, DataConfig, ModelConfig, PeftConfig, TrainConfig  # noqa: E402
-from jaxsft.model import peft  # noqa: E402
-from jaxsft.train import program as program_lib  # noqa: E402
+from jaxsft.config import Config, DataConfig, ModelConfig, PeftConfig, TrainConfig
+from jaxsft.model import peft
+from jaxsft.train import program as program_lib
 from jaxsft.train import sharding
 
 MODEL = ModelConfig(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=64, d_ff=2048, tie_embeddings=True)

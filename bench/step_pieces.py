@@ -18,18 +18,22 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from common import random_batch, size_config  # noqa: E402
-from flax import nnx  # noqa: E402
+from jaxsft import hostmem
 
-from jaxsft.model.attention import attention  # noqa: E402
-from jaxsft.model.layers import Block, rope_tables  # noqa: E402
-from jaxsft.train import program as program_lib  # noqa: E402
+hostmem.reexec_with_tunables()  # the malloc `jaxsft train` runs with (jaxsft/hostmem.py)
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import random_batch, size_config
+from flax import nnx
+
+from jaxsft.model.attention import attention
+from jaxsft.model.layers import Block, rope_tables
+from jaxsft.train import program as program_lib
 from jaxsft.train import sharding
 from jaxsft.train import state as state_lib
-from jaxsft.train.loss import chunked_cross_entropy_sum, cross_entropy_sum  # noqa: E402
+from jaxsft.train.loss import chunked_cross_entropy_sum, cross_entropy_sum
 
 
 def _timed(fn, *args):

@@ -10,6 +10,10 @@ import argparse
 import dataclasses
 import time
 
+from jaxsft import hostmem
+
+hostmem.reexec_with_tunables()  # the malloc `jaxsft train` runs with (jaxsft/hostmem.py)
+
 import jax
 import numpy as np
 

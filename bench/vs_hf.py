@@ -22,13 +22,17 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import jax_matmul_flops, matmul_shapes, random_batch, size_config  # noqa: E402
+from jaxsft import hostmem
 
-from jaxsft.model.transformer import param_count  # noqa: E402
-from jaxsft.train import aot, sharding  # noqa: E402
+hostmem.reexec_with_tunables()  # the malloc `jaxsft train` runs with (jaxsft/hostmem.py)
+
+import jax
+import numpy as np
+import torch
+from common import jax_matmul_flops, matmul_shapes, random_batch, size_config
+
+from jaxsft.model.transformer import param_count
+from jaxsft.train import aot, sharding
 from jaxsft.train import program as program_lib
 from jaxsft.train import state as state_lib
 

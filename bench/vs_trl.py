@@ -64,10 +64,14 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import numpy as np  # noqa: E402
-from common import size_config  # noqa: E402
+from jaxsft import hostmem
 
-from jaxsft.config import Config, DataConfig, ModelConfig, OptimConfig, SourceConfig, TrainConfig  # noqa: E402
+hostmem.reexec_with_tunables()  # the malloc `jaxsft train` runs with (jaxsft/hostmem.py)
+
+import numpy as np
+from common import size_config
+
+from jaxsft.config import Config, DataConfig, ModelConfig, OptimConfig, SourceConfig, TrainConfig
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (

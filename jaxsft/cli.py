@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from jaxsft import config as config_lib
-from jaxsft import config_load, quiet
+from jaxsft import config_load, hostmem, quiet
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -358,6 +358,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `jaxsft` command itself, not a caller in this process (tests)
+        hostmem.reexec_with_tunables()  # before JAX exists: malloc's huge pages (jaxsft/hostmem.py)
     args = parser().parse_args(argv)
     quiet.quiet_start(args.verb)  # before JAX loads: no benign runtime noise on a CPU host
     from jaxsft.data.formats import DataError
