@@ -24,7 +24,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from jaxsft import hostmem
 
-hostmem.reexec_with_tunables()  # the malloc `jaxsft train` runs with (jaxsft/hostmem.py)
+if __name__ == "__main__":  # run as a script (not imported by a test): the malloc `jaxsft train` runs with
+    hostmem.reexec_with_tunables()  # jaxsft/hostmem.py
 
 import jax
 import numpy as np
