@@ -112,7 +112,7 @@ def _attend_bwd(scale, softcap, residuals, d_out_BxKxGxTxH):
     )
 
 
-_attend.defvjp(lambda *args: _attend_forward(*args), _attend_bwd)
+_attend.defvjp(_attend_forward, _attend_bwd)
 
 
 def masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale: float, softcap: float = 0.0):
