@@ -20,6 +20,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 def _flat(x, w, n_in: int):
@@ -28,19 +29,28 @@ def _flat(x, w, n_in: int):
     return x.reshape(-1, features_in), w.reshape(features_in, -1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+# The name of every dense() output. Remat policies that save matmul outputs cannot see the
+# dot inside a custom VJP, so transformer.py's policies save (or offload) this name as well.
+NAME = "dense"
+
+
 def dense(x, w, n_in: int = 1, out_dtype=None):
     """einsum of x's last `n_in` axes with w's first `n_in` axes; result [x's leading, w's trailing].
 
     `out_dtype` (e.g. float32 logits from bfloat16 operands) is the matmul's accumulation and
     output type; None: the operands' type."""
+    return checkpoint_name(_dense(x, w, n_in, out_dtype), NAME)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense(x, w, n_in: int, out_dtype):
     x_MxI, w_IxO = _flat(x, w, n_in)
     y_MxO = jnp.dot(x_MxI, w_IxO, preferred_element_type=out_dtype)
     return y_MxO.reshape(*x.shape[: x.ndim - n_in], *w.shape[n_in:])
 
 
 def _dense_fwd(x, w, n_in, out_dtype):
-    return dense(x, w, n_in, out_dtype), (x, w)
+    return _dense(x, w, n_in, out_dtype), (x, w)
 
 
 def _dense_bwd(n_in, out_dtype, residuals, dy):
@@ -55,4 +65,4 @@ def _dense_bwd(n_in, out_dtype, residuals, dy):
     return dx_MxI.reshape(x.shape).astype(x.dtype), dw_IxO.reshape(w.shape).astype(w.dtype)
 
 
-dense.defvjp(_dense_fwd, _dense_bwd)
+_dense.defvjp(_dense_fwd, _dense_bwd)

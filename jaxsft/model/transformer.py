@@ -45,6 +45,7 @@ from flax import linen, nnx
 
 from jaxsft.config import ModelConfig
 from jaxsft.model import bottleneck, lora_branch, quant
+from jaxsft.model import dense as dense_lib
 from jaxsft.model.attention import attention, masked_attention, with_prefix
 from jaxsft.model.dense import dense
 from jaxsft.model.families import layer_windows, resolve, variant
@@ -69,12 +70,22 @@ __all__ = [
     "apply_rope",
     "rope_frequencies",
 ]
+_policies = jax.checkpoint_policies
+_DENSE = _policies.save_only_these_names(dense_lib.NAME)  # the projections' outputs (model/dense.py)
 _REMAT_POLICIES = {
     "full": None,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # The same matmul outputs, kept in host memory between forward and backward (TPU, GPU).
-    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    "dots_saveable": _policies.save_from_both_policies(_policies.dots_saveable, _DENSE),
+    "dots_with_no_batch_dims_saveable": _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable, _DENSE
+    ),
+    # The projections' outputs (the block's matmuls without batch dims), kept in host memory
+    # between forward and backward (TPU, GPU).
+    "offload": _policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=[dense_lib.NAME],
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
 }
 
 

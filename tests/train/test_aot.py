@@ -137,5 +137,6 @@ def test_host_offload_remat_moves_saved_activations_out_of_hbm():
         ).temp_bytes
         for remat in ("none", "dots_with_no_batch_dims_saveable", "offload", "full")
     }
-    # Measured (MiB per chip): none 1118, dots_with_no_batch_dims_saveable 595, offload 329, full 243.
+    # Measured (MiB per chip): none 913, dots_with_no_batch_dims_saveable 432, offload 230, full 158.
+    # The policies find the projections by their name (model/dense.py): their dots sit in a custom VJP.
     assert temp["full"] < temp["offload"] < 0.7 * temp["dots_with_no_batch_dims_saveable"] < temp["none"]
