@@ -16,8 +16,11 @@ S of bench/common.py: d 256, 4 layers, vocab 8192, init normal(0.02), untied hea
 of 512 tokens, 8 rows a step, float32, AdamW with warm-up + cosine to 10% and clipping at 1.
 
 - jaxsft: `data.tokenizer: hf:DIR`, `data.template: chatml` (built-in; `--jaxsft-template
-  hf` renders the tokenizer's Jinja instead), `data.packing: best_fit`; the step of `jaxsft
-  train` (program.build, state.initial_state), fed by the Grain stream as the trainer does.
+  hf` renders the tokenizer's Jinja instead), `data.packing: best_fit`,
+  `data.overlong: truncate_at_length` (TRL's cut: the first 512 tokens of an overlong
+  conversation; `--jaxsft-overlong truncate`, jaxsft's default, cuts after whole answers
+  instead); the step of `jaxsft train` (program.build, state.initial_state), fed by the
+  Grain stream as the trainer does.
 - TRL: `SFTTrainer(packing=True, packing_strategy="bfd", assistant_only_loss=True)` on
   `AutoTokenizer.from_pretrained(DIR)`, `transformers.LlamaForCausalLM` (sdpa),
   `adamw_torch`, no gradient checkpointing, no bf16, CPU. `bfd` turns on padding-free
@@ -40,13 +43,13 @@ Measured per framework (a round builds everything anew; rounds alternate TRL, ja
                       allocations): assistant (trained) targets and all non-pad tokens per
                       second of wall time, the data feed included
   trained %           trained share of the prepared tokens, over the whole data: the two
-                      masks should nearly agree (they truncate overlong conversations
-                      differently: TRL's bfd keeps the first 512 tokens, jaxsft cuts after
-                      the last whole answer that fits and drops those left with none)
+                      masks should agree (both keep the first 512 tokens of an overlong
+                      conversation; jaxsft drops an example left with no trained token,
+                      TRL keeps it)
 Ratios are jaxsft's speed over TRL's (for prep s: TRL's seconds over jaxsft's). The prep
-target is on seconds: both prepare the same 2,000 conversations, but keep different token
-counts (TRL's bfd cuts overlong ones at 512 tokens, `wrapped` keeps them whole, jaxsft
-cuts after whole answers), so prep tok/s ratios mix speed with truncation policy.
+target is on seconds: both prepare the same 2,000 conversations, but may keep different
+token counts (`wrapped` keeps overlong ones whole; `--jaxsft-overlong truncate` cuts after
+whole answers), so prep tok/s ratios can mix speed with truncation policy.
 Torch threads = os.cpu_count(); XLA uses every core by default.
 """
 
@@ -177,6 +180,7 @@ def bench_config(args, records_path: str, tok_dir: Path) -> tuple[Config, int]:
         template=args.jaxsft_template,
         max_length=args.length,
         packing=args.jaxsft_packing,
+        overlong=args.jaxsft_overlong,
         max_dropped_fraction=0.5,  # overlong prompts leave no trained token: jaxsft drops them (counted)
         # One packing stream: best_fit packs windows of 4,096 examples per virtual shard, so the
         # default 8 shards would encode 8 windows (16 passes over 2,000 conversations) up front.
@@ -417,6 +421,12 @@ def main() -> None:
     parser.add_argument("--trl-packing", default="bfd", choices=("bfd", "bfd_split", "wrapped"))
     parser.add_argument("--jaxsft-packing", default="best_fit", choices=("best_fit", "first_fit"))
     parser.add_argument(
+        "--jaxsft-overlong",
+        default="truncate_at_length",
+        choices=("truncate_at_length", "truncate"),
+        help="data.overlong; truncate_at_length cuts where TRL does",
+    )
+    parser.add_argument(
         "--pack-window",
         type=int,
         default=0,
@@ -444,7 +454,7 @@ def main() -> None:
             f"{os.cpu_count()} CPU cores; torch threads {torch.get_num_threads()}; load average "
             f"{os.getloadavg()[0]:.1f}; {len(records)} conversations; vocab {vocab}; "
             f"{cfg.train.global_batch_size} x {args.length}; d_model {cfg.model.d_model}, {cfg.model.n_layers} layers; "
-            f"TRL packing {args.trl_packing}, jaxsft packing {args.jaxsft_packing} "
+            f"TRL packing {args.trl_packing}, jaxsft packing {args.jaxsft_packing}, overlong {args.jaxsft_overlong} "
             f"(window {args.pack_window or 'one epoch'}, template {args.jaxsft_template}); "
             f"{args.rounds} rounds of {args.warmup} + {args.steps} steps; medians"
         )

@@ -168,7 +168,9 @@ class DataConfig:
     # user turn): drop_as_template trains what it renders; keep refuses such conversations.
     reasoning_history: Literal["drop_as_template", "keep"] = "drop_as_template"
     max_length: int = 256  # tokens per packed row
-    overlong: Literal["truncate", "drop"] = "truncate"  # truncate keeps the start, whole turns first
+    # truncate keeps the start, whole turns first; truncate_at_length keeps exactly the first
+    # max_length targets (the last turn may be partial, as TRL and torchtune cut); drop drops it
+    overlong: Literal["truncate", "truncate_at_length", "drop"] = "truncate"
     packing: Literal["first_fit", "best_fit", "concat", "none"] = "first_fit"
     shuffle: bool = True
     on_bad_record: Literal["skip", "raise"] = "skip"  # skip counts and reports; raise stops at the first

@@ -68,7 +68,8 @@ class Encoder:
     Features: `inputs`, `targets`, `loss_weights`, N-1 each for N rendered tokens. An
     overlong example under `overlong=truncate` keeps its start: whole trailing messages
     go first (cut after the last message that still fits and leaves a trained token),
-    and only when no such cut exists is it cut inside a turn. Pickles into Grain's
+    and only when no such cut exists is it cut inside a turn; `overlong=truncate_at_length`
+    always cuts at max_length (rows fill; the last turn kept may be partial). Pickles into Grain's
     worker processes (the template is looked up again there).
     """
 
@@ -125,7 +126,10 @@ class Encoder:
         if len(tokens) - 1 > self.max_length:
             if self.overlong == "drop":
                 return "overlong"
-            cut, truncation = self._cut(messages, weights, ends)
+            if self.overlong == "truncate_at_length":
+                cut, truncation = self.max_length + 1, "at max_length"
+            else:
+                cut, truncation = self._cut(messages, weights, ends)
             tokens, weights = tokens[:cut], weights[:cut]
         if not weights[1:].any():
             return "no_trained_tokens"

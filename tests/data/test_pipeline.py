@@ -247,6 +247,26 @@ def test_overlong_examples_truncate_or_drop(tmp_path, cache):
         _file_data(tmp_path, cache, _overlong_lines(), overlong="drop")
 
 
+def test_truncate_at_length_keeps_exactly_the_first_max_length_tokens(tmp_path, cache):
+    """`truncate` drops a second answer that overflows; `truncate_at_length` keeps its start."""
+    words = " ".join(["apple"] * 60)
+    lines = [
+        {"messages": [*_qa(f"Say {i}", str(i))["messages"], *_qa("Repeat", words)["messages"]]} for i in range(10)
+    ]
+    turns = _file_data(tmp_path, cache, lines)
+    exact = _file_data(tmp_path, cache, lines, overlong="truncate_at_length")
+    assert turns.report.truncations == {"whole turns": 10}
+    assert exact.report.truncations == {"at max_length": 10} and exact.report.examples == 10
+    for whole, cut in zip(_epoch(turns), _epoch(exact)):
+        n = len(whole["inputs"])
+        assert n < 32 and len(cut["inputs"]) == 32  # N tokens give N-1 = max_length targets
+        for k in KEYS[:3]:  # the same start, then the second exchange up to the row's end
+            np.testing.assert_array_equal(cut[k][:n], whole[k])
+        assert cut["loss_weights"][n:].sum() > 0  # the second answer's first tokens train
+        assert "apple" in exact.tokenizer.decode(cut["targets"][cut["loss_weights"] > 0])
+    assert exact.report.trained_tokens > turns.report.trained_tokens
+
+
 def test_train_files_without_eval_files_hold_out_two_percent(tmp_path, cache):
     train = _write_jsonl(tmp_path / "t.jsonl", [_qa(f"Say {i}", str(i)) for i in range(100)])
     data = build_data(DataConfig(train_files=(train,), max_length=32), seed=0, cache_dir=cache)
