@@ -250,9 +250,7 @@ def test_overlong_examples_truncate_or_drop(tmp_path, cache):
 def test_truncate_at_length_keeps_exactly_the_first_max_length_tokens(tmp_path, cache):
     """`truncate` drops a second answer that overflows; `truncate_at_length` keeps its start."""
     words = " ".join(["apple"] * 60)
-    lines = [
-        {"messages": [*_qa(f"Say {i}", str(i))["messages"], *_qa("Repeat", words)["messages"]]} for i in range(10)
-    ]
+    lines = [{"messages": [*_qa(f"Say {i}", str(i))["messages"], *_qa("Repeat", words)["messages"]]} for i in range(10)]
     turns = _file_data(tmp_path, cache, lines)
     exact = _file_data(tmp_path, cache, lines, overlong="truncate_at_length")
     assert turns.report.truncations == {"whole turns": 10}
