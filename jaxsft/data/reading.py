@@ -48,9 +48,8 @@ class DataReport:
     bad_records: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> count
     bad_examples: list[str] = dataclasses.field(default_factory=list)  # first "file:line: reason" (bad or dropped)
     dropped: dict[str, int] = dataclasses.field(default_factory=dict)  # "no_trained_tokens", "overlong"
-    truncations: dict[str, int] = dataclasses.field(
-        default_factory=dict
-    )  # "whole turns", "inside a turn", "at max_length"
+    # "whole turns", "inside a turn", "at max_length"
+    truncations: dict[str, int] = dataclasses.field(default_factory=dict)
     examples: int = 0  # examples that train
     tokens: int = 0  # (input, target) positions of those examples
     trained_tokens: int = 0  # positions with a non-zero loss weight
