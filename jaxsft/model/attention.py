@@ -104,6 +104,9 @@ def _attend_bwd(scale, softcap, residuals, d_out_BxKxGxTxH):
     d_k_BxKxHxS = jnp.einsum("bkhx,bkxs->bkhs", q_BxKxHxX, d_logits_BxKxXxS)
     d_out_BxKxHxX = jax.lax.optimization_barrier(d_out_BxKxXxH.swapaxes(2, 3))
     d_v_BxKxHxS = jnp.einsum("bkhx,bkxs->bkhs", d_out_BxKxHxX, probs_BxKxXxS.astype(v_BxKxSxH.dtype))
+    # Transposed after the products, not inside them (a fused output transpose sends a dot to
+    # XLA's slower generic emitter on CPU).
+    d_k_BxKxHxS, d_v_BxKxHxS = jax.lax.optimization_barrier((d_k_BxKxHxS, d_v_BxKxHxS))
     return (
         d_q_BxKxXxH.reshape(d_out_BxKxGxTxH.shape).astype(q_BxKxXxH.dtype),
         d_k_BxKxHxS.swapaxes(2, 3).astype(k_BxKxSxH.dtype),
