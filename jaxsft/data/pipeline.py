@@ -94,8 +94,11 @@ class Encoder:
         return tokens, weights, ends
 
     def _cut(self, messages: Conversation, weights: np.ndarray, ends: dict[int, int]) -> tuple[int, str]:
-        """Cut after the last answer that fits and leaves a trained token; else at max_length."""
+        """Cut after the last answer that fits and leaves a trained token; else (or under
+        `truncate_at_length`) at max_length."""
         limit = self.max_length + 1
+        if self.overlong == "truncate_at_length":
+            return limit, "at max_length"
         answers = [end for i, end in ends.items() if messages[i].role in ("assistant", "text")]
         for end in sorted(answers, reverse=True):
             if end <= limit and weights[1:end].any():
@@ -126,10 +129,7 @@ class Encoder:
         if len(tokens) - 1 > self.max_length:
             if self.overlong == "drop":
                 return "overlong"
-            if self.overlong == "truncate_at_length":
-                cut, truncation = self.max_length + 1, "at max_length"
-            else:
-                cut, truncation = self._cut(messages, weights, ends)
+            cut, truncation = self._cut(messages, weights, ends)
             tokens, weights = tokens[:cut], weights[:cut]
         if not weights[1:].any():
             return "no_trained_tokens"

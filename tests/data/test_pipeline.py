@@ -9,7 +9,7 @@ import pytest
 
 from jaxsft.config import DataConfig, SourceConfig
 from jaxsft.data import pipeline
-from jaxsft.data.pipeline import DataError, SFTData, build_data
+from jaxsft.data.pipeline import DataError, Encoder, SFTData, build_data
 
 ROWS, LENGTH = 8, 128
 KEYS = ("inputs", "targets", "loss_weights", "segment_ids", "positions")
@@ -262,6 +262,13 @@ def test_truncate_at_length_keeps_exactly_the_first_max_length_tokens(tmp_path, 
             np.testing.assert_array_equal(cut[k][:n], whole[k])
         assert cut["loss_weights"][n:].sum() > 0  # the second answer's first tokens train
         assert "apple" in exact.tokenizer.decode(cut["targets"][cut["loss_weights"] > 0])
+    # Reference: the same conversations encoded whole (no cut), their first 32 positions.
+    whole_encoder = Encoder(dataclasses.replace(exact.cfg, max_length=4096), exact.tokenizer)
+    for messages, cut in zip(exact.train_records, _epoch(exact)):
+        full, truncation = whole_encoder.encode(messages)
+        assert truncation is None and len(full["inputs"]) > 32
+        for k in KEYS[:3]:
+            np.testing.assert_array_equal(cut[k], full[k][:32])
     assert exact.report.trained_tokens > turns.report.trained_tokens
 
 
