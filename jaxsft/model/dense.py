@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxsft.model import blas
+
 
 def _flat(x, w, n_in: int):
     """x [..., I...] -> [M, I], w [I..., O...] -> [I, O]."""
@@ -45,7 +47,7 @@ def dense(x, w, n_in: int = 1, out_dtype=None):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _dense(x, w, n_in: int, out_dtype):
     x_MxI, w_IxO = _flat(x, w, n_in)
-    y_MxO = jnp.dot(x_MxI, w_IxO, preferred_element_type=out_dtype)
+    y_MxO = blas.matmul(x_MxI, w_IxO, preferred_element_type=out_dtype)
     return y_MxO.reshape(*x.shape[: x.ndim - n_in], *w.shape[n_in:])
 
 
@@ -57,6 +59,10 @@ def _dense_bwd(n_in, out_dtype, residuals, dy):
     x, w = residuals
     x_MxI, w_IxO = _flat(x, w, n_in)
     dy_MxO = dy.reshape(x_MxI.shape[0], w_IxO.shape[1]).astype(x.dtype)
+    if blas.in_use(x_MxI, dy_MxO):  # the transposes are BLAS flags, never copies
+        dx_MxI = blas.matmul(dy_MxO, w_IxO, trans_b=True)
+        dw_IxO = blas.matmul(x_MxI, dy_MxO, trans_a=True)
+        return dx_MxI.reshape(x.shape).astype(x.dtype), dw_IxO.reshape(w.shape).astype(w.dtype)
     dx_MxI = jnp.dot(dy_MxO, w_IxO.T)
     if x_MxI.shape[1] <= dy_MxO.shape[1]:  # transpose the narrower of x and dy
         dw_IxO = jnp.dot(jax.lax.optimization_barrier(x_MxI.T), dy_MxO)

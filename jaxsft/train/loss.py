@@ -18,6 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxsft.model import blas
+
 
 def _token_nll(logits_MxV, targets_M, weights_M):
     """(-log p(target) per token, zero where untrained; log-sum-exp per token), float32."""
@@ -77,7 +79,7 @@ def _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk: int, softca
         total, d_head_DxV = carry
         hidden_ExD, targets_E, weights_E = xs
         hidden_ExD = hidden_ExD.astype(dtype)
-        raw_ExV = jnp.dot(hidden_ExD, head_DxV, preferred_element_type=jnp.float32).astype(jnp.float32)
+        raw_ExV = blas.matmul(hidden_ExD, head_DxV, preferred_element_type=jnp.float32).astype(jnp.float32)
         logits_ExV = _softcap(raw_ExV, softcap)
         nll_E, log_z_E = _token_nll(logits_ExV, targets_E, weights_E)
         total = total + jnp.sum(nll_E * weights_E)
@@ -87,6 +89,10 @@ def _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk: int, softca
         d_logits_ExV = _nll_grad(
             logits_ExV, log_z_E, targets_E, jnp.where(weights_E > 0, weights_E, 0.0), chain_ExV
         ).astype(dtype)
+        if blas.in_use(hidden_ExD, d_logits_ExV):  # float32 on the CPU: transposes as BLAS flags
+            d_hidden_ExD = blas.matmul(d_logits_ExV, head_DxV, trans_b=True)
+            d_head_DxV = d_head_DxV + blas.matmul(hidden_ExD, d_logits_ExV, trans_a=True)
+            return (total, d_head_DxV), (nll_E, d_hidden_ExD)
         d_hidden_ExD = jnp.dot(d_logits_ExV, head_DxV.T, preferred_element_type=jnp.float32)
         # hidden^T materialised first: XLA's CPU dot otherwise copies the wide d_logits instead
         # (model/dense.py says why); 2x on this matmul.
