@@ -33,7 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxsft.model import kernels
+from jaxsft.model import blas, kernels
 
 # Finite, so a masked logit never turns into inf - inf = NaN; exp() of it is exactly 0.
 _MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -64,7 +64,11 @@ def _attend_forward(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale: float,
     b, kv_heads, g, t, h = q_BxKxGxTxH.shape
     s = k_BxKxSxH.shape[2]
     q_BxKxXxH = q_BxKxGxTxH.reshape(b, kv_heads, g * t, h)
-    logits_BxKxXxS = jnp.einsum("bkxh,bksh->bkxs", q_BxKxXxH, k_BxKxSxH, preferred_element_type=jnp.float32)
+    on_blas = blas.in_use(q_BxKxXxH, k_BxKxSxH)  # float32 on the CPU: batched BLAS calls, transposes as flags
+    if on_blas:
+        logits_BxKxXxS = blas.matmul(q_BxKxXxH, k_BxKxSxH, trans_b=True)
+    else:
+        logits_BxKxXxS = jnp.einsum("bkxh,bksh->bkxs", q_BxKxXxH, k_BxKxSxH, preferred_element_type=jnp.float32)
     logits_BxKxXxS = logits_BxKxXxS.astype(jnp.float32) * scale
     chain_BxKxXxS = None
     if softcap:
@@ -74,7 +78,10 @@ def _attend_forward(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale: float,
     mask_Bx1xXxS = jnp.broadcast_to(mask_BxTxS[:, None], (b, g, t, s)).reshape(b, 1, g * t, s)
     logits_BxKxXxS = jnp.where(mask_Bx1xXxS, logits_BxKxXxS, _MASKED_LOGIT)
     probs_BxKxXxS = jax.nn.softmax(logits_BxKxXxS, axis=-1)
-    out_BxKxXxH = jnp.einsum("bkxs,bksh->bkxh", probs_BxKxXxS.astype(v_BxKxSxH.dtype), v_BxKxSxH)
+    if on_blas:
+        out_BxKxXxH = blas.matmul(probs_BxKxXxS, v_BxKxSxH)
+    else:
+        out_BxKxXxH = jnp.einsum("bkxs,bksh->bkxh", probs_BxKxXxS.astype(v_BxKxSxH.dtype), v_BxKxSxH)
     residuals = (q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, probs_BxKxXxS, out_BxKxXxH, chain_BxKxXxS)
     return out_BxKxXxH.reshape(b, kv_heads, g, t, h), residuals
 
@@ -93,12 +100,23 @@ def _attend_bwd(scale, softcap, residuals, d_out_BxKxGxTxH):
     Autodiff left XLA's CPU backend to transpose the [X, S] tensors (bench/NOTES.md)."""
     q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, probs_BxKxXxS, out_BxKxXxH, chain_BxKxXxS = residuals
     d_out_BxKxXxH = d_out_BxKxGxTxH.reshape(out_BxKxXxH.shape)
-    d_probs_BxKxXxS = jnp.einsum("bkxh,bksh->bkxs", d_out_BxKxXxH, v_BxKxSxH, preferred_element_type=jnp.float32)
+    on_blas = blas.in_use(d_out_BxKxXxH, v_BxKxSxH)
+    if on_blas:
+        d_probs_BxKxXxS = blas.matmul(d_out_BxKxXxH, v_BxKxSxH, trans_b=True)
+    else:
+        d_probs_BxKxXxS = jnp.einsum("bkxh,bksh->bkxs", d_out_BxKxXxH, v_BxKxSxH, preferred_element_type=jnp.float32)
     delta_BxKxXx1 = jnp.sum(d_out_BxKxXxH.astype(jnp.float32) * out_BxKxXxH.astype(jnp.float32), axis=-1, keepdims=True)
     d_logits_BxKxXxS = probs_BxKxXxS * (d_probs_BxKxXxS.astype(jnp.float32) - delta_BxKxXx1)
     if chain_BxKxXxS is not None:
         d_logits_BxKxXxS = d_logits_BxKxXxS * chain_BxKxXxS
     d_logits_BxKxXxS = (d_logits_BxKxXxS * scale).astype(q_BxKxXxH.dtype)
+    if on_blas:  # every operand in its own layout: the transposes are BLAS flags
+        return (
+            blas.matmul(d_logits_BxKxXxS, k_BxKxSxH).reshape(d_out_BxKxGxTxH.shape),
+            blas.matmul(d_logits_BxKxXxS, q_BxKxXxH, trans_a=True),
+            blas.matmul(probs_BxKxXxS, d_out_BxKxXxH, trans_a=True),
+            None,
+        )
     d_q_BxKxXxH = jnp.einsum("bkxs,bksh->bkxh", d_logits_BxKxXxS, k_BxKxSxH)
     q_BxKxHxX = jax.lax.optimization_barrier(q_BxKxXxH.swapaxes(2, 3))
     d_k_BxKxHxS = jnp.einsum("bkhx,bkxs->bkhs", q_BxKxHxX, d_logits_BxKxXxS)

@@ -1,7 +1,7 @@
 """float32 matmuls on the CPU done by the machine's BLAS (an XLA FFI custom call), XLA's dot elsewhere.
 
-Job: `matmul(a, b, trans_a, trans_b)` is `op(a) @ op(b)` for 2-D operands, differentiable, with the
-same numbers as `jnp.dot` up to summation order. Lowered for the CPU it calls `cblas_sgemm`;
+Job: `matmul(a, b, trans_a, trans_b)` is `op(a) @ op(b)` (`jnp.matmul`, a batch of them over equal
+leading axes), differentiable, with the same numbers as XLA's dot up to summation order. Lowered for the CPU it calls `cblas_sgemm`;
 lowered for any other platform (a TPU or GPU program, also one compiled ahead of time from a
 CPU host) it is `jnp.dot` (`lax.platform_dependent` picks at lowering).
 
@@ -134,15 +134,19 @@ def in_use(a, b) -> bool:
     return available()
 
 
+def _op(x, trans: bool):
+    return x.swapaxes(-1, -2) if trans else x
+
+
 def _xla(a, b, trans_a: bool, trans_b: bool, preferred_element_type=None):
-    return jnp.dot(a.T if trans_a else a, b.T if trans_b else b, preferred_element_type=preferred_element_type)
+    return jnp.matmul(_op(a, trans_a), _op(b, trans_b), preferred_element_type=preferred_element_type)
 
 
 def _sgemm(a, b, trans_a: bool, trans_b: bool):
-    m = a.shape[1] if trans_a else a.shape[0]
-    n = b.shape[0] if trans_b else b.shape[1]
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
-    return call(a, b, trans_a=trans_a, trans_b=trans_b)
+    m = a.shape[-1] if trans_a else a.shape[-2]
+    n = b.shape[-2] if trans_b else b.shape[-1]
+    out = jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(a, b, trans_a=trans_a, trans_b=trans_b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -167,7 +171,9 @@ _blas_matmul.defvjp(_blas_matmul_fwd, _blas_matmul_bwd)
 
 
 def matmul(a, b, trans_a: bool = False, trans_b: bool = False, preferred_element_type=None):
-    """op(a) @ op(b) for 2-D a and b, op a transpose where asked; the BLAS's where `in_use`."""
-    if a.ndim == 2 and b.ndim == 2 and preferred_element_type in (None, jnp.float32) and in_use(a, b):
+    """op(a) @ op(b), op a transpose of the last two axes where asked; a and b of rank >= 2 with the
+    same leading (batch) axes, as in `jnp.matmul`. The BLAS's where `in_use`."""
+    batched_alike = a.ndim >= 2 and a.ndim == b.ndim and a.shape[:-2] == b.shape[:-2]
+    if batched_alike and preferred_element_type in (None, jnp.float32) and in_use(a, b):
         return _blas_matmul(a, b, trans_a, trans_b)
     return _xla(a, b, trans_a, trans_b, preferred_element_type)

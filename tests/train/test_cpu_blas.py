@@ -14,6 +14,7 @@ import pytest
 
 from jaxsft.config import Config, DataConfig, MeshConfig, OptimConfig, TrainConfig
 from jaxsft.model import blas
+from jaxsft.model.attention import masked_attention, packed_causal_mask
 from jaxsft.model.dense import dense
 from jaxsft.train import program as program_lib
 from jaxsft.train import sharding
@@ -71,6 +72,49 @@ def test_matmul_gradients_equal_float64(use_blas, trans_a, trans_b):
     want_b = _op(a64, trans_a).T @ g64
     np.testing.assert_allclose(np.asarray(got_a), _op(want_a, trans_a), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(got_b), _op(want_b, trans_b), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(("trans_a", "trans_b"), [(False, False), (False, True), (True, False), (True, True)])
+def test_batched_matmul_and_its_gradients_equal_float64(use_blas, trans_a, trans_b):
+    """Leading axes are a batch (attention's [B, K] heads), cut into pieces over XLA's threads."""
+    rng = np.random.default_rng(4)
+    z, m, k, n = (2, 3), 70, 48, 65
+    a = rng.normal(size=(*z, k, m) if trans_a else (*z, m, k)).astype(np.float32)
+    b = rng.normal(size=(*z, n, k) if trans_b else (*z, k, n)).astype(np.float32)
+    g = rng.normal(size=(*z, m, n)).astype(np.float32)
+    fn = lambda a, b: blas.matmul(a, b, trans_a, trans_b)
+    assert _calls_blas(fn, a, b)
+    y, vjp = jax.vjp(fn, jnp.asarray(a), jnp.asarray(b))
+    got_a, got_b = vjp(jnp.asarray(g))
+    op = lambda x, t: np.swapaxes(x, -1, -2) if t else x
+    a64, b64, g64 = a.astype(np.float64), b.astype(np.float64), g.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(y), op(a64, trans_a) @ op(b64, trans_b), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(got_a), op(g64 @ np.swapaxes(op(b64, trans_b), -1, -2), trans_a), rtol=1e-5, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        np.asarray(got_b), op(np.swapaxes(op(a64, trans_a), -1, -2) @ g64, trans_b), rtol=1e-5, atol=1e-4
+    )
+
+
+def test_attention_on_the_blas_equals_xla(monkeypatch):
+    """Grouped heads (8 query, 2 kv), a soft-cap, two packed segments and padding; values and gradients
+    (the xla path is held to float64 autodiff in tests/model/test_custom_gradients.py)."""
+    rng = np.random.default_rng(5)
+    q, k, v, d_out = (
+        jnp.asarray(rng.normal(size=s), jnp.float32)
+        for s in [(2, 40, 8, 16), (2, 40, 2, 16), (2, 40, 2, 16), (2, 40, 8, 16)]
+    )
+    segments = jnp.asarray(np.repeat([[1, 1, 2, 0], [1, 1, 1, 1]], 10, axis=1), jnp.int32)
+    mask = packed_causal_mask(segments) & (segments[:, None, :] > 0)
+    fn = lambda q, k, v: masked_attention(q, k, v, mask, scale=0.25, softcap=20.0)
+    results = {}
+    for mode in ("xla", "blas"):
+        monkeypatch.setenv(blas.MODE_ENV, mode)
+        assert _calls_blas(lambda q, k, v: jax.vjp(fn, q, k, v)[1](d_out), q, k, v) == (mode == "blas")
+        y, vjp = jax.vjp(lambda q, k, v: fn(q, k, v), q, k, v)
+        results[mode] = (y, *vjp(d_out))
+    jax.tree.map(lambda x, b: np.testing.assert_allclose(x, b, rtol=1e-5, atol=1e-5), results["xla"], results["blas"])
 
 
 def test_empty_contraction_and_empty_result(use_blas):
