@@ -9,7 +9,8 @@ against the step `jaxsft train` runs (program.build, state.initial_state). After
 rounds alternate between the two (which goes first alternates too), so machine noise hits
 both alike; prints median tokens/s of each, the ratio, and achieved model FLOP/s
 (aot.model_flops) as a share of each library's own measured float32 matmul peak (the
-faster of the step's MLP and head matmul shapes). Torch and XLA both use the machine's
+faster of the step's MLP and head matmul shapes; jaxsft's as its step does them, through
+jaxsft/model/blas.py on one CPU device). Torch and XLA both use the machine's
 cores (torch threads set to os.cpu_count(); XLA's CPU client uses them all by default).
 """
 
@@ -146,7 +147,7 @@ def main() -> None:
     )
     print(
         f"{'size':<4} {'params':>8} {'tokens':>6} {'HF tok/s':>9} {'jaxsft tok/s':>12} {'ratio':>6} "
-        f"{'HF %peak':>9} {'jaxsft %peak':>12} {'torch peak':>11} {'XLA peak':>9} {'spread hf/jx':>13}"
+        f"{'HF %peak':>9} {'jaxsft %peak':>12} {'torch peak':>11} {'jx peak':>9} {'spread hf/jx':>13}"
     )
     for name in args.sizes.split(","):
         r = compare(name.strip().upper(), args.rounds, args.steps)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsft.config import Config
+from jaxsft.model import blas
 from jaxsft.train import aot
 
 _MATMUL = 1024  # [n, n] @ [n, n]: 2 GFLOP, a few tenths of a second on two CPU cores
@@ -54,10 +55,11 @@ def _table_peak(device) -> float | None:
 
 
 def measured_matmul_flops(dtype: str, device=None, repeats: int = 5) -> float:
-    """The best FLOP/s of a jitted square matmul on `device` (default: the first)."""
+    """The best FLOP/s of a jitted square matmul on `device` (default: the first), done as the
+    step does its matmuls (model/blas.py: the BLAS for float32 on a single CPU device)."""
     device = device or jax.devices()[0]
     a = jax.device_put(jnp.ones((_MATMUL, _MATMUL), dtype), device)
-    matmul = jax.jit(lambda x: x @ x)
+    matmul = jax.jit(lambda x: blas.matmul(x, x))
     matmul(a).block_until_ready()  # compile
     best = float("inf")
     for _ in range(repeats):
@@ -68,8 +70,11 @@ def measured_matmul_flops(dtype: str, device=None, repeats: int = 5) -> float:
 
 
 def _peak_key(device, dtype: str) -> str:
+    operand = jax.ShapeDtypeStruct((1, 1), dtype)
+    on_blas = device.platform == "cpu" and blas.in_use(operand, operand)
     return (
         f"{device.platform}|{device.device_kind}|{platform.processor() or platform.machine()}|{os.cpu_count()}|{dtype}"
+        + ("|blas" if on_blas else "")  # a peak measured on XLA's dot is not this one
     )
 
 
