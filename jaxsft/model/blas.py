@@ -38,6 +38,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jaxlib import version as jaxlib_version
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def _find_sgemm() -> tuple[ctypes._CFuncPtr, bool] | None:
 def _build() -> Path:
     """The compiled handler, built into the cache on first use (atomic: concurrent builds agree)."""
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + jax.lib.__version__.encode() + jax.ffi.include_dir().encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + jaxlib_version.__version__.encode() + jax.ffi.include_dir().encode()).hexdigest()[:16]
     out = _cache_dir() / f"jaxsft_sgemm_{key}.so"
     if out.exists():
         return out
