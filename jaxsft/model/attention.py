@@ -197,18 +197,56 @@ def _xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale, soft
     k_BxSxKxH, v_BxSxKxH, mask_BxTxS = with_prefix(k_BxSxKxH, v_BxSxKxH, mask_BxTxS, prefix)
     q_BxKxGxTxH = _grouped(q_BxTxNxH, k_BxSxKxH.shape[2])
     k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.swapaxes(1, 2), v_BxSxKxH.swapaxes(1, 2)
-    outs = [
-        _attend(
-            q_BxKxGxTxH[:, :, :, start:end],
-            k_BxKxSxH[:, :, : width + end],
-            v_BxKxSxH[:, :, : width + end],
-            mask_BxTxS[:, start:end, : width + end],
-            scale,
-            softcap,
-        )
-        for start, end in query_blocks(length)
-    ]
-    return _ungrouped(outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3))
+    blocks = tuple(query_blocks(length))
+    if len(blocks) == 1:
+        return _ungrouped(_attend(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap))
+    return _ungrouped(_attend_blocks(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap, blocks, width))
+
+
+def _block_args(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, start: int, end: int, width: int):
+    """One query block's queries, the keys and values up to its last row, and its mask."""
+    keys = width + end
+    return (
+        q_BxKxGxTxH[:, :, :, start:end],
+        k_BxKxSxH[:, :, :keys],
+        v_BxKxSxH[:, :, :keys],
+        mask_BxTxS[:, start:end, :keys],
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _attend_blocks(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap, blocks, width):
+    """`_attend` of each query block against the keys up to its last row, outputs concatenated.
+
+    One VJP for all blocks: each block's key and value gradients are added into one [B, K, S, H]
+    buffer in place, where autodiff of the slices padded every block's gradient to full length
+    and summed the padded copies (bench/NOTES.md, round 6)."""
+    return _attend_blocks_fwd(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap, blocks, width)[0]
+
+
+def _attend_blocks_fwd(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap, blocks, width):
+    outs, residuals = [], []
+    for start, end in blocks:
+        args = _block_args(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, start, end, width)
+        out, block_residuals = _attend_forward(*args, scale, softcap)
+        outs.append(out)
+        residuals.append(block_residuals)
+    return jnp.concatenate(outs, axis=3), tuple(residuals)
+
+
+def _attend_blocks_bwd(scale, softcap, blocks, width, residuals, d_out_BxKxGxTxH):
+    _, k_BxKxSxH, v_BxKxSxH, *_ = residuals[-1]  # the last block sees every key
+    d_qs = []
+    d_k_BxKxSxH, d_v_BxKxSxH = jnp.zeros_like(k_BxKxSxH), jnp.zeros_like(v_BxKxSxH)
+    for (start, end), res in zip(blocks, residuals):
+        d_q, d_k, d_v, _ = _attend_bwd(scale, softcap, res, d_out_BxKxGxTxH[:, :, :, start:end])
+        d_qs.append(d_q)
+        d_k_BxKxSxH = d_k_BxKxSxH.at[:, :, : width + end].add(d_k)
+        d_v_BxKxSxH = d_v_BxKxSxH.at[:, :, : width + end].add(d_v)
+    return jnp.concatenate(d_qs, axis=3), d_k_BxKxSxH, d_v_BxKxSxH, None
+
+
+_attend_blocks.defvjp(_attend_blocks_fwd, _attend_blocks_bwd)
 
 
 IMPLEMENTATIONS = {
