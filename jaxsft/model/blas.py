@@ -1,9 +1,10 @@
 """float32 matmuls on the CPU done by the machine's BLAS (an XLA FFI custom call), XLA's dot elsewhere.
 
-Job: `matmul(a, b, trans_a, trans_b)` is `op(a) @ op(b)` (`jnp.matmul`, a batch of them over equal
-leading axes), differentiable, with the same numbers as XLA's dot up to summation order. Lowered for the CPU it calls `cblas_sgemm`;
-lowered for any other platform (a TPU or GPU program, also one compiled ahead of time from a
-CPU host) it is `jnp.dot` (`lax.platform_dependent` picks at lowering).
+Job: `matmul(a, b, trans_a, trans_b)` is `op(a) @ op(b)` (`jnp.matmul`, a batch of them over
+equal leading axes), differentiable, with the same numbers as XLA's dot up to summation order.
+Lowered for the CPU it calls `cblas_sgemm`; lowered for any other platform (a TPU or GPU
+program, also one compiled ahead of time from a CPU host) it is XLA's dot
+(`lax.platform_dependent` picks at lowering).
 
 Why: XLA's CPU dot (YNNPACK) runs the train step's large float32 matmuls at 98-142 GFLOP/s on
 the 2-core CI machine, where the OpenBLAS numpy bundles runs the same shapes at 129-152
@@ -94,7 +95,8 @@ def _build() -> Path:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise OSError(f"{command[0]} failed: {done.stderr.strip().splitlines()[-1:]}")
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise OSError(f"{command[0]} exited with {done.returncode}: {last}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
