@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxsft import cache
 from jaxsft.config import Config
 from jaxsft.data.model_tokenizer import with_model_tokenizer
 from jaxsft.data.pipeline import SFTData, build_data
@@ -64,7 +65,7 @@ def trained_by_turn(tokenizer, messages, tokens: np.ndarray, weights: np.ndarray
 def preview(cfg: Config, n: int = 3, color: bool = False, cache_dir: Path | None = None) -> str:
     """The first `n` train examples of each source as the model sees them."""
     cfg = with_model_tokenizer(cfg)  # as training chooses it
-    data = build_data(cfg.data, seed=cfg.train.seed, cache_dir=cache_dir or _cache())
+    data = build_data(cfg.data, seed=cfg.train.seed, cache_dir=cache_dir or cache.cache_dir())
     from jaxsft.data.pipeline import Encoder
 
     encoder = Encoder(cfg.data, data.tokenizer)
@@ -86,12 +87,6 @@ def preview(cfg: Config, n: int = 3, color: bool = False, cache_dir: Path | None
             lines.append(highlight(data.tokenizer, tokens, weights, color))
             lines += trained_by_turn(data.tokenizer, split.conversation(int(i)), tokens, weights, ends)
     return "\n".join(lines)
-
-
-def _cache() -> Path:
-    import os
-
-    return Path(os.environ.get("JAXSFT_CACHE", Path.home() / ".cache" / "jaxsft"))
 
 
 def measure_packing(data: SFTData, rows: int, batches: int = PACKING_BATCHES, seed: int = 0) -> tuple[float, float]:
@@ -147,7 +142,7 @@ def expected_epochs(data: SFTData, steps: int, examples_per_step: float) -> list
 
 def stats(cfg: Config, cache_dir: Path | None = None) -> str:
     cfg = with_model_tokenizer(cfg)  # as training chooses it
-    data = build_data(cfg.data, seed=cfg.train.seed, cache_dir=cache_dir or _cache())
+    data = build_data(cfg.data, seed=cfg.train.seed, cache_dir=cache_dir or cache.cache_dir())
     rows = cfg.train.global_batch_size
     efficiency, per_row = measure_packing(data, rows, seed=cfg.train.seed)
     epochs = expected_epochs(data, cfg.train.steps, per_row * rows)

@@ -79,7 +79,7 @@ def _loss_report(model, cfg: Config, items: list[records.Item], drops: dict[str,
 def score(
     source: str, config_path: str | None = None, overrides: Sequence[str] = (), data_files: Sequence[str] = ()
 ) -> tuple[dict, list[dict]]:
-    from jaxsft.train.trainer import cache_dir
+    from jaxsft.cache import cache_dir
 
     source = str(source)
     if not source.startswith(pretrained.PREFIXES) and runs.run_and_step(source)[0].is_dir():

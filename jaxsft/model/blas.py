@@ -41,15 +41,13 @@ import jax
 import jax.numpy as jnp
 from jaxlib import version as jaxlib_version
 
+from jaxsft.cache import cache_dir
+
 log = logging.getLogger(__name__)
 
 MODE_ENV = "JAXSFT_CPU_MATMUL"
 TARGET = "jaxsft_sgemm"
 _SOURCE = Path(__file__).with_name("blas_sgemm.cc")
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("JAXSFT_CACHE", Path.home() / ".cache" / "jaxsft")) / "blas"
 
 
 # (library file pattern or name, cblas_sgemm symbol, 64-bit integers, its set-threads symbol)
@@ -84,7 +82,7 @@ def _build() -> Path:
     """The compiled handler, built into the cache on first use (atomic: concurrent builds agree)."""
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + jaxlib_version.__version__.encode() + jax.ffi.include_dir().encode()).hexdigest()[:16]
-    out = _cache_dir() / f"jaxsft_sgemm_{key}.so"
+    out = cache_dir() / "blas" / f"jaxsft_sgemm_{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

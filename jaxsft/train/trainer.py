@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import jax
 import numpy as np
 
 from jaxsft import config_checks
+from jaxsft.cache import cache_dir
 from jaxsft.config import Config
 from jaxsft.data import model_tokenizer
 from jaxsft.data.pipeline import SFTData, build_data
@@ -53,10 +53,6 @@ class RunSummary:
     # The held-out generation scores (eval_* keys of during_training.py) of the first and last eval.
     initial_scores: dict = dataclasses.field(default_factory=dict)
     final_scores: dict = dataclasses.field(default_factory=dict)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("JAXSFT_CACHE", Path.home() / ".cache" / "jaxsft"))
 
 
 def _evaluate(eval_step, params, batches, frozen=()) -> float:
