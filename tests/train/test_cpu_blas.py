@@ -16,8 +16,8 @@ from jaxsft.config import Config, DataConfig, MeshConfig, OptimConfig, TrainConf
 from jaxsft.model import blas
 from jaxsft.model.attention import masked_attention, packed_causal_mask
 from jaxsft.model.dense import dense
+from jaxsft.train import mfu, sharding
 from jaxsft.train import program as program_lib
-from jaxsft.train import sharding
 from jaxsft.train import state as state_lib
 from jaxsft.train.loss import chunked_cross_entropy_sum
 
@@ -204,3 +204,14 @@ def test_train_step_on_the_blas_equals_xla(monkeypatch):
     np.testing.assert_allclose(float(metrics_a["loss"]), float(metrics_b["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(metrics_a["grad_norm"]), float(metrics_b["grad_norm"]), rtol=1e-5)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=2e-5), a["params"], b["params"])
+
+
+def test_the_cpu_peak_measured_on_the_blas_is_cached_apart(monkeypatch):
+    """A peak cached from XLA's dot must not stand for the BLAS's (MFU would read high or low)."""
+    device = jax.devices()[0]
+    monkeypatch.setenv(blas.MODE_ENV, "xla")
+    xla_key = mfu._peak_key(device, "float32")
+    monkeypatch.setenv(blas.MODE_ENV, "blas")
+    assert mfu._peak_key(device, "float32") == xla_key + "|blas"
+    assert not mfu._peak_key(device, "bfloat16").endswith("|blas")  # bfloat16 stays on XLA's dot
+    assert _calls_blas(lambda x: blas.matmul(x, x), jnp.ones((4, 4)))  # what measured_matmul_flops times
