@@ -104,6 +104,7 @@ def test_blocked_attention_equals_autodiff_of_the_plain_form(window):
     )
 
 
+@pytest.mark.slow
 def test_attention_with_a_prefix_equals_autodiff_of_the_plain_form():
     """Prefix keys/values (prefix tuning) get their gradient too, through every query block."""
     q, k, v, segment_ids = _qkv_segments()

@@ -53,6 +53,7 @@ def test_mean_logprob_equals_a_direct_teacher_forced_computation(synth_run, prom
         assert score == pytest.approx(direct, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_and_follows_the_seed(synth_run, prompts_file, tmp_path):
     a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
     generate.run(_settings(synth_run, prompts_file, a), progress=False)

@@ -181,6 +181,7 @@ def test_without_a_compiler_it_warns_once_and_stays_on_xla(tmp_path):
     assert done.stderr.count("jaxsft: CPU matmuls stay on XLA's dot") == 1
 
 
+@pytest.mark.slow
 def test_train_step_on_the_blas_equals_xla(monkeypatch):
     """The real step (scan over layers, chunked loss, AdamW) on one device, both ways."""
     cfg = Config(

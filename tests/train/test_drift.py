@@ -145,7 +145,10 @@ def test_bf16_anchor_is_stored_bf16_on_the_params_shardings():
 
 @pytest.mark.parametrize(
     "mesh_cfg",
-    [MeshConfig(data=1, fsdp=8), pytest.param(MeshConfig(data=2, fsdp=2, tensor=2), marks=pytest.mark.slow)],
+    [
+        pytest.param(MeshConfig(data=1, fsdp=8), marks=pytest.mark.slow),
+        pytest.param(MeshConfig(data=2, fsdp=2, tensor=2), marks=pytest.mark.slow),
+    ],
     ids=["fsdp8", "fsdp_tp_2x2x2"],
 )
 def test_sharded_penalised_run_equals_one_device(batches, mesh_cfg):
@@ -172,7 +175,7 @@ def _records(run_dir) -> list[dict]:
 @pytest.mark.parametrize(
     "extra",
     [
-        pytest.param(["optim.drift_anchor_dtype=bfloat16"], id="full_bf16_anchor"),
+        pytest.param(["optim.drift_anchor_dtype=bfloat16"], id="full_bf16_anchor", marks=pytest.mark.slow),
         pytest.param(
             ["model.peft.method=lora", "model.peft.rank=4", "optim.learning_rate=1e-2"],
             id="lora",

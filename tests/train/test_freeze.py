@@ -48,7 +48,7 @@ def test_selection_cuts_the_layer_stack_into_segments():
     "cfg",
     [
         pytest.param(BITFIT_TOP, marks=pytest.mark.slow),
-        PeftConfig(method="freeze", trainable=("norm",)),
+        pytest.param(PeftConfig(method="freeze", trainable=("norm",)), marks=pytest.mark.slow),
         PeftConfig(method="freeze", top_layers=2),
     ],
     ids=["bitfit+top1", "norms", "top2"],

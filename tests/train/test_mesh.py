@@ -98,8 +98,8 @@ def test_hybrid_mesh_on_cpu_devices_groups_consecutive_devices():
     "mesh_cfg",
     [
         MeshConfig(data=1, fsdp=4, sequence=2),
-        MeshConfig(data=1, sequence=8),
-        MeshConfig(data=1, fsdp=1, sequence=2, tensor=2, dcn_fsdp=2),
+        pytest.param(MeshConfig(data=1, sequence=8), marks=pytest.mark.slow),
+        pytest.param(MeshConfig(data=1, fsdp=1, sequence=2, tensor=2, dcn_fsdp=2), marks=pytest.mark.slow),
     ],
     ids=["sequence2_fsdp4", "sequence8", "hybrid_dcn_fsdp2_seq2_tp2"],
 )

@@ -35,7 +35,8 @@ def _np(tree):
 
 
 @pytest.mark.parametrize(
-    "name", ["adapter", pytest.param("pfeiffer", marks=SLOW), "prefix", pytest.param("projected", marks=SLOW), "prompt"]
+    "name",
+    [pytest.param(n, marks=SLOW) for n in ("adapter", "pfeiffer", "projected")] + ["prefix", "prompt"],
 )
 def test_base_stays_bit_identical_and_only_the_trained_part_moves(name, batches):
     setup = LoraSetup(peft_cfg=METHODS[name], devices=jax.devices()[:1])
@@ -66,9 +67,7 @@ def _unpacked(batch: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param("adapter", marks=SLOW), "prefix", pytest.param("projected", marks=SLOW), "prompt"]
-)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=SLOW) for n in ("adapter", "prefix", "projected")] + ["prompt"])
 def test_a_packed_batch_gives_the_losses_and_gradients_of_its_examples_alone(name):
     cfg = METHODS[name]
     setup = LoraSetup(peft_cfg=cfg, devices=jax.devices()[:1], compile=False)
@@ -82,7 +81,7 @@ def test_a_packed_batch_gives_the_losses_and_gradients_of_its_examples_alone(nam
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, grads_1)
 
 
-@pytest.mark.parametrize("name", [pytest.param("adapter", marks=SLOW), pytest.param("prefix", marks=SLOW), "prompt"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=SLOW) for n in ("adapter", "prefix", "prompt")])
 def test_sharded_training_equals_one_device(name, batches):
     cfg = METHODS[name]
     one = LoraSetup(peft_cfg=cfg, devices=jax.devices()[:1])

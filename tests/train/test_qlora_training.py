@@ -55,6 +55,7 @@ def test_quantised_base_is_bit_identical_after_training_and_adapters_train(batch
     assert np.all(np.abs(np.asarray(setup.state["params"]["blocks"]["mlp"]["down_proj"]["b"])) > 0)
 
 
+@pytest.mark.slow
 def test_compiled_arguments_hold_adapters_moments_and_the_quantised_base():
     """int8 is a quarter of the float32 kernels and NF4 an eighth (+ scales); the step's
     arguments are exactly adapters x 3 (params, two moments) + the quantised base + the batch."""

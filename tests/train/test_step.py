@@ -78,9 +78,10 @@ def test_packed_batch_equals_unpacked():
 @pytest.mark.parametrize(
     "mesh_cfg",
     [
-        MeshConfig(data=8, strategy="dp", rules=STRATEGIES["dp"]),
-        MeshConfig(data=1, fsdp=8, strategy="fsdp", rules=STRATEGIES["fsdp"]),
-        MeshConfig(data=4, tensor=2, strategy="tp", rules=STRATEGIES["tp"]),
+        # The plain suite keeps the 2x2x2 case, which splits all three ways; `-m slow` runs the rest.
+        pytest.param(MeshConfig(data=8, strategy="dp", rules=STRATEGIES["dp"]), marks=pytest.mark.slow),
+        pytest.param(MeshConfig(data=1, fsdp=8, strategy="fsdp", rules=STRATEGIES["fsdp"]), marks=pytest.mark.slow),
+        pytest.param(MeshConfig(data=4, tensor=2, strategy="tp", rules=STRATEGIES["tp"]), marks=pytest.mark.slow),
         MeshConfig(data=2, fsdp=2, tensor=2, strategy="fsdp_tp", rules=STRATEGIES["fsdp_tp"]),
     ],
     ids=["dp_data8", "fsdp8", "tp_data4_tensor2", "fsdp_tp_2x2x2"],
