@@ -225,24 +225,28 @@ def _attend_blocks(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap
 
 
 def _attend_blocks_fwd(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap, blocks, width):
+    """The keys and values are kept once, not as each block's prefix of them (which held
+    4.5x their size at 8 blocks between forward and backward)."""
     outs, residuals = [], []
     for start, end in blocks:
         args = _block_args(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, start, end, width)
-        out, block_residuals = _attend_forward(*args, scale, softcap)
+        out, (q, _, _, *rest) = _attend_forward(*args, scale, softcap)
         outs.append(out)
-        residuals.append(block_residuals)
-    return jnp.concatenate(outs, axis=3), tuple(residuals)
+        residuals.append((q, *rest))
+    return jnp.concatenate(outs, axis=3), (k_BxKxSxH, v_BxKxSxH, tuple(residuals))
 
 
 def _attend_blocks_bwd(scale, softcap, blocks, width, residuals, d_out_BxKxGxTxH):
-    _, k_BxKxSxH, v_BxKxSxH, *_ = residuals[-1]  # the last block sees every key
+    k_BxKxSxH, v_BxKxSxH, block_residuals = residuals
     d_qs = []
     d_k_BxKxSxH, d_v_BxKxSxH = jnp.zeros_like(k_BxKxSxH), jnp.zeros_like(v_BxKxSxH)
-    for (start, end), res in zip(blocks, residuals):
+    for (start, end), (q, *rest) in zip(blocks, block_residuals):
+        keys = width + end
+        res = (q, k_BxKxSxH[:, :, :keys], v_BxKxSxH[:, :, :keys], *rest)
         d_q, d_k, d_v, _ = _attend_bwd(scale, softcap, res, d_out_BxKxGxTxH[:, :, :, start:end])
         d_qs.append(d_q)
-        d_k_BxKxSxH = d_k_BxKxSxH.at[:, :, : width + end].add(d_k)
-        d_v_BxKxSxH = d_v_BxKxSxH.at[:, :, : width + end].add(d_v)
+        d_k_BxKxSxH = d_k_BxKxSxH.at[:, :, :keys].add(d_k)
+        d_v_BxKxSxH = d_v_BxKxSxH.at[:, :, :keys].add(d_v)
     return jnp.concatenate(d_qs, axis=3), d_k_BxKxSxH, d_v_BxKxSxH, None
 
 

@@ -19,6 +19,7 @@ Job: one block of every supported family, its variant switches read from
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -33,6 +34,30 @@ from jaxsft.model.families import variant
 
 ACTIVATION_AXES = ("batch", "length", "embed")
 _ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def gated(gate_BxTxF, up_BxTxF, activation: str):
+    """act(gate) * up, differentiated from gate and up alone.
+
+    Autodiff of the product kept act(gate), its derivative's factors and the product itself,
+    six [B, T, F] arrays per layer between forward and backward; this keeps gate and up and
+    recomputes the rest inside the backward's elementwise pass (bench/NOTES.md, round 7). The
+    derivative is jax.vjp of the same function, so the numbers are autodiff's."""
+    return _ACTIVATIONS[activation](gate_BxTxF) * up_BxTxF
+
+
+def _gated_fwd(gate_BxTxF, up_BxTxF, activation):
+    return gated(gate_BxTxF, up_BxTxF, activation), (gate_BxTxF, up_BxTxF)
+
+
+def _gated_bwd(activation, residuals, d_hidden_BxTxF):
+    gate_BxTxF, up_BxTxF = residuals
+    act_BxTxF, act_vjp = jax.vjp(_ACTIVATIONS[activation], gate_BxTxF)
+    return act_vjp(d_hidden_BxTxF * up_BxTxF)[0], d_hidden_BxTxF * act_BxTxF
+
+
+gated.defvjp(_gated_fwd, _gated_bwd)
 
 
 def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str, ...], dtype) -> nnx.Param:
@@ -57,11 +82,40 @@ class RMSNorm(nnx.Module):
         self.scale = param(rngs, init, (dim,), names, param_dtype)
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        # Statistics in float32: a bfloat16 mean of squares loses the small components.
-        x32_BxTxD = x_BxTxD.astype(jnp.float32)
-        inv_rms_BxTx1 = jax.lax.rsqrt(jnp.mean(jnp.square(x32_BxTxD), axis=-1, keepdims=True) + self.eps)
-        scale_D = self.offset + self.scale[...].astype(jnp.float32)
-        return (x32_BxTxD * inv_rms_BxTx1 * scale_D).astype(x_BxTxD.dtype)
+        return rms_norm(x_BxTxD, self.scale[...], self.eps, self.offset)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def rms_norm(x_BxTxD, scale_D, eps: float, offset: float):
+    """x / rms(x) * (offset + scale) over the last axis, statistics in float32 (a bfloat16 mean
+    of squares loses the small components), the result in x's dtype.
+
+    Differentiated by hand from x and the [B, T, 1] inverse rms: autodiff also kept the
+    normalised x, an activation-sized array per norm between forward and backward."""
+    return _rms_norm_fwd(x_BxTxD, scale_D, eps, offset)[0]
+
+
+def _rms_norm_fwd(x_BxTxD, scale_D, eps, offset):
+    x32_BxTxD = x_BxTxD.astype(jnp.float32)
+    inv_rms_BxTx1 = jax.lax.rsqrt(jnp.mean(jnp.square(x32_BxTxD), axis=-1, keepdims=True) + eps)
+    y_BxTxD = (x32_BxTxD * inv_rms_BxTx1 * (offset + scale_D.astype(jnp.float32))).astype(x_BxTxD.dtype)
+    return y_BxTxD, (x_BxTxD, scale_D, inv_rms_BxTx1)
+
+
+def _rms_norm_bwd(eps, offset, residuals, d_y_BxTxD):
+    """With n = x * r, r = (mean(x^2) + eps)^-1/2 and s = offset + scale:
+    d_scale = sum over tokens of dy * n; dx = r * (dy*s - n * mean(dy*s * n))."""
+    x_BxTxD, scale_D, inv_rms_BxTx1 = residuals
+    normed_BxTxD = x_BxTxD.astype(jnp.float32) * inv_rms_BxTx1
+    d_y_BxTxD32 = d_y_BxTxD.astype(jnp.float32)
+    d_scale_D = jnp.sum(d_y_BxTxD32 * normed_BxTxD, axis=tuple(range(x_BxTxD.ndim - 1)))
+    d_normed_BxTxD = d_y_BxTxD32 * (offset + scale_D.astype(jnp.float32))
+    mean_BxTx1 = jnp.mean(d_normed_BxTxD * normed_BxTxD, axis=-1, keepdims=True)
+    d_x_BxTxD = inv_rms_BxTx1 * (d_normed_BxTxD - normed_BxTxD * mean_BxTx1)
+    return d_x_BxTxD.astype(x_BxTxD.dtype), d_scale_D.astype(scale_D.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()) -> np.ndarray:
@@ -182,7 +236,7 @@ class MLP(nnx.Module):
         dt = self.dtype
         gate_BxTxF = _linear(x_BxTxD, self.gate_proj[...], 1, dt, adapt, "mlp/gate_proj")
         up_BxTxF = _linear(x_BxTxD, self.up_proj[...], 1, dt, adapt, "mlp/up_proj")
-        hidden_BxTxF = constrain(_ACTIVATIONS[self.activation](gate_BxTxF) * up_BxTxF, ("batch", "length", "mlp"))
+        hidden_BxTxF = constrain(gated(gate_BxTxF, up_BxTxF, self.activation), ("batch", "length", "mlp"))
         return _linear(hidden_BxTxF, self.down_proj[...], 1, dt, adapt, "mlp/down_proj")
 
 

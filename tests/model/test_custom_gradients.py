@@ -1,4 +1,4 @@
-"""The hand-written gradients (dense, attention, rotary) equal autodiff of the plain formulas.
+"""The hand-written gradients (dense, attention, rotary, RMSNorm, the gated activation) equal autodiff of the plain formulas.
 
 Each op has a custom VJP for speed on XLA's CPU backend (bench/NOTES.md); these tests hold
 its values and gradients to autodiff of the textbook einsum in float64 (jax x64 inside a
@@ -12,7 +12,7 @@ import pytest
 
 from jaxsft.model.attention import _MASKED_LOGIT, attention, masked_attention, packed_causal_mask, window_mask
 from jaxsft.model.dense import dense
-from jaxsft.model.layers import apply_rope, rope_tables
+from jaxsft.model.layers import _ACTIVATIONS, apply_rope, gated, rms_norm, rope_tables
 
 
 def _grads(fn, args, cotangent):
@@ -137,3 +137,32 @@ def test_rope_equals_autodiff_of_rotate_half():
 
     cos, sin = rope_tables(positions, 8, 10000.0)
     _compare(lambda x: apply_rope(x, cos, sin), plain, [x])
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])  # Llama, Gemma
+@pytest.mark.parametrize("shape", [(2, 5, 8), (2, 5, 3, 4)])  # the block's norms; q/k norms over head_dim
+def test_rms_norm_equals_autodiff_of_the_formula(offset, shape):
+    rng = np.random.default_rng(0)
+    x, scale = rng.normal(size=shape), rng.normal(size=shape[-1:])
+
+    def plain(x, scale):
+        return x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * (offset + scale)
+
+    _compare(lambda x, scale: rms_norm(x, scale, 1e-6, offset), plain, [x, scale])
+
+
+def test_rms_norm_keeps_bfloat16_and_reduces_in_float32():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 64)) * 1e-2, jnp.bfloat16)
+    scale = jnp.ones((64,), jnp.bfloat16)
+    y, (dx, dscale) = _grads(lambda x, s: rms_norm(x, s, 1e-6, 0.0), [x, scale], jnp.ones(x.shape, jnp.bfloat16))
+    assert y.dtype == dx.dtype == dscale.dtype == jnp.bfloat16
+    # The float32 statistics: each row of y has an rms of ~1 even though x is tiny.
+    rms = np.sqrt(np.mean(np.square(np.asarray(y, np.float32)), axis=-1))
+    np.testing.assert_allclose(rms, 1.0, rtol=2e-2)
+
+
+@pytest.mark.parametrize("activation", sorted(_ACTIVATIONS))
+def test_gated_activation_equals_autodiff_of_the_product(activation):
+    rng = np.random.default_rng(0)
+    gate, up = rng.normal(size=(2, 5, 7)) * 3, rng.normal(size=(2, 5, 7))
+    _compare(lambda g, u: gated(g, u, activation), lambda g, u: _ACTIVATIONS[activation](g) * u, [gate, up], rtol=1e-5)
