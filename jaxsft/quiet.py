@@ -59,8 +59,11 @@ _BENIGN_ORBAX = re.compile(
 
 def accelerator_present() -> bool:
     """A GPU or TPU is attached (the checks of jax._src.hardware_utils, without importing JAX)."""
-    if any(os.path.exists(node) for node in _GPU_NODES):
-        return True
+    return any(os.path.exists(node) for node in _GPU_NODES) or tpu_present()
+
+
+def tpu_present() -> bool:
+    """A TPU is attached: a PCI device of Google's vendor id."""
     for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
         with contextlib.suppress(OSError):
             if Path(vendor).read_text().strip() == _GOOGLE_PCI_VENDOR:

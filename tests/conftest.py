@@ -16,6 +16,9 @@ import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
@@ -27,3 +30,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+# pytest-xdist (`-n 2` in pyproject.toml's addopts, `--dist loadgroup`): every module runs
+# whole on one worker, so its module fixtures are built once; the directories whose conftest
+# builds session fixtures (trained runs, tokenizers) run whole on one worker, so those are too.
+_SESSION_FIXTURE_DIRS = ("data", "eval", "synth")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(config, items):
+    root = Path(__file__).parent
+    for item in items:
+        rel = Path(item.path).relative_to(root)
+        group = rel.parts[0] if rel.parts[0] in _SESSION_FIXTURE_DIRS else rel.as_posix()
+        item.add_marker(pytest.mark.xdist_group(group))

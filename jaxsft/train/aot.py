@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jaxsft.config import Config, ConfigError
 from jaxsft.model import pretrained
 from jaxsft.model.transformer import param_count
+from jaxsft.quiet import tpu_present
 from jaxsft.train import program as program_lib
 from jaxsft.train import sharding
 
@@ -105,6 +106,10 @@ def topology(name: str, slices: int = 1):
     from jax.experimental import topologies
 
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu's host lookup
+    if not tpu_present():
+        # libtpu takes a host-wide lock file when it loads, so a second pre-flight on the same
+        # host (a parallel sweep, a test worker) failed; with no TPU attached it guards nothing.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         topo = topologies.get_topology_desc(
             f"{kind}:{shapes[chips]}", "tpu", **({"num_slices": slices} if slices > 1 else {})

@@ -1,5 +1,9 @@
 """Multi-slice pre-flight: `--slices K` compiles on the same hybrid ICI x DCN mesh as training."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from jaxsft import config_load
@@ -56,3 +60,30 @@ def test_dcn_sizes_must_match_the_slices(two_slices):
     cfg = config_load.load(None, SMALL + ["mesh.data=1", "mesh.fsdp=2", "mesh.dcn_fsdp=4"])
     with pytest.raises(ConfigError, match="multiply to 4 but the devices form 2 slices"):
         sharding.make_mesh(cfg.mesh, two_slices[0])
+
+
+def test_a_second_pre_flight_runs_while_another_process_holds_libtpu(tmp_path):
+    """libtpu locks /tmp/libtpu_lockfile when it loads; on a host with no TPU the pre-flight
+    does not take it, so a parallel sweep (or a second test worker) is not refused."""
+    env = {k: v for k, v in os.environ.items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
+    env.update(JAX_PLATFORMS="cpu", TPU_WORKER_HOSTNAMES="localhost")
+    hold = (
+        "import sys, time\nfrom jax.experimental import topologies\n"
+        "topologies.get_topology_desc('v5e:2x2', 'tpu'); print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        if holder.stdout.readline().strip() != b"held":
+            pytest.skip("another process holds libtpu's lock file")
+        second = subprocess.run(
+            [sys.executable, "-c", "from jaxsft.train import aot; print(len(aot.topology('v5e-4')[0]))"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 0, second.stderr[-500:]
+        assert second.stdout.split()[-1] == "4"
+    finally:
+        holder.kill()
+        holder.wait()
