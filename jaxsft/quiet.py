@@ -8,8 +8,10 @@ noise on a CPU host, each silenced at its source and only there:
   hostnames" and the CUDA plugin's "Unable to load CUDA" traceback. With no accelerator
   on the machine (JAX's own checks: NVIDIA and AMD device nodes, Google's PCI vendor id)
   and `JAX_PLATFORMS` unset, `JAX_PLATFORMS=cpu` is set, so those backends are never
-  started. `jaxsft compile` is left alone (its pre-flight uses those runtimes); so is any
-  `JAX_PLATFORMS` the user set.
+  started; any `JAX_PLATFORMS` the user set is left alone. `jaxsft compile` too: its
+  compile-only TPU and CUDA devices come from the plugins' topology descriptions, not
+  from a started backend, and the CUDA plugin is told before it registers that this is
+  compile-only work (without that it failed to register and `--gpu` had no compiler).
 - The CUDA plugin's libraries log "cudart_stub.cc ... Could not find cuda drivers" from
   C++ when they load (at `import jax` and at plugin registration), before absl logging is
   set up, straight to file descriptor 2. On such a host those loads run with descriptor 2
@@ -47,7 +49,8 @@ _GPU_NODES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
 # Lines of a C++ library's log that are benign when no accelerator is present.
 _BENIGN_STDERR = re.compile(
     r"cudart_stub\.cc:\d+\] Could not find cuda drivers|"
-    r"^WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"^WARNING: All log messages before absl::InitializeLog\(\) is called|"
+    r"^Failed to find host bounds for accelerator type: WARNING: could not determine TPU accelerator type"
 )
 _BENIGN_ORBAX = re.compile(
     r"^(CheckpointManagerOptions\.read_only=True, setting|Given directory is read only|"
@@ -92,7 +95,7 @@ ORBAX_ORPHAN_TASK = _OrbaxOrphanTask()
 
 
 @contextlib.contextmanager
-def _benign_stderr_dropped():
+def benign_stderr_dropped():
     """Descriptor 2 goes to a file for the block; afterwards its lines are replayed but the benign ones."""
     sys.stderr.flush()
     saved = os.dup(2)
@@ -198,8 +201,10 @@ def quiet_start(verb: str) -> None:
         sys.stderr = ClosedLoopStderr(sys.stderr)
     if accelerator_present():
         return
-    if verb != "compile" and "JAX_PLATFORMS" not in os.environ:
+    if "JAX_PLATFORMS" not in os.environ:
         os.environ["JAX_PLATFORMS"] = "cpu"
+    if verb == "compile":  # compile-only CUDA devices; set before the plugin registers
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     if "jax" not in sys.modules:
-        with _benign_stderr_dropped():
+        with benign_stderr_dropped():
             _load_jax()

@@ -19,6 +19,7 @@ device XLA cannot autotune its GEMMs: memory is the default kernels', an estimat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 from jaxsft.config import Config, ConfigError
 from jaxsft.model import pretrained
 from jaxsft.model.transformer import param_count
-from jaxsft.quiet import tpu_present
+from jaxsft.quiet import benign_stderr_dropped, tpu_present
 from jaxsft.train import program as program_lib
 from jaxsft.train import sharding
 
@@ -106,14 +107,17 @@ def topology(name: str, slices: int = 1):
     from jax.experimental import topologies
 
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu's host lookup
-    if not tpu_present():
+    no_tpu = not tpu_present()
+    if no_tpu:
         # libtpu takes a host-wide lock file when it loads, so a second pre-flight on the same
         # host (a parallel sweep, a test worker) failed; with no TPU attached it guards nothing.
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
-        topo = topologies.get_topology_desc(
-            f"{kind}:{shapes[chips]}", "tpu", **({"num_slices": slices} if slices > 1 else {})
-        )
+        # With no TPU, libtpu's "could not determine TPU accelerator type" is expected.
+        with benign_stderr_dropped() if no_tpu else contextlib.nullcontext():
+            topo = topologies.get_topology_desc(
+                f"{kind}:{shapes[chips]}", "tpu", **({"num_slices": slices} if slices > 1 else {})
+            )
     except Exception as e:  # no libtpu, or a libtpu that does not know this chip
         raise ConfigError(
             f"--topology {name}: TPU compiler unavailable ({type(e).__name__}: "
