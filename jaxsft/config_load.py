@@ -173,6 +173,42 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+# The model fields a preset or a checkpoint's config.json decides: the network's family and shape.
+ARCHITECTURE = (
+    "family",
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "d_ff",
+    "rope_theta",
+    "norm_eps",
+    "tie_embeddings",
+    "rope_scaling",
+    "sliding_window",
+    "attn_logit_softcap",
+    "final_logit_softcap",
+    "query_pre_attn_scalar",
+)
+
+
+def _shapes_from_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`model.preset` or `model.init_from` given as an override names the network, so the file's
+    architecture fields give way (they would otherwise beat the preset, or conflict with the
+    checkpoint: `jaxsft compile --set model.preset=llama-3.1-8b` without `--config` compiled the
+    demo's 2-layer shape with 8B's widths). Architecture fields among the overrides still apply."""
+    model = raw.get("model")
+    if not isinstance(model, dict):
+        return raw
+    for text in overrides:
+        path, value = _parse_override(text)
+        if path[:1] == ["model"] and path[1:] in (["preset"], ["init_from"]) and value and model.get(path[1]) != value:
+            model = {k: v for k, v in model.items() if k not in ARCHITECTURE and k not in ("preset", "init_from")}
+    return {**raw, "model": model}
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     raw: dict = {}
     if path is not None:
@@ -185,7 +221,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
-    return from_dict(apply_overrides(raw, list(overrides)))
+    return from_dict(apply_overrides(_shapes_from_overrides(raw, list(overrides)), list(overrides)))
 
 
 def dump(cfg: Config) -> str:

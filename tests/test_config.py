@@ -97,3 +97,29 @@ def test_shipped_configs_validate_and_round_trip(name, tmp_path):
     cfg = config_load.load(Path(__file__).parent.parent / "configs" / name)
     config_load.save(cfg, tmp_path / "config.yaml")
     assert config_load.load(tmp_path / "config.yaml") == cfg
+
+
+def test_a_preset_or_checkpoint_on_the_command_line_replaces_the_files_shape(tmp_path):
+    """`jaxsft compile --set model.preset=llama-3.1-8b` loads the demo config underneath: its
+    2-layer, d_ff 256 qwen3 shape must give way to the preset (it used to win, giving a 0.6 B
+    "8B"); the file's other settings and the command line's own shape fields still apply."""
+    from jaxsft.model.families import resolve
+    from jaxsft.model.transformer import param_count
+
+    cfg = config_load.load(DEMO_CONFIG, ["model.preset=llama-3.1-8b", "model.vocab_size=128256"])
+    model = resolve(cfg.model)
+    assert (model.family, model.d_model, model.n_layers, model.d_ff, model.n_kv_heads) == ("llama", 4096, 32, 14336, 8)
+    assert param_count(model, 128256) == 8_030_261_248  # Llama-3.1-8B's published count
+    assert cfg.train.steps == config_load.load(DEMO_CONFIG).train.steps  # the rest of the file stays
+
+    own = tmp_path / "own.yaml"
+    own.write_text("model:\n  d_model: 64\n  n_layers: 2\n  dtype: bfloat16\n  remat: full\n")
+    cfg = config_load.load(own, ["model.preset=llama-3.2-1b", "model.n_layers=6"])
+    model = resolve(cfg.model)
+    assert (model.d_model, model.n_layers, model.dtype, model.remat) == (2048, 6, "bfloat16", "full")
+    # A checkpoint decides the shape too: the file's shape fields would conflict with its config.json.
+    cfg = config_load.load(own, ["model.init_from=hf:/ckpt"])
+    assert cfg.model.d_model == config_lib.ModelConfig().d_model and cfg.model.dtype == "bfloat16"
+    # The same preset in the file and on the command line changes nothing.
+    own.write_text("model:\n  preset: llama-3.2-1b\n  n_layers: 2\n")
+    assert resolve(config_load.load(own, ["model.preset=llama-3.2-1b"]).model).n_layers == 2
