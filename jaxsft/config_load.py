@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from jaxsft import config as config_lib
 from jaxsft.config import STRATEGIES, Config, ConfigError
 from jaxsft.config_checks import validate
 from jaxsft.data.templates import TEMPLATE_NAMES
@@ -209,6 +210,27 @@ def _shapes_from_overrides(raw: dict, overrides: list[str]) -> dict:
     return {**raw, "model": model}
 
 
+def _check_preset_overrides(cfg: Config, overrides: list[str]) -> None:
+    """A preset fills the model fields left at their defaults (families.resolve), so an
+    override of a field to its default value cannot undo the preset's value: refused rather
+    than ignored. (A saved config writes every field, so only overrides can say this.)"""
+    from jaxsft.model.families import PRESETS
+
+    preset = PRESETS.get(cfg.model.preset)
+    if preset is None:
+        return
+    default = config_lib.ModelConfig()
+    given = {tuple(_parse_override(text)[0]) for text in overrides}
+    for key in sorted(k for k in ARCHITECTURE if ("model", k) in given):
+        ours, theirs = getattr(cfg.model, key), getattr(preset, key)
+        if ours == getattr(default, key) and ours != theirs:
+            raise ConfigError(
+                f"model.{key}={ours!r} is the default, which model.preset={cfg.model.preset} replaces with "
+                f"{theirs!r}; to change it, give the model's shape without a preset (`jaxsft model info "
+                f"{cfg.model.preset}` prints it)"
+            )
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     raw: dict = {}
     if path is not None:
@@ -221,7 +243,10 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
-    return from_dict(apply_overrides(_shapes_from_overrides(raw, list(overrides)), list(overrides)))
+    raw = apply_overrides(_shapes_from_overrides(raw, list(overrides)), list(overrides))
+    cfg = from_dict(raw)
+    _check_preset_overrides(cfg, list(overrides))
+    return cfg
 
 
 def dump(cfg: Config) -> str:

@@ -123,3 +123,13 @@ def test_a_preset_or_checkpoint_on_the_command_line_replaces_the_files_shape(tmp
     # The same preset in the file and on the command line changes nothing.
     own.write_text("model:\n  preset: llama-3.2-1b\n  n_layers: 2\n")
     assert resolve(config_load.load(own, ["model.preset=llama-3.2-1b"]).model).n_layers == 2
+
+
+def test_an_override_to_the_default_cannot_undo_a_presets_value_and_says_so():
+    """A preset fills the fields left at their defaults, so `tie_embeddings=false` (the default)
+    on a tied preset would be silently ignored: it is refused in one line instead."""
+    with pytest.raises(config_lib.ConfigError, match=r"model.tie_embeddings=False is the default.*True"):
+        config_load.load(None, ["model.preset=llama-3.2-1b", "model.tie_embeddings=false"])
+    # The same value as the preset's, or a saved config that writes every field, is fine.
+    config_load.load(None, ["model.preset=llama-3.2-1b", "model.tie_embeddings=true"])
+    config_load.load(None, ["model.preset=llama-3.1-8b", "model.tie_embeddings=false"])
