@@ -31,6 +31,19 @@ def test_gpu_script_smoke_mode_prints_peak_and_both_runs():
     assert len(rows) == 2 and all("%" in row for row in rows), result.stdout
 
 
+@pytest.mark.slow
+def test_gpu_script_jobs_fit_one_h100():
+    """The real shapes of bench/gpu.sh compiled for one H100 on this host: a device session
+    (minutes, rarely lent) must not be spent on a job that cannot fit."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "--preflight"], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+    fits = [line for line in result.stdout.splitlines() if line.strip().startswith("total")]
+    assert len(fits) == 2 and all("(fits)" in line for line in fits), result.stdout
+
+
 def _vs_trl():
     sys.path.insert(0, str(ROOT / "bench"))
     import vs_trl

@@ -123,3 +123,20 @@ def test_only_orbax_tasks_never_retrieved_are_dropped_from_asyncio_logs():
     other = "Task exception was never retrieved\nfuture: <Task coro=<f() defined at /x/mine.py:1>>"
     assert not quiet.ORBAX_ORPHAN_TASK.filter(record(orbax))
     assert quiet.ORBAX_ORPHAN_TASK.filter(record(other)) and quiet.ORBAX_ORPHAN_TASK.filter(record("other"))
+
+
+def test_an_attention_kernel_that_cannot_run_here_is_one_line():
+    """`model.attention=cudnn` traced on a CPU host (a GPU pre-flight, or a train run) was a
+    traceback; it is a config error like any other: one line, exit 2."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxsft.cli", "compile", "--gpu", "h100x1", *TINY, "--set", "model.attention=cudnn"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr == (
+        "jaxsft: error: model.attention=cudnn does not support platform cpu (it needs a GPU); use model.attention=xla\n"
+    )

@@ -29,11 +29,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
+from jaxsft.config import ConfigError
+
 _LANES = 128  # splash tiles must be a multiple of this; pallas_gpu uses the same tile length
 
 
-class Unsupported(ValueError):
-    """This kernel cannot compute the requested attention; the message is one line."""
+class Unsupported(ConfigError):
+    """This kernel cannot compute the requested attention; the message is one line (a
+    `ConfigError`, so the CLI prints it as one and exits 2)."""
 
 
 def _refuse(implementation: str, feature: str) -> Unsupported:
