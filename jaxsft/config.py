@@ -115,6 +115,14 @@ class ModelConfig:
     peft: PeftConfig = PeftConfig()  # parameter-efficient fine-tuning; full fine-tuning by default
 
 
+# ModelConfig fields that say how to train, not what the network is. Every other field but
+# `preset` is architecture, which a preset or a checkpoint's config.json decides.
+MODEL_TRAINING_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "init_std", "init_from", "peft", "attention")
+MODEL_ARCHITECTURE_FIELDS = tuple(
+    f.name for f in dataclasses.fields(ModelConfig) if f.name not in (*MODEL_TRAINING_FIELDS, "preset")
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
     """One data source of a mixture (docs/data.md)."""

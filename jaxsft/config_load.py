@@ -20,8 +20,7 @@ from typing import Any
 
 import yaml
 
-from jaxsft import config as config_lib
-from jaxsft.config import STRATEGIES, Config, ConfigError
+from jaxsft.config import MODEL_ARCHITECTURE_FIELDS, STRATEGIES, Config, ConfigError, ModelConfig
 from jaxsft.config_checks import validate
 from jaxsft.data.templates import TEMPLATE_NAMES
 
@@ -174,28 +173,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-# The model fields a preset or a checkpoint's config.json decides: the network's family and shape.
-ARCHITECTURE = (
-    "family",
-    "vocab_size",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "head_dim",
-    "d_ff",
-    "rope_theta",
-    "norm_eps",
-    "tie_embeddings",
-    "rope_scaling",
-    "sliding_window",
-    "attn_logit_softcap",
-    "final_logit_softcap",
-    "query_pre_attn_scalar",
-)
-
-
-def _shapes_from_overrides(raw: dict, overrides: list[str]) -> dict:
+def _shapes_from_overrides(raw: dict, model_overrides: dict) -> dict:
     """`model.preset` or `model.init_from` given as an override names the network, so the file's
     architecture fields give way (they would otherwise beat the preset, or conflict with the
     checkpoint: `jaxsft compile --set model.preset=llama-3.1-8b` without `--config` compiled the
@@ -203,14 +181,14 @@ def _shapes_from_overrides(raw: dict, overrides: list[str]) -> dict:
     model = raw.get("model")
     if not isinstance(model, dict):
         return raw
-    for text in overrides:
-        path, value = _parse_override(text)
-        if path[:1] == ["model"] and path[1:] in (["preset"], ["init_from"]) and value and model.get(path[1]) != value:
-            model = {k: v for k, v in model.items() if k not in ARCHITECTURE and k not in ("preset", "init_from")}
-    return {**raw, "model": model}
+    named = [k for k in ("preset", "init_from") if model_overrides.get(k) and model.get(k) != model_overrides[k]]
+    if not named:
+        return raw
+    gone = (*MODEL_ARCHITECTURE_FIELDS, "preset", "init_from")
+    return {**raw, "model": {k: v for k, v in model.items() if k not in gone}}
 
 
-def _check_preset_overrides(cfg: Config, overrides: list[str]) -> None:
+def _check_preset_overrides(cfg: Config, model_overrides: dict) -> None:
     """A preset fills the model fields left at their defaults (families.resolve), so an
     override of a field to its default value cannot undo the preset's value: refused rather
     than ignored. (A saved config writes every field, so only overrides can say this.)"""
@@ -219,9 +197,8 @@ def _check_preset_overrides(cfg: Config, overrides: list[str]) -> None:
     preset = PRESETS.get(cfg.model.preset)
     if preset is None:
         return
-    default = config_lib.ModelConfig()
-    given = {tuple(_parse_override(text)[0]) for text in overrides}
-    for key in sorted(k for k in ARCHITECTURE if ("model", k) in given):
+    default = ModelConfig()
+    for key in sorted(k for k in MODEL_ARCHITECTURE_FIELDS if k in model_overrides):
         ours, theirs = getattr(cfg.model, key), getattr(preset, key)
         if ours == getattr(default, key) and ours != theirs:
             raise ConfigError(
@@ -243,9 +220,10 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
-    raw = apply_overrides(_shapes_from_overrides(raw, list(overrides)), list(overrides))
-    cfg = from_dict(raw)
-    _check_preset_overrides(cfg, list(overrides))
+    overrides = list(overrides)
+    model_overrides = {p[1]: v for p, v in map(_parse_override, overrides) if len(p) == 2 and p[0] == "model"}
+    cfg = from_dict(apply_overrides(_shapes_from_overrides(raw, model_overrides), overrides))
+    _check_preset_overrides(cfg, model_overrides)
     return cfg
 
 

@@ -31,7 +31,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
-# pytest-xdist (`-n 2` in pyproject.toml's addopts, `--dist loadgroup`): every module runs
+# pytest-xdist (`-n auto` in pyproject.toml's addopts, `--dist loadgroup`): every module runs
 # whole on one worker, so its module fixtures are built once; the directories whose conftest
 # builds session fixtures (trained runs, tokenizers) run whole on one worker, so those are too.
 _SESSION_FIXTURE_DIRS = ("data", "eval", "synth")

@@ -13,7 +13,7 @@ Only numbers and flags are read from config.json; nothing in it is executed.
 
 from __future__ import annotations
 
-from jaxsft.config import ConfigError, ModelConfig, RopeScaling
+from jaxsft.config import MODEL_TRAINING_FIELDS, ConfigError, ModelConfig, RopeScaling
 from jaxsft.model.families import resolve
 
 ARCHITECTURES = {
@@ -25,8 +25,6 @@ ARCHITECTURES = {
     "Gemma2ForCausalLM": "gemma2",
 }
 _ARCH_OF = {family: arch for arch, family in ARCHITECTURES.items()}
-# Fields that describe how to train, not what the checkpoint is: kept from the run's config.
-_TRAINING_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "init_std", "init_from", "peft", "attention")
 
 
 def _family(hf: dict, where: str) -> str:
@@ -93,7 +91,7 @@ def from_hf(hf: dict, base: ModelConfig = ModelConfig(), where: str = "config.js
         attn_logit_softcap=float(hf.get("attn_logit_softcapping") or 0.0) if gemma2 else 0.0,
         final_logit_softcap=float(hf.get("final_logit_softcapping") or 0.0) if gemma2 else 0.0,
         query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or 0.0) if gemma2 else 0.0,
-        **{k: getattr(base, k) for k in _TRAINING_FIELDS},
+        **{k: getattr(base, k) for k in MODEL_TRAINING_FIELDS},  # kept from the run's config
     )
     return cfg, cfg.vocab_size
 

@@ -62,16 +62,16 @@ def test_dcn_sizes_must_match_the_slices(two_slices):
         sharding.make_mesh(cfg.mesh, two_slices[0])
 
 
-def test_a_second_pre_flight_runs_while_another_process_holds_libtpu(tmp_path):
+def test_a_second_pre_flight_runs_while_another_process_holds_libtpu():
     """libtpu locks /tmp/libtpu_lockfile when it loads; on a host with no TPU the pre-flight
     does not take it, so a parallel sweep (or a second test worker) is not refused."""
     env = {k: v for k, v in os.environ.items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
     env.update(JAX_PLATFORMS="cpu", TPU_WORKER_HOSTNAMES="localhost")
     hold = (
-        "import sys, time\nfrom jax.experimental import topologies\n"
+        "import time\nfrom jax.experimental import topologies\n"
         "topologies.get_topology_desc('v5e:2x2', 'tpu'); print('held', flush=True); time.sleep(60)"
     )
-    holder = subprocess.Popen([sys.executable, "-c", hold], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    holder = subprocess.Popen([sys.executable, "-c", hold], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         if holder.stdout.readline().strip() != b"held":
             pytest.skip("another process holds libtpu's lock file")
