@@ -264,7 +264,7 @@ _PLATFORM_KERNELS = {"tpu": "splash", "gpu": "cudnn"}
 
 def _auto_attention(*args):
     """The platform's kernel where it can compute this call, else xla (trace-time choice)."""
-    kernel = IMPLEMENTATIONS[_PLATFORM_KERNELS.get(jax.default_backend(), "xla")]
+    kernel = IMPLEMENTATIONS[_PLATFORM_KERNELS.get(kernels.target_platform(), "xla")]
     try:
         return kernel(*args)
     except kernels.Unsupported:

@@ -8,7 +8,8 @@ line naming model.attention and the missing feature. None silently computes some
 - Platforms: cudnn needs a GPU. The Pallas kernels (splash: TPU, pallas_gpu: Triton) run
   natively on their platform and in the Pallas interpreter when jax.default_backend() is
   'cpu', which is how the tests compare them with xla (slow: meant for tests and debugging).
-  Neither runs on the other accelerator.
+  Neither runs on the other accelerator. The pre-flight (`jaxsft compile` on a CPU host)
+  traces under `compiling_for(target)`, so they lower natively for the target's devices.
 - The kernel modules are imported inside the wrappers, so importing jaxsft never depends on
   which Pallas ops a jax build ships.
 - Sliding window: the kernels that have one (splash's LocalMask, cuDNN's window length) bake
@@ -22,6 +23,8 @@ line naming model.attention and the missing feature. None silently computes some
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -37,6 +40,29 @@ _LANES = 128  # splash tiles must be a multiple of this; pallas_gpu uses the sam
 class Unsupported(ConfigError):
     """This kernel cannot compute the requested attention; the message is one line (a
     `ConfigError`, so the CLI prints it as one and exits 2)."""
+
+
+_TARGET_PLATFORM = contextvars.ContextVar("jaxsft_target_platform", default=None)
+
+
+def target_platform() -> str:
+    """The platform the program being traced will run on: the pre-flight's target devices
+    inside `compiling_for`, else JAX's default backend."""
+    return _TARGET_PLATFORM.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Traces inside run for `platform` ('tpu', 'gpu'), whatever this host's backend: `auto`
+    picks that platform's kernel and a Pallas kernel lowers natively (jaxsft compile on a CPU
+    host). A kernel that needs the device itself to trace (cuDNN) still refuses, and `auto`
+    falls back to xla. jit's caches do not see the target: trace a function under it that
+    is not traced elsewhere (the pre-flight builds its program inside)."""
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
 
 
 def _refuse(implementation: str, feature: str) -> Unsupported:
@@ -57,7 +83,7 @@ def _static_window(implementation: str, window) -> int:
 
 def _interpret(implementation: str, native: str) -> bool:
     """True to run a Pallas kernel in the interpreter (cpu); False on its native platform."""
-    platform = jax.default_backend()
+    platform = target_platform()
     if platform == native:
         return False
     if platform == "cpu":

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsft.config import Config, ConfigError
-from jaxsft.model import pretrained
+from jaxsft.model import kernels, pretrained
 from jaxsft.model.transformer import param_count
 from jaxsft.quiet import benign_stderr_dropped, tpu_present
 from jaxsft.train import program as program_lib
@@ -189,7 +189,9 @@ def compile_for(cfg: Config, devices, chip: Chip, chips: int, label: str = "") -
     plan = program.plan
     try:
         # The program `jaxsft train` runs: PEFT's frozen argument, micro-batch sharding and all.
-        compiled = program.compile_train()
+        # Traced for the target: `auto` attention is the kernel the devices would run.
+        with kernels.compiling_for(devices[0].platform):
+            compiled = program.compile_train()
     except jax.errors.JaxRuntimeError as e:
         first = str(e).splitlines()[0][:300]
         if "RESOURCE_EXHAUSTED" in first and "HBM" in first:

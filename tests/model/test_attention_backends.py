@@ -151,6 +151,31 @@ def test_auto_picks_the_platform_kernel(monkeypatch, platform, kernel):
     assert attention(q, k, v, segment_ids, implementation="auto") == kernel
 
 
+@pytest.mark.parametrize("platform, kernel", [("tpu", "splash"), ("gpu", "cudnn")])
+def test_auto_picks_the_target_platform_kernel_when_compiling_for_it(monkeypatch, platform, kernel):
+    """The pre-flight traces on a CPU host for its target's devices (aot.compile_for)."""
+    for name in ("xla", "splash", "cudnn", "pallas_gpu"):
+        monkeypatch.setitem(attention_lib.IMPLEMENTATIONS, name, lambda *args, name=name: name)
+    q, k, v, segment_ids, _ = packed_inputs(jnp.float32)
+    with kernels.compiling_for(platform):
+        assert attention(q, k, v, segment_ids, implementation="auto") == kernel
+    assert attention(q, k, v, segment_ids, implementation="auto") == "xla"
+
+
+def test_splash_lowers_natively_for_a_tpu_target_and_interpreted_on_cpu():
+    """For a TPU target the kernel is Mosaic's custom call (what the chip runs, so the pre-flight
+    measures its memory); on the CPU it is the Pallas interpreter's plain HLO."""
+    q, k, v, segment_ids, _ = packed_inputs(jnp.bfloat16)
+
+    def lowered(platforms=None):
+        fn = jax.jit(lambda *args: attention(*args, implementation="splash"))  # fresh: jit caches ignore the target
+        return fn.trace(q, k, v, segment_ids).lower(lowering_platforms=platforms).as_text()
+
+    with kernels.compiling_for("tpu"):
+        assert "tpu_custom_call" in lowered(("tpu",))
+    assert "tpu_custom_call" not in lowered()
+
+
 def test_auto_falls_back_to_xla_where_the_platform_kernel_refuses(monkeypatch):
     """On a TPU, auto takes splash; a traced per-layer window (Gemma 2) sends it to xla instead."""
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
