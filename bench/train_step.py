@@ -3,7 +3,9 @@
     python bench/train_step.py [CONFIG] [--set KEY=VALUE ...] [--steps 20]
 
 Random packed rows (no data pipeline), so the number is the step alone; compare with
-bench/data_throughput.py for the pipeline side.
+bench/data_throughput.py for the pipeline side. `--trained F` gives the rows SFT's loss mask:
+alternating prompt and answer spans with a share F of tokens trained (default 1: every
+token, as in pretraining).
 """
 
 import argparse
@@ -27,12 +29,28 @@ from jaxsft.train import sharding
 from jaxsft.train import state as state_lib
 
 
-def random_batch(rng, rows, length, vocab):
+def sft_mask(rng, rows: int, length: int, trained: float) -> np.ndarray:
+    """Loss weights of packed chat rows: untrained prompt spans (16-96 tokens), each followed
+    by a trained answer sized so that about `trained` of the tokens are trained."""
+    if trained >= 1:
+        return np.ones((rows, length), np.float32)
+    weights = np.zeros((rows, length), np.float32)
+    for row in weights:
+        pos = 0
+        while pos < length:
+            prompt = int(rng.integers(16, 97))
+            answer = round(prompt * trained / (1 - trained))
+            row[pos + prompt : pos + prompt + answer] = 1.0
+            pos += prompt + answer
+    return weights
+
+
+def random_batch(rng, rows, length, vocab, trained: float = 1.0):
     tokens = rng.integers(1, vocab, (rows, length + 1)).astype(np.int32)
     return {
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
-        "loss_weights": np.ones((rows, length), np.float32),
+        "loss_weights": sft_mask(rng, rows, length, trained),
         "segment_ids": np.ones((rows, length), np.int32),
         "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
     }
@@ -44,6 +62,7 @@ def main():
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--trained", type=float, default=1.0, help="share of tokens with loss weight (SFT: ~0.5)")
     args = parser.parse_args()
     cfg = config_load.load(args.config, args.overrides)
     cfg = dataclasses.replace(cfg, model=pretrained.resolve_config(cfg.model))  # presets
@@ -55,7 +74,8 @@ def main():
     step = program.compile_train()  # what `jaxsft train` runs
     compile_s = time.perf_counter() - start
     rows, length = cfg.train.global_batch_size, cfg.data.max_length
-    batch = sharding.global_batch(random_batch(np.random.default_rng(0), rows, length, vocab), program.batch_sharding)
+    host_batch = random_batch(np.random.default_rng(0), rows, length, vocab, args.trained)
+    batch = sharding.global_batch(host_batch, program.batch_sharding)
     train_state, metrics = step(train_state, batch, *frozen)  # warm-up
     jax.block_until_ready(metrics)
     start = time.perf_counter()
@@ -66,7 +86,7 @@ def main():
     n_params = param_count(cfg.model, vocab)
     print(
         f"model {n_params:,} params, {rows}x{length} tokens/step on {jax.device_count()} "
-        f"{jax.devices()[0].platform} device(s)"
+        f"{jax.devices()[0].platform} device(s), {host_batch['loss_weights'].mean():.0%} of tokens trained"
     )
     print(
         f"compile {compile_s:.1f} s; {seconds * 1e3:.1f} ms/step; "

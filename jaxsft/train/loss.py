@@ -61,13 +61,29 @@ def _to_chunks(x_Mx, chunks: int):
     return x_Mx.reshape(-1, chunks, *x_Mx.shape[1:]).swapaxes(0, 1)
 
 
+def _one_device() -> bool:
+    """True when the program being traced runs on one device (no ambient mesh, or a mesh of 1)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or mesh.size == 1
+
+
 def _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk: int, softcap: float, dtype, grads: bool):
     """Loss sum, per-token nll and (with `grads`) d/d hidden and d/d head, one chunk of logits at a time.
 
     The gradient comes out of the forward pass: the loss is a scalar, so its cotangent only
-    scales these, and the backward pass needs neither the logits nor a second matmul over them."""
+    scales these, and the backward pass needs neither the logits nor a second matmul over them.
+
+    On one device the trained tokens (weight > 0) go first, in order, so the untrained ones
+    (prompts, padding: in SFT often a third to a half) fill whole chunks at the end, which
+    the scan skips: no logits and no matmuls for them. Their nll and gradient are zero either
+    way. Under a mesh the tokens are split over devices, so the chunks stay strided (below)."""
     tokens = hidden_MxD.shape[0]
     chunk = min(chunk, tokens)  # a batch smaller than one chunk is one chunk, unpadded
+    skip = _one_device()
+    if skip:
+        order_M = jnp.argsort(weights_M <= 0, stable=True)  # trained first
+        hidden_MxD, targets_M, weights_M = hidden_MxD[order_M], targets_M[order_M], weights_M[order_M]
+        trained = jnp.sum(weights_M > 0)
     pad = -tokens % chunk
     if pad:  # zero weight: padding adds nothing to the sums and gets no gradient
         hidden_MxD = jnp.pad(hidden_MxD, ((0, pad), (0, 0)))
@@ -100,10 +116,27 @@ def _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk: int, softca
         d_head_DxV = d_head_DxV + jnp.dot(hidden_DxE, d_logits_ExV, preferred_element_type=jnp.float32)
         return (total, d_head_DxV), (nll_E, d_hidden_ExD)
 
+    def skipping_body(carry, xs):
+        start, chunk_xs = xs
+        untrained = lambda carry, chunk_xs: (carry, _zero_outputs(chunk_xs))  # noqa: E731
+        return jax.lax.cond(start < trained, body, untrained, carry, chunk_xs)
+
+    def _zero_outputs(chunk_xs):
+        hidden_ExD, _, weights_E = chunk_xs
+        nll_E = jnp.zeros_like(weights_E)
+        return (nll_E, jnp.zeros(hidden_ExD.shape, jnp.float32)) if grads else nll_E
+
     d_head = jnp.zeros(head_DxV.shape, jnp.float32) if grads else jnp.zeros((), jnp.float32)
-    xs = (_to_chunks(hidden_MxD, chunks), _to_chunks(targets_M, chunks), _to_chunks(weights_M, chunks))
-    (total, d_head_DxV), ys = jax.lax.scan(body, (jnp.zeros((), jnp.float32), d_head), xs)
-    from_chunks = lambda y_CxEx: y_CxEx.swapaxes(0, 1).reshape(-1, *y_CxEx.shape[2:])[:tokens]  # noqa: E731
+    carry = (jnp.zeros((), jnp.float32), d_head)
+    if skip:  # contiguous chunks: the untrained tokens' chunks are the last ones
+        xs = tuple(x.reshape(chunks, chunk, *x.shape[1:]) for x in (hidden_MxD, targets_M, weights_M))
+        (total, d_head_DxV), ys = jax.lax.scan(skipping_body, carry, (jnp.arange(chunks) * chunk, xs))
+        inverse_M = jnp.argsort(order_M)
+        from_chunks = lambda y_CxEx: y_CxEx.reshape(-1, *y_CxEx.shape[2:])[:tokens][inverse_M]  # noqa: E731
+    else:
+        xs = (_to_chunks(hidden_MxD, chunks), _to_chunks(targets_M, chunks), _to_chunks(weights_M, chunks))
+        (total, d_head_DxV), ys = jax.lax.scan(body, carry, xs)
+        from_chunks = lambda y_CxEx: y_CxEx.swapaxes(0, 1).reshape(-1, *y_CxEx.shape[2:])[:tokens]  # noqa: E731
     if not grads:
         return total, from_chunks(ys)
     return total, from_chunks(ys[0]), from_chunks(ys[1]), d_head_DxV

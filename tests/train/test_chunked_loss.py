@@ -96,6 +96,45 @@ def test_chunks_stay_on_their_devices_under_batch_sharding():
         ((16, 64), jnp.float32, rows),
     ]
     args = [jax.ShapeDtypeStruct(shape, dtype, sharding=s) for shape, dtype, s in shapes]
-    hlo = _loss_and_grads(functools.partial(chunked_cross_entropy_sum, chunk=128)).lower(*args).compile().as_text()
+    with jax.set_mesh(mesh):  # as the train step traces it (program.py)
+        hlo = _loss_and_grads(functools.partial(chunked_cross_entropy_sum, chunk=128)).lower(*args).compile().as_text()
     assert " all-gather(" not in hlo and " all-to-all(" not in hlo and " collective-permute(" not in hlo
     assert " all-reduce(" in hlo  # the loss and the head's gradient: the sums that must cross devices
+
+
+def test_untrained_tokens_fill_whole_chunks_that_are_never_computed():
+    """On one device the trained tokens go first, so the chunks holding only untrained ones
+    (prompts, padding) are skipped. Proof: NaN hidden states at every untrained position
+    leave the loss and both gradients finite and equal to the reference over the trained
+    tokens alone (a computed chunk would carry NaN into the head's gradient)."""
+    hidden, head, targets, _ = _inputs(batch=3, length=32, depth=16, vocab=50, seed=3)
+    weights = np.zeros((3, 32), np.float32)
+    weights[0, 20:] = 1.0  # 12 + 20 = 32 trained tokens: exactly two chunks of 16
+    weights[2, :20] = 2.0
+    hidden = np.asarray(hidden)
+    poisoned = jnp.asarray(np.where(weights[..., None] > 0, hidden, np.nan))
+    chunked = functools.partial(chunked_cross_entropy_sum, chunk=16)
+    loss, (d_hidden, d_head) = _loss_and_grads(chunked)(poisoned, head, targets, jnp.asarray(weights))
+    ref_loss, (ref_d_hidden, ref_d_head) = _loss_and_grads(_reference)(
+        jnp.asarray(hidden), head, targets, jnp.asarray(weights)
+    )
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(d_hidden), np.asarray(ref_d_hidden), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(d_head), np.asarray(ref_d_head), rtol=1e-4, atol=1e-6)
+    assert np.all(np.asarray(d_hidden)[weights == 0] == 0)
+
+
+@pytest.mark.parametrize("trained", [0.0, 1.0], ids=["none", "all"])
+def test_no_trained_token_and_every_token_trained(trained):
+    hidden, head, targets, _ = _inputs(batch=2, length=24, depth=16, vocab=50, seed=4)
+    weights = jnp.full((2, 24), trained, jnp.float32)
+    chunked = functools.partial(chunked_cross_entropy_sum, chunk=16)
+    assert float(chunked(hidden, head, targets, weights)[0]) == pytest.approx(
+        float(_reference(hidden, head, targets, weights)[0]), rel=1e-5
+    )
+    if trained:
+        (_, (d_hidden, d_head)), (_, (ref_d_hidden, ref_d_head)) = (
+            _loss_and_grads(fn)(hidden, head, targets, weights) for fn in (chunked, _reference)
+        )
+        np.testing.assert_allclose(np.asarray(d_head), np.asarray(ref_d_head), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(d_hidden), np.asarray(ref_d_hidden), rtol=1e-4, atol=1e-6)
