@@ -116,15 +116,14 @@ def _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk: int, softca
         d_head_DxV = d_head_DxV + jnp.dot(hidden_DxE, d_logits_ExV, preferred_element_type=jnp.float32)
         return (total, d_head_DxV), (nll_E, d_hidden_ExD)
 
+    def untrained(carry, xs):  # a chunk without a trained token: zero nll and gradient, carry unchanged
+        hidden_ExD, _, weights_E = xs
+        nll_E = jnp.zeros_like(weights_E)
+        return carry, ((nll_E, jnp.zeros(hidden_ExD.shape, jnp.float32)) if grads else nll_E)
+
     def skipping_body(carry, xs):
         start, chunk_xs = xs
-        untrained = lambda carry, chunk_xs: (carry, _zero_outputs(chunk_xs))  # noqa: E731
         return jax.lax.cond(start < trained, body, untrained, carry, chunk_xs)
-
-    def _zero_outputs(chunk_xs):
-        hidden_ExD, _, weights_E = chunk_xs
-        nll_E = jnp.zeros_like(weights_E)
-        return (nll_E, jnp.zeros(hidden_ExD.shape, jnp.float32)) if grads else nll_E
 
     d_head = jnp.zeros(head_DxV.shape, jnp.float32) if grads else jnp.zeros((), jnp.float32)
     carry = (jnp.zeros((), jnp.float32), d_head)
