@@ -33,13 +33,32 @@ def size_config(name: str, **model_overrides) -> tuple[Config, int]:
     return cfg, vocab
 
 
-def random_batch(rng: np.random.Generator, rows: int, length: int, vocab: int) -> dict[str, np.ndarray]:
-    """One packed batch of random tokens: every target trained, one segment per row."""
+def sft_mask(rng: np.random.Generator, rows: int, length: int, trained: float) -> np.ndarray:
+    """Loss weights of packed chat rows: untrained prompt spans (16-96 tokens), each followed
+    by a trained answer sized so that about `trained` of the tokens are trained (1: all)."""
+    if trained >= 1:
+        return np.ones((rows, length), np.float32)
+    weights = np.zeros((rows, length), np.float32)
+    for row in weights:
+        pos = 0
+        while pos < length:
+            prompt = int(rng.integers(16, 97))
+            answer = round(prompt * trained / (1 - trained))
+            row[pos + prompt : pos + prompt + answer] = 1.0
+            pos += prompt + answer
+    return weights
+
+
+def random_batch(
+    rng: np.random.Generator, rows: int, length: int, vocab: int, trained: float = 1.0
+) -> dict[str, np.ndarray]:
+    """One packed batch of random tokens, one segment per row: every target trained, or a
+    share `trained` of them under an SFT-like mask (`sft_mask`)."""
     tokens = rng.integers(1, vocab, (rows, length + 1)).astype(np.int32)
     return {
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
-        "loss_weights": np.ones((rows, length), np.float32),
+        "loss_weights": sft_mask(rng, rows, length, trained),
         "segment_ids": np.ones((rows, length), np.int32),
         "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
     }

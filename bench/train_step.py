@@ -19,6 +19,7 @@ if __name__ == "__main__":  # run as a script (not imported by a test): the mall
 
 import jax
 import numpy as np
+from common import random_batch  # bench/common.py
 
 from jaxsft import config_load
 from jaxsft.cli import DEMO_CONFIG
@@ -27,33 +28,6 @@ from jaxsft.model.transformer import param_count
 from jaxsft.train import program as program_lib
 from jaxsft.train import sharding
 from jaxsft.train import state as state_lib
-
-
-def sft_mask(rng, rows: int, length: int, trained: float) -> np.ndarray:
-    """Loss weights of packed chat rows: untrained prompt spans (16-96 tokens), each followed
-    by a trained answer sized so that about `trained` of the tokens are trained."""
-    if trained >= 1:
-        return np.ones((rows, length), np.float32)
-    weights = np.zeros((rows, length), np.float32)
-    for row in weights:
-        pos = 0
-        while pos < length:
-            prompt = int(rng.integers(16, 97))
-            answer = round(prompt * trained / (1 - trained))
-            row[pos + prompt : pos + prompt + answer] = 1.0
-            pos += prompt + answer
-    return weights
-
-
-def random_batch(rng, rows, length, vocab, trained: float = 1.0):
-    tokens = rng.integers(1, vocab, (rows, length + 1)).astype(np.int32)
-    return {
-        "inputs": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "loss_weights": sft_mask(rng, rows, length, trained),
-        "segment_ids": np.ones((rows, length), np.int32),
-        "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
-    }
 
 
 def main():
