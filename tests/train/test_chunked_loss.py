@@ -126,15 +126,15 @@ def test_untrained_tokens_fill_whole_chunks_that_are_never_computed():
 
 @pytest.mark.parametrize("trained", [0.0, 1.0], ids=["none", "all"])
 def test_no_trained_token_and_every_token_trained(trained):
+    """The loss sum and its gradients against the reference: all zero when no token is trained."""
     hidden, head, targets, _ = _inputs(batch=2, length=24, depth=16, vocab=50, seed=4)
     weights = jnp.full((2, 24), trained, jnp.float32)
     chunked = functools.partial(chunked_cross_entropy_sum, chunk=16)
-    assert float(chunked(hidden, head, targets, weights)[0]) == pytest.approx(
-        float(_reference(hidden, head, targets, weights)[0]), rel=1e-5
+    (total, (d_hidden, d_head)), (ref_total, (ref_d_hidden, ref_d_head)) = (
+        jax.value_and_grad(lambda h, w, fn=fn: fn(h, w, targets, weights)[0], argnums=(0, 1))(hidden, head)
+        for fn in (chunked, _reference)
     )
-    if trained:
-        (_, (d_hidden, d_head)), (_, (ref_d_hidden, ref_d_head)) = (
-            _loss_and_grads(fn)(hidden, head, targets, weights) for fn in (chunked, _reference)
-        )
-        np.testing.assert_allclose(np.asarray(d_head), np.asarray(ref_d_head), rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(d_hidden), np.asarray(ref_d_hidden), rtol=1e-4, atol=1e-6)
+    assert float(total) == pytest.approx(float(ref_total), rel=1e-5)
+    assert (float(total) == 0) == (trained == 0)
+    np.testing.assert_allclose(np.asarray(d_head), np.asarray(ref_d_head), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(d_hidden), np.asarray(ref_d_hidden), rtol=1e-4, atol=1e-6)
