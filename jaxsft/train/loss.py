@@ -61,6 +61,12 @@ def _to_chunks(x_Mx, chunks: int):
     return x_Mx.reshape(-1, chunks, *x_Mx.shape[1:]).swapaxes(0, 1)
 
 
+# The chunk holding the last trained tokens (sorted first on one device) runs its first k of
+# this many pieces: the work spent on untrained tokens is then under chunk / 4 instead of
+# under a chunk (256 tokens at the default loss_chunk 1024); the other chunks run whole or not at all.
+_BOUNDARY_PIECES = 4
+
+
 def _one_device() -> bool:
     """True when the program being traced runs on one device (no ambient mesh, or a mesh of 1)."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -76,7 +82,10 @@ def _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk: int, softca
     On one device the trained tokens (weight > 0) go first, in order, so the untrained ones
     (prompts, padding: in SFT often a third to a half) fill whole chunks at the end, which
     the scan skips: no logits and no matmuls for them. Their nll and gradient are zero either
-    way. Under a mesh the tokens are split over devices, so the chunks stay strided (below)."""
+    way. Of the one chunk that holds both, only the trained part runs, rounded up to a
+    whole piece (1 / `_BOUNDARY_PIECES` of a chunk): one matmul of a static size picked
+    by `switch`, so the work left over is under a piece, not under a chunk. Under a mesh
+    the tokens are split over devices, so the chunks stay strided (below)."""
     tokens = hidden_MxD.shape[0]
     chunk = min(chunk, tokens)  # a batch smaller than one chunk is one chunk, unpadded
     skip = _one_device()
@@ -121,9 +130,24 @@ def _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk: int, softca
         nll_E = jnp.zeros_like(weights_E)
         return carry, ((nll_E, jnp.zeros(hidden_ExD.shape, jnp.float32)) if grads else nll_E)
 
+    pieces = _BOUNDARY_PIECES if chunk % _BOUNDARY_PIECES == 0 else 1
+    piece = chunk // pieces
+
+    def prefix(k):  # a chunk's first k pieces (its trained tokens, rounded up); the rest is untrained
+        if k == pieces:
+            return body
+
+        def run(carry, chunk_xs):
+            carry, ys = body(carry, tuple(x[: k * piece] for x in chunk_xs))
+            pad = lambda y: jnp.pad(y, ((0, chunk - k * piece),) + ((0, 0),) * (y.ndim - 1))  # noqa: E731
+            return carry, jax.tree.map(pad, ys)
+
+        return run
+
     def skipping_body(carry, xs):
         start, chunk_xs = xs
-        return jax.lax.cond(start < trained, body, untrained, carry, chunk_xs)
+        pieces_trained = (jnp.clip(trained - start, 0, chunk) + piece - 1) // piece
+        return jax.lax.switch(pieces_trained, [untrained] + [prefix(k) for k in range(1, pieces + 1)], carry, chunk_xs)
 
     d_head = jnp.zeros(head_DxV.shape, jnp.float32) if grads else jnp.zeros((), jnp.float32)
     carry = (jnp.zeros((), jnp.float32), d_head)

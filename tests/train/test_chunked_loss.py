@@ -102,15 +102,19 @@ def test_chunks_stay_on_their_devices_under_batch_sharding():
     assert " all-reduce(" in hlo  # the loss and the head's gradient: the sums that must cross devices
 
 
-def test_untrained_tokens_fill_whole_chunks_that_are_never_computed():
+@pytest.mark.parametrize("row_2", [20, 8], ids=["whole-chunks", "boundary-pieces"])
+def test_untrained_tokens_fill_whole_chunks_that_are_never_computed(row_2):
     """On one device the trained tokens go first, so the chunks holding only untrained ones
-    (prompts, padding) are skipped. Proof: NaN hidden states at every untrained position
+    (prompts, padding) are skipped, and so are the untrained pieces (a quarter chunk each)
+    of the one chunk that holds both. Proof: NaN hidden states at every untrained position
     leave the loss and both gradients finite and equal to the reference over the trained
-    tokens alone (a computed chunk would carry NaN into the head's gradient)."""
+    tokens alone (a computed chunk or piece would carry NaN into the head's gradient)."""
     hidden, head, targets, _ = _inputs(batch=3, length=32, depth=16, vocab=50, seed=3)
     weights = np.zeros((3, 32), np.float32)
-    weights[0, 20:] = 1.0  # 12 + 20 = 32 trained tokens: exactly two chunks of 16
-    weights[2, :20] = 2.0
+    # 12 + 20 = 32 trained tokens: exactly two chunks of 16; 12 + 8 = 20: one chunk, then one
+    # piece of 4 of the second, whose three untrained pieces are skipped
+    weights[0, 20:] = 1.0
+    weights[2, :row_2] = 2.0
     hidden = np.asarray(hidden)
     poisoned = jnp.asarray(np.where(weights[..., None] > 0, hidden, np.nan))
     chunked = functools.partial(chunked_cross_entropy_sum, chunk=16)
