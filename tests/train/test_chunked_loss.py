@@ -142,3 +142,68 @@ def test_no_trained_token_and_every_token_trained(trained):
     assert (float(total) == 0) == (trained == 0)
     np.testing.assert_allclose(np.asarray(d_head), np.asarray(ref_d_head), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.asarray(d_hidden), np.asarray(ref_d_hidden), rtol=1e-4, atol=1e-6)
+
+
+def _collectives_by_computation(hlo: str) -> dict[str, list[str]]:
+    """HLO computation name (ENTRY's as "ENTRY") -> its collective instructions."""
+    found, name = {}, None
+    for line in hlo.splitlines():
+        if line.endswith("{") and "=" not in line.split("(")[0]:
+            name = "ENTRY" if line.startswith("ENTRY") else line.split()[0].lstrip("%")
+        elif name and any(f" {op}(" in line for op in ("all-reduce", "reduce-scatter", "all-gather", "all-to-all")):
+            found.setdefault(name, []).append(line.strip())
+    return found
+
+
+_RULES = (("batch", ("data", "fsdp")), ("length", "sequence"), ("embed", "fsdp"), ("vocab", "tensor"))
+
+
+def _sharded_loss_and_grads(axes, args, chunk=128):
+    """The loss and gradients jitted under an 8-device mesh and the train step's rules, and the compiled HLO."""
+    from flax import linen
+
+    mesh = jax.make_mesh(axes[1], axes[0], axis_types=(jax.sharding.AxisType.Auto,) * len(axes[0]))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(a for a in axes[0] if a != "tensor")))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    hidden, head, targets, weights = args
+    placed = [jax.device_put(x, s) for x, s in zip(args, (rows, whole, rows, rows))]
+    with jax.set_mesh(mesh), linen.logical_axis_rules(_RULES):  # as the train step traces it (program.py)
+        fn = _loss_and_grads(functools.partial(chunked_cross_entropy_sum, chunk=chunk))
+        return fn(*placed), fn.lower(*placed).compile().as_text()
+
+
+@pytest.mark.parametrize(
+    "axes",
+    [(("data", "fsdp"), (2, 4)), (("data", "tensor"), (2, 4))],
+    ids=["tokens-per-device", "tensor-copies-strided"],
+)
+def test_sharded_chunks_equal_the_reference(axes):
+    """Where every device holds tokens of its own, each runs its own scan and the loss and the
+    head's gradient are summed once after it (no collective inside the loop); under `tensor`
+    the tokens are copied, and XLA partitions one strided scan. Both equal the reference."""
+    args = _inputs(batch=8, length=64, depth=16, vocab=48, seed=5)
+    (loss, (d_hidden, d_head)), hlo = _sharded_loss_and_grads(axes, args)
+    ref_loss, (ref_d_hidden, ref_d_head) = _loss_and_grads(_reference)(*args)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(d_hidden), np.asarray(ref_d_hidden), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(d_head), np.asarray(ref_d_head), rtol=1e-4, atol=1e-6)
+    if "tensor" not in axes[0]:
+        collectives = _collectives_by_computation(hlo)
+        assert set(collectives) == {"ENTRY"}, collectives
+        assert sum(" all-reduce(" in line for line in collectives["ENTRY"]) == 1  # loss, weight and head together
+
+
+def test_each_device_skips_its_own_untrained_tokens():
+    """Per device: NaN hidden states at every untrained position (each row's trained tokens a
+    multiple of a piece, 4 of each device's 16-token chunks) leave everything finite and equal."""
+    hidden, head, targets, _ = _inputs(batch=8, length=64, depth=16, vocab=48, seed=6)
+    weights = np.zeros((8, 64), np.float32)
+    for row, trained in enumerate([0, 4, 20, 64, 8, 36, 16, 12]):  # one row per device
+        weights[row, np.random.default_rng(row).permutation(64)[:trained]] = 1.0
+    poisoned = jnp.asarray(np.where(weights[..., None] > 0, np.asarray(hidden), np.nan))
+    args = (poisoned, head, targets, jnp.asarray(weights))
+    (loss, (d_hidden, d_head)), _ = _sharded_loss_and_grads((("data", "fsdp"), (2, 4)), args)
+    ref_loss, (ref_d_hidden, ref_d_head) = _loss_and_grads(_reference)(hidden, head, targets, jnp.asarray(weights))
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(d_hidden), np.asarray(ref_d_hidden), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(d_head), np.asarray(ref_d_head), rtol=1e-4, atol=1e-6)
