@@ -14,12 +14,9 @@ flattened, C: chunks, E: tokens in one chunk).
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
-from jax.sharding import PartitionSpec as P
 
 from jaxsft.model import blas
 
@@ -70,33 +67,13 @@ def _to_chunks(x_Mx, chunks: int):
 _BOUNDARY_PIECES = 4
 
 
-def _token_split(rows: int, length: int) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-    """The mesh axes that split the rows and the length of the tokens, where every device holds
-    tokens of its own: ((), ()) on one device (no ambient mesh, or a mesh of 1); None where some
-    mesh axis holds copies of the same tokens (`tensor`) or the rules' split does not divide."""
+def _one_device() -> bool:
+    """True when the program being traced runs on one device (no ambient mesh, or a mesh of 1)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return (), ()
-    rules = dict(nn.get_logical_axis_rules())
-
-    def axes(logical: str, size: int, taken=()):
-        names = rules.get(logical) or ()
-        names = (names,) if isinstance(names, str) else names
-        names = tuple(a for a in names if a in mesh.axis_names and a not in taken and mesh.shape[a] > 1)
-        return names if size % math.prod(mesh.shape[a] for a in names) == 0 else None
-
-    row_axes = axes("batch", rows)
-    length_axes = axes("length", length, row_axes or ())
-    if row_axes is None or length_axes is None:
-        return None
-    if math.prod(mesh.shape[a] for a in row_axes + length_axes) != mesh.size:
-        return None
-    return row_axes, length_axes
+    return mesh.empty or mesh.size == 1
 
 
-def _chunked_pass(
-    hidden_MxD, head_DxV, targets_M, weights_M, chunk: int, softcap: float, dtype, grads: bool, skip: bool
-):
+def _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk: int, softcap: float, dtype, grads: bool):
     """Loss sum, per-token nll and (with `grads`) d/d hidden and d/d head, one chunk of logits at a time.
 
     The gradient comes out of the forward pass: the loss is a scalar, so its cotangent only
@@ -107,10 +84,11 @@ def _chunked_pass(
     the scan skips: no logits and no matmuls for them. Their nll and gradient are zero either
     way. Of the one chunk that holds both, only the trained part runs, rounded up to a
     whole piece (1 / `_BOUNDARY_PIECES` of a chunk): one matmul of a static size picked
-    by `switch`, so the work left over is under a piece, not under a chunk. With `skip`
-    false the chunks are strided instead (`chunked_cross_entropy_sum` says when)."""
+    by `switch`, so the work left over is under a piece, not under a chunk. Under a mesh
+    the tokens are split over devices, so the chunks stay strided (below)."""
     tokens = hidden_MxD.shape[0]
     chunk = min(chunk, tokens)  # a batch smaller than one chunk is one chunk, unpadded
+    skip = _one_device()
     if skip:
         order_M = jnp.argsort(weights_M <= 0, stable=True)  # trained first
         hidden_MxD, targets_M, weights_M = hidden_MxD[order_M], targets_M[order_M], weights_M[order_M]
@@ -187,73 +165,21 @@ def _chunked_pass(
     return total, from_chunks(ys[0]), from_chunks(ys[1]), d_head_DxV
 
 
-def _pass(hidden_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, softcap, dtype, grads: bool):
-    """`_chunked_pass` over the [B, T] tokens, laid out for the ambient mesh: on one device
-    as they are; per device (`shard_map`) where the devices hold tokens of their own, each
-    sorting and skipping its own and summing the loss and the head's gradient once, after
-    its scan; strided and partitioned by XLA otherwise. Outputs as `_chunked_pass`, per token [B, T, ...]."""
-    rows, length, depth = hidden_BxTxD.shape
-    split = _token_split(rows, length)
-
-    def run(hidden_BxTxD, head_DxV, targets_BxT, weights_BxT, local_chunk, skip):
-        outs = _chunked_pass(
-            hidden_BxTxD.reshape(-1, depth),
-            head_DxV,
-            targets_BxT.reshape(-1),
-            weights_BxT.reshape(-1),
-            local_chunk,
-            softcap,
-            dtype,
-            grads,
-            skip,
-        )
-        shape = hidden_BxTxD.shape[:2]
-        return (outs[0], *(y.reshape(*shape, *y.shape[1:]) for y in outs[1:3]), *outs[3:])
-
-    args = (hidden_BxTxD, head_DxV, targets_BxT, weights_BxT)
-    if split is None:
-        return run(*args, chunk, skip=False)
-    row_axes, length_axes = split
-    token_axes = row_axes + length_axes
-    if not token_axes:  # one device
-        return run(*args, chunk, skip=True)
-    # a chunk of the step's tokens holds this many of each device's
-    local_chunk = -(-chunk // jax.sharding.get_abstract_mesh().size)
-
-    def per_device(*args):
-        total, *rest = run(*args, local_chunk, skip=True)
-        total = jax.lax.psum(total, token_axes)
-        if grads:  # one sum of the head's gradient per step, not one per chunk
-            rest[-1] = jax.lax.psum(rest[-1], token_axes)
-        return (total, *rest)
-
-    tokens = P(row_axes or None, length_axes or None)
-    features = P(row_axes or None, length_axes or None, None)
-    out_specs = (P(), tokens, features, P()) if grads else (P(), tokens)
-    in_specs = (features, P(), tokens, tokens)
-    return jax.shard_map(per_device, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked_nll_sum(hidden_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, softcap, dtype):
-    return _pass(hidden_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, softcap, dtype, grads=False)[0]
+def _chunked_nll_sum(hidden_MxD, head_DxV, targets_M, weights_M, chunk, softcap, dtype):
+    return _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk, softcap, dtype, grads=False)[0]
 
 
-def _chunked_nll_sum_fwd(hidden_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, softcap, dtype):
-    total, nll_BxT, d_hidden_BxTxD, d_head_DxV = _pass(
-        hidden_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, softcap, dtype, grads=True
+def _chunked_nll_sum_fwd(hidden_MxD, head_DxV, targets_M, weights_M, chunk, softcap, dtype):
+    total, nll_M, d_hidden_MxD, d_head_DxV = _chunked_pass(
+        hidden_MxD, head_DxV, targets_M, weights_M, chunk, softcap, dtype, grads=True
     )
-    return total, (nll_BxT, d_hidden_BxTxD.astype(hidden_BxTxD.dtype), d_head_DxV.astype(head_DxV.dtype))
+    return total, (nll_M, d_hidden_MxD.astype(hidden_MxD.dtype), d_head_DxV.astype(head_DxV.dtype))
 
 
 def _chunked_nll_sum_bwd(chunk, softcap, dtype, residuals, g):
-    nll_BxT, d_hidden_BxTxD, d_head_DxV = residuals
-    return (
-        (g * d_hidden_BxTxD).astype(d_hidden_BxTxD.dtype),
-        (g * d_head_DxV).astype(d_head_DxV.dtype),
-        None,
-        g * nll_BxT,
-    )
+    nll_M, d_hidden_MxD, d_head_DxV = residuals
+    return (g * d_hidden_MxD).astype(d_hidden_MxD.dtype), (g * d_head_DxV).astype(d_head_DxV.dtype), None, g * nll_M
 
 
 _chunked_nll_sum.defvjp(_chunked_nll_sum_fwd, _chunked_nll_sum_bwd)
@@ -277,14 +203,13 @@ def chunked_cross_entropy_sum(
     rematerialised chunks takes four. `dtype` is the matmuls' input dtype (the model's
     compute dtype); they accumulate in float32.
 
-    Where the devices hold tokens of their own (the rows and length split over `data`, `fsdp`,
-    `sequence`; one device included), each runs its own scan over its tokens (`shard_map`),
-    in chunks of its share of `chunk`: trained tokens first, chunks without one skipped, and
-    the loss and the head's gradient summed over the devices once, after the scan. Where a
-    mesh axis holds copies of the tokens (`tensor`: the vocabulary may be split), XLA
-    partitions one scan instead, whose chunk c holds tokens c, c + C, c + 2C, ... of M (C
-    chunks), so that every device has its own share of each chunk.
+    Chunk c holds tokens c, c + C, c + 2C, ... of M (C chunks), not a contiguous run: the token
+    axis is sharded over devices in contiguous blocks, so strided chunks give every device
+    its own share of each chunk and the scan needs no communication.
     """
-    weights_BxT = weights_BxT.astype(jnp.float32)
-    total = _chunked_nll_sum(hidden_BxTxD, head_DxV, targets_BxT, weights_BxT, chunk, softcap, jnp.dtype(dtype))
-    return total, jnp.sum(weights_BxT)
+    depth = hidden_BxTxD.shape[-1]
+    weights_M = weights_BxT.reshape(-1).astype(jnp.float32)
+    total = _chunked_nll_sum(
+        hidden_BxTxD.reshape(-1, depth), head_DxV, targets_BxT.reshape(-1), weights_M, chunk, softcap, jnp.dtype(dtype)
+    )
+    return total, jnp.sum(weights_M)
