@@ -61,9 +61,9 @@ def _to_chunks(x_Mx, chunks: int):
     return x_Mx.reshape(-1, chunks, *x_Mx.shape[1:]).swapaxes(0, 1)
 
 
-# The chunk holding the last trained tokens (sorted first on one device) runs its first k of
-# this many pieces: the work spent on untrained tokens is then under chunk / 4 instead of
-# under a chunk (256 tokens at the default loss_chunk 1024); the other chunks run whole or not at all.
+# On one device the trained tokens left after the whole chunks run in blocks of this many
+# pieces of a chunk, rounded up to a piece: the work spent on untrained tokens is then under
+# chunk / 4 instead of under a chunk (256 tokens at the default loss_chunk 1024). A power of two.
 _BOUNDARY_PIECES = 4
 
 
@@ -78,26 +78,10 @@ def _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk: int, softca
 
     The gradient comes out of the forward pass: the loss is a scalar, so its cotangent only
     scales these, and the backward pass needs neither the logits nor a second matmul over them.
-
-    On one device the trained tokens (weight > 0) go first, in order, so the untrained ones
-    (prompts, padding: in SFT often a third to a half) fill whole chunks at the end, which
-    the scan skips: no logits and no matmuls for them. Their nll and gradient are zero either
-    way. Of the one chunk that holds both, only the trained part runs, rounded up to a
-    whole piece (1 / `_BOUNDARY_PIECES` of a chunk): one matmul of a static size picked
-    by `switch`, so the work left over is under a piece, not under a chunk. Under a mesh
-    the tokens are split over devices, so the chunks stay strided (below)."""
-    tokens = hidden_MxD.shape[0]
+    On one device only the trained tokens run (`_trained_blocks`); under a mesh the tokens are
+    split over devices, so the chunks stay strided (`chunked_cross_entropy_sum` says why)."""
+    tokens, out_dtype, head_dtype = hidden_MxD.shape[0], hidden_MxD.dtype, head_DxV.dtype
     chunk = min(chunk, tokens)  # a batch smaller than one chunk is one chunk, unpadded
-    skip = _one_device()
-    if skip:
-        order_M = jnp.argsort(weights_M <= 0, stable=True)  # trained first
-        hidden_MxD, targets_M, weights_M = hidden_MxD[order_M], targets_M[order_M], weights_M[order_M]
-        trained = jnp.sum(weights_M > 0)
-    pad = -tokens % chunk
-    if pad:  # zero weight: padding adds nothing to the sums and gets no gradient
-        hidden_MxD = jnp.pad(hidden_MxD, ((0, pad), (0, 0)))
-        targets_M, weights_M = jnp.pad(targets_M, (0, pad)), jnp.pad(weights_M, (0, pad))
-    chunks = hidden_MxD.shape[0] // chunk
     head_DxV = head_DxV.astype(dtype)
 
     def body(carry, xs):
@@ -117,52 +101,87 @@ def _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk: int, softca
         if blas.in_use(hidden_ExD, d_logits_ExV):  # float32 on the CPU: transposes as BLAS flags
             d_hidden_ExD = blas.matmul(d_logits_ExV, head_DxV, trans_b=True)
             d_head_DxV = d_head_DxV + blas.matmul(hidden_ExD, d_logits_ExV, trans_a=True)
-            return (total, d_head_DxV), (nll_E, d_hidden_ExD)
+            return (total, d_head_DxV), (nll_E, d_hidden_ExD.astype(out_dtype))
         d_hidden_ExD = jnp.dot(d_logits_ExV, head_DxV.T, preferred_element_type=jnp.float32)
         # hidden^T materialised first: XLA's CPU dot otherwise copies the wide d_logits instead
         # (model/dense.py says why); 2x on this matmul.
         hidden_DxE = jax.lax.optimization_barrier(hidden_ExD.T)
         d_head_DxV = d_head_DxV + jnp.dot(hidden_DxE, d_logits_ExV, preferred_element_type=jnp.float32)
-        return (total, d_head_DxV), (nll_E, d_hidden_ExD)
-
-    def untrained(carry, xs):  # a chunk without a trained token: zero nll and gradient, carry unchanged
-        hidden_ExD, _, weights_E = xs
-        nll_E = jnp.zeros_like(weights_E)
-        return carry, ((nll_E, jnp.zeros(hidden_ExD.shape, jnp.float32)) if grads else nll_E)
-
-    pieces = _BOUNDARY_PIECES if chunk % _BOUNDARY_PIECES == 0 else 1
-    piece = chunk // pieces
-
-    def prefix(k):  # a chunk's first k pieces (its trained tokens, rounded up); the rest is untrained
-        if k == pieces:
-            return body
-
-        def run(carry, chunk_xs):
-            carry, ys = body(carry, tuple(x[: k * piece] for x in chunk_xs))
-            pad = lambda y: jnp.pad(y, ((0, chunk - k * piece),) + ((0, 0),) * (y.ndim - 1))  # noqa: E731
-            return carry, jax.tree.map(pad, ys)
-
-        return run
-
-    def skipping_body(carry, xs):
-        start, chunk_xs = xs
-        pieces_trained = (jnp.clip(trained - start, 0, chunk) + piece - 1) // piece
-        return jax.lax.switch(pieces_trained, [untrained] + [prefix(k) for k in range(1, pieces + 1)], carry, chunk_xs)
+        return (total, d_head_DxV), (nll_E, d_hidden_ExD.astype(out_dtype))
 
     d_head = jnp.zeros(head_DxV.shape, jnp.float32) if grads else jnp.zeros((), jnp.float32)
     carry = (jnp.zeros((), jnp.float32), d_head)
-    if skip:  # contiguous chunks: the untrained tokens' chunks are the last ones
-        xs = tuple(x.reshape(chunks, chunk, *x.shape[1:]) for x in (hidden_MxD, targets_M, weights_M))
-        (total, d_head_DxV), ys = jax.lax.scan(skipping_body, carry, (jnp.arange(chunks) * chunk, xs))
-        inverse_M = jnp.argsort(order_M)
-        from_chunks = lambda y_CxEx: y_CxEx.reshape(-1, *y_CxEx.shape[2:])[:tokens][inverse_M]  # noqa: E731
-    else:
-        xs = (_to_chunks(hidden_MxD, chunks), _to_chunks(targets_M, chunks), _to_chunks(weights_M, chunks))
-        (total, d_head_DxV), ys = jax.lax.scan(body, carry, xs)
-        from_chunks = lambda y_CxEx: y_CxEx.swapaxes(0, 1).reshape(-1, *y_CxEx.shape[2:])[:tokens]  # noqa: E731
+    if _one_device():
+        return _trained_blocks(body, carry, hidden_MxD, targets_M, weights_M, chunk, grads, (out_dtype, head_dtype))
+    pad = -tokens % chunk
+    if pad:  # zero weight: padding adds nothing to the sums and gets no gradient
+        hidden_MxD = jnp.pad(hidden_MxD, ((0, pad), (0, 0)))
+        targets_M, weights_M = jnp.pad(targets_M, (0, pad)), jnp.pad(weights_M, (0, pad))
+    chunks = hidden_MxD.shape[0] // chunk
+    xs = (_to_chunks(hidden_MxD, chunks), _to_chunks(targets_M, chunks), _to_chunks(weights_M, chunks))
+    (total, d_head_DxV), ys = jax.lax.scan(body, carry, xs)
+    from_chunks = lambda y_CxEx: y_CxEx.swapaxes(0, 1).reshape(-1, *y_CxEx.shape[2:])[:tokens]  # noqa: E731
     if not grads:
         return total, from_chunks(ys)
     return total, from_chunks(ys[0]), from_chunks(ys[1]), d_head_DxV
+
+
+def _trained_blocks(body, carry, hidden_MxD, targets_M, weights_M, chunk: int, grads: bool, dtypes):
+    """`body` over the trained tokens (weight > 0) only, in blocks; the untrained ones (prompts,
+    padding: in SFT often a third to a half) get zero nll and gradient without a matmul.
+
+    The trained tokens' positions, in order, are cut into whole chunks, then the rest into at
+    most one block of each smaller power-of-two number of pieces (1 / `_BOUNDARY_PIECES` of a
+    chunk): the work spent on untrained tokens is under one piece. Each size is a loop with a
+    trip count known only at run time (0 or 1 for the smaller blocks), so every matmul has a
+    static shape and nothing runs for the rest. A block gathers its rows of the inputs and
+    scatters its outputs into place, in the loop's own buffers: no sorted copy of the hidden
+    states, no padded or permuted copy of their gradient (a `switch` over block sizes in a
+    `scan` held both, and XLA copied the head's gradient into and out of the conditional).
+    When the tokens are one chunk, a `switch` over the number of pieces runs one block and the
+    head's gradient is that block's matmul, in the head's dtype: no float32 accumulator."""
+    tokens, (out_dtype, head_dtype) = hidden_MxD.shape[0], dtypes
+    pieces = _BOUNDARY_PIECES if chunk % _BOUNDARY_PIECES == 0 else 1
+    piece = chunk // pieces
+    order_M = jnp.argsort(weights_M <= 0, stable=True)  # trained first, each in its place's order
+    # Blocks may read past the last token (a chunk that does not divide it): those rows point
+    # at `tokens`, out of range: gathered as zeros (weight 0), their outputs dropped.
+    order_M = jnp.pad(order_M, (0, -tokens % chunk), constant_values=tokens)
+    trained_pieces = (jnp.sum(weights_M > 0) + piece - 1) // piece
+    outputs = (jnp.zeros(tokens, jnp.float32),) + ((jnp.zeros(hidden_MxD.shape, out_dtype),) if grads else ())
+
+    def block(size):
+        def run(start, state):
+            carry, outputs = state
+            rows_E = jax.lax.dynamic_slice_in_dim(order_M, start, size)
+            take = lambda x: x.at[rows_E].get(mode="fill", fill_value=0, unique_indices=True)  # noqa: E731
+            carry, ys = body(carry, (take(hidden_MxD), take(targets_M), take(weights_M)))
+            ys = ys if grads else (ys,)
+            put = lambda out, y: out.at[rows_E].set(y, mode="drop", unique_indices=True)  # noqa: E731
+            return carry, tuple(map(put, outputs, ys))
+
+        return run
+
+    if tokens <= chunk:  # one block of the first k pieces; the carry's zeros fold away
+
+        def first(k):
+            def run():
+                (total, d_head_DxV), outputs_k = block(k * piece)(0, (carry, outputs)) if k else (carry, outputs)
+                return (total, *outputs_k, d_head_DxV.astype(head_dtype)) if grads else (total, outputs_k[0])
+
+            return run
+
+        return jax.lax.switch(trained_pieces, [first(k) for k in range(pieces + 1)])
+    state = (carry, outputs)
+    whole = trained_pieces // pieces
+    state = jax.lax.fori_loop(0, whole, lambda i, state: block(chunk)(i * chunk, state), state)
+    start = whole * chunk
+    for k in reversed([2**b for b in range(pieces.bit_length() - 1)]):  # e.g. 2 pieces, then 1 of 4
+        runs = (trained_pieces // k) % 2  # this size's bit of the pieces left: 0 or 1 block
+        state = jax.lax.fori_loop(0, runs, lambda _, state, k=k, start=start: block(k * piece)(start, state), state)
+        start = start + runs * k * piece
+    (total, d_head_DxV), outputs = state
+    return (total, *outputs, d_head_DxV) if grads else (total, outputs[0])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -174,7 +193,7 @@ def _chunked_nll_sum_fwd(hidden_MxD, head_DxV, targets_M, weights_M, chunk, soft
     total, nll_M, d_hidden_MxD, d_head_DxV = _chunked_pass(
         hidden_MxD, head_DxV, targets_M, weights_M, chunk, softcap, dtype, grads=True
     )
-    return total, (nll_M, d_hidden_MxD.astype(hidden_MxD.dtype), d_head_DxV.astype(head_DxV.dtype))
+    return total, (nll_M, d_hidden_MxD, d_head_DxV.astype(head_DxV.dtype))
 
 
 def _chunked_nll_sum_bwd(chunk, softcap, dtype, residuals, g):
@@ -203,9 +222,10 @@ def chunked_cross_entropy_sum(
     rematerialised chunks takes four. `dtype` is the matmuls' input dtype (the model's
     compute dtype); they accumulate in float32.
 
-    Chunk c holds tokens c, c + C, c + 2C, ... of M (C chunks), not a contiguous run: the token
-    axis is sharded over devices in contiguous blocks, so strided chunks give every device
-    its own share of each chunk and the scan needs no communication.
+    Under a mesh, chunk c holds tokens c, c + C, c + 2C, ... of M (C chunks), not a contiguous
+    run: the token axis is sharded over devices in contiguous blocks, so strided chunks give
+    every device its own share of each chunk and the scan needs no communication. On one
+    device only the trained tokens run (`_trained_blocks`).
     """
     depth = hidden_BxTxD.shape[-1]
     weights_M = weights_BxT.reshape(-1).astype(jnp.float32)

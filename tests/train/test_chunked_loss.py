@@ -102,22 +102,28 @@ def test_chunks_stay_on_their_devices_under_batch_sharding():
     assert " all-reduce(" in hlo  # the loss and the head's gradient: the sums that must cross devices
 
 
-@pytest.mark.parametrize("row_2", [20, 8], ids=["whole-chunks", "boundary-pieces"])
-def test_untrained_tokens_fill_whole_chunks_that_are_never_computed(row_2):
-    """On one device the trained tokens go first, so the chunks holding only untrained ones
-    (prompts, padding) are skipped, and so are the untrained pieces (a quarter chunk each)
-    of the one chunk that holds both. Proof: NaN hidden states at every untrained position
+@pytest.mark.parametrize(
+    "chunk, row_1, row_2",
+    [(16, 0, 20), (16, 0, 8), (16, 0, 16), (96, 16, 20)],
+    ids=["whole-chunks", "one-piece", "two-and-one-pieces", "one-chunk"],
+)
+def test_untrained_tokens_fill_whole_chunks_that_are_never_computed(chunk, row_1, row_2):
+    """On one device only the trained tokens run, in whole chunks and then in blocks of
+    pieces (a quarter chunk each), so no untrained token (prompt, padding) is computed when
+    the trained ones fill whole pieces. Proof: NaN hidden states at every untrained position
     leave the loss and both gradients finite and equal to the reference over the trained
-    tokens alone (a computed chunk or piece would carry NaN into the head's gradient)."""
+    tokens alone (a computed untrained token would carry NaN into the head's gradient)."""
     hidden, head, targets, _ = _inputs(batch=3, length=32, depth=16, vocab=50, seed=3)
     weights = np.zeros((3, 32), np.float32)
-    # 12 + 20 = 32 trained tokens: exactly two chunks of 16; 12 + 8 = 20: one chunk, then one
-    # piece of 4 of the second, whose three untrained pieces are skipped
+    # 12 + 20 = 32 trained tokens: exactly two chunks of 16; 12 + 8 = 20: one chunk, then a
+    # block of one piece of 4; 12 + 16 = 28: one chunk, then blocks of two pieces and of one;
+    # 12 + 16 + 20 = 48 of 96 tokens in one chunk: its first two pieces of 24
     weights[0, 20:] = 1.0
+    weights[1, :row_1] = 1.5
     weights[2, :row_2] = 2.0
     hidden = np.asarray(hidden)
     poisoned = jnp.asarray(np.where(weights[..., None] > 0, hidden, np.nan))
-    chunked = functools.partial(chunked_cross_entropy_sum, chunk=16)
+    chunked = functools.partial(chunked_cross_entropy_sum, chunk=chunk)
     loss, (d_hidden, d_head) = _loss_and_grads(chunked)(poisoned, head, targets, jnp.asarray(weights))
     ref_loss, (ref_d_hidden, ref_d_head) = _loss_and_grads(_reference)(
         jnp.asarray(hidden), head, targets, jnp.asarray(weights)
@@ -130,10 +136,11 @@ def test_untrained_tokens_fill_whole_chunks_that_are_never_computed(row_2):
 
 @pytest.mark.parametrize("trained", [0.0, 1.0], ids=["none", "all"])
 def test_no_trained_token_and_every_token_trained(trained):
-    """The loss sum and its gradients against the reference: all zero when no token is trained."""
+    """The loss sum and its gradients against the reference: all zero when no token is trained.
+    48 tokens in chunks of 20: the last block (two pieces of 5) reads 2 rows past the end."""
     hidden, head, targets, _ = _inputs(batch=2, length=24, depth=16, vocab=50, seed=4)
     weights = jnp.full((2, 24), trained, jnp.float32)
-    chunked = functools.partial(chunked_cross_entropy_sum, chunk=16)
+    chunked = functools.partial(chunked_cross_entropy_sum, chunk=20)
     (total, (d_hidden, d_head)), (ref_total, (ref_d_hidden, ref_d_head)) = (
         jax.value_and_grad(lambda h, w, fn=fn: fn(h, w, targets, weights)[0], argnums=(0, 1))(hidden, head)
         for fn in (chunked, _reference)
@@ -160,3 +167,25 @@ def test_sharded_chunks_equal_the_reference(axes):
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(d_hidden), np.asarray(ref_d_hidden), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.asarray(d_head), np.asarray(ref_d_head), rtol=1e-4, atol=1e-6)
+
+
+def test_one_gpu_holds_no_more_than_the_strided_chunks(monkeypatch):
+    """Compiled for one H100 (compile-only device), bf16 as a GPU job runs: the one-device
+    path (trained tokens only, gathered per block) takes no more temporary memory than the
+    strided chunks that run every token. A `switch` inside the scan took 307 MiB against
+    169 here: XLA copied the [D, V] float32 head gradient in and out of the conditional."""
+    from jaxsft.train import aot, loss
+
+    device = aot.gpu_topology("h100x1")[0][0]
+    on_gpu = jax.sharding.SingleDeviceSharding(device)
+    tokens, depth, vocab = 4096, 1024, 32768
+    shapes = [((1, tokens, depth), jnp.bfloat16), ((depth, vocab), jnp.bfloat16), ((1, tokens), jnp.int32)]
+    args = [jax.ShapeDtypeStruct(s, d, sharding=on_gpu) for s, d in shapes + [((1, tokens), jnp.float32)]]
+    chunked = functools.partial(chunked_cross_entropy_sum, chunk=512, dtype=jnp.bfloat16)
+    trained_only = _temp_bytes(chunked, args)
+    monkeypatch.setattr(loss, "_one_device", lambda: False)
+    strided = _temp_bytes(chunked, args)
+    print(
+        f"temp bytes on one H100: trained tokens only {trained_only / 2**20:.1f} MiB, strided {strided / 2**20:.1f} MiB"
+    )
+    assert trained_only <= strided
