@@ -63,7 +63,7 @@ def _to_chunks(x_Mx, chunks: int):
 
 # On one device the trained tokens left after the whole chunks run in blocks of this many
 # pieces of a chunk, rounded up to a piece: the work spent on untrained tokens is then under
-# chunk / 4 instead of under a chunk (256 tokens at the default loss_chunk 1024). A power of two.
+# chunk / 4 instead of under a chunk (256 tokens at the default loss_chunk 1024).
 _BOUNDARY_PIECES = 4
 
 
@@ -130,10 +130,10 @@ def _trained_blocks(body, carry, hidden_MxD, targets_M, weights_M, chunk: int, g
     """`body` over the trained tokens (weight > 0) only, in blocks; the untrained ones (prompts,
     padding: in SFT often a third to a half) get zero nll and gradient without a matmul.
 
-    The trained tokens' positions, in order, are cut into whole chunks, then the rest into at
-    most one block of each smaller power-of-two number of pieces (1 / `_BOUNDARY_PIECES` of a
-    chunk): the work spent on untrained tokens is under one piece. Each size is a loop with a
-    trip count known only at run time (0 or 1 for the smaller blocks), so every matmul has a
+    The trained tokens' positions, in order, are cut into whole chunks, then the rest, rounded
+    up to a piece (1 / `_BOUNDARY_PIECES` of a chunk), into one block of k pieces: the work
+    spent on untrained tokens is under one piece. Each size is a loop with a trip count known
+    only at run time (0 or 1 for the k-piece blocks, one of which runs), so every matmul has a
     static shape and nothing runs for the rest. A block gathers its rows of the inputs and
     scatters its outputs into place, in the loop's own buffers: no sorted copy of the hidden
     states, no padded or permuted copy of their gradient (a `switch` over block sizes in a
@@ -175,11 +175,10 @@ def _trained_blocks(body, carry, hidden_MxD, targets_M, weights_M, chunk: int, g
     state = (carry, outputs)
     whole = trained_pieces // pieces
     state = jax.lax.fori_loop(0, whole, lambda i, state: block(chunk)(i * chunk, state), state)
-    start = whole * chunk
-    for k in reversed([2**b for b in range(pieces.bit_length() - 1)]):  # e.g. 2 pieces, then 1 of 4
-        runs = (trained_pieces // k) % 2  # this size's bit of the pieces left: 0 or 1 block
-        state = jax.lax.fori_loop(0, runs, lambda _, state, k=k, start=start: block(k * piece)(start, state), state)
-        start = start + runs * k * piece
+    rest = trained_pieces % pieces
+    for k in range(1, pieces):  # the pieces left, if any, as one block: one loop runs, once
+        runs = (rest == k).astype(jnp.int32)
+        state = jax.lax.fori_loop(0, runs, lambda _, state, k=k: block(k * piece)(whole * chunk, state), state)
     (total, d_head_DxV), outputs = state
     return (total, *outputs, d_head_DxV) if grads else (total, outputs[0])
 

@@ -105,10 +105,10 @@ def test_chunks_stay_on_their_devices_under_batch_sharding():
 @pytest.mark.parametrize(
     "chunk, row_1, row_2",
     [(16, 0, 20), (16, 0, 8), (16, 0, 16), (96, 16, 20)],
-    ids=["whole-chunks", "one-piece", "two-and-one-pieces", "one-chunk"],
+    ids=["whole-chunks", "one-piece", "three-pieces", "one-chunk"],
 )
 def test_untrained_tokens_fill_whole_chunks_that_are_never_computed(chunk, row_1, row_2):
-    """On one device only the trained tokens run, in whole chunks and then in blocks of
+    """On one device only the trained tokens run, in whole chunks and then in a block of
     pieces (a quarter chunk each), so no untrained token (prompt, padding) is computed when
     the trained ones fill whole pieces. Proof: NaN hidden states at every untrained position
     leave the loss and both gradients finite and equal to the reference over the trained
@@ -116,7 +116,7 @@ def test_untrained_tokens_fill_whole_chunks_that_are_never_computed(chunk, row_1
     hidden, head, targets, _ = _inputs(batch=3, length=32, depth=16, vocab=50, seed=3)
     weights = np.zeros((3, 32), np.float32)
     # 12 + 20 = 32 trained tokens: exactly two chunks of 16; 12 + 8 = 20: one chunk, then a
-    # block of one piece of 4; 12 + 16 = 28: one chunk, then blocks of two pieces and of one;
+    # block of one piece of 4; 12 + 16 = 28: one chunk, then a block of three pieces;
     # 12 + 16 + 20 = 48 of 96 tokens in one chunk: its first two pieces of 24
     weights[0, 20:] = 1.0
     weights[1, :row_1] = 1.5
