@@ -112,7 +112,7 @@ def _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk: int, softca
     d_head = jnp.zeros(head_DxV.shape, jnp.float32) if grads else jnp.zeros((), jnp.float32)
     carry = (jnp.zeros((), jnp.float32), d_head)
     if _one_device():
-        return _trained_blocks(body, carry, hidden_MxD, targets_M, weights_M, chunk, grads, (out_dtype, head_dtype))
+        return _trained_blocks(body, carry, hidden_MxD, targets_M, weights_M, chunk, grads, head_dtype)
     pad = -tokens % chunk
     if pad:  # zero weight: padding adds nothing to the sums and gets no gradient
         hidden_MxD = jnp.pad(hidden_MxD, ((0, pad), (0, 0)))
@@ -126,7 +126,7 @@ def _chunked_pass(hidden_MxD, head_DxV, targets_M, weights_M, chunk: int, softca
     return total, from_chunks(ys[0]), from_chunks(ys[1]), d_head_DxV
 
 
-def _trained_blocks(body, carry, hidden_MxD, targets_M, weights_M, chunk: int, grads: bool, dtypes):
+def _trained_blocks(body, carry, hidden_MxD, targets_M, weights_M, chunk: int, grads: bool, head_dtype):
     """`body` over the trained tokens (weight > 0) only, in blocks; the untrained ones (prompts,
     padding: in SFT often a third to a half) get zero nll and gradient without a matmul.
 
@@ -140,7 +140,7 @@ def _trained_blocks(body, carry, hidden_MxD, targets_M, weights_M, chunk: int, g
     `scan` held both, and XLA copied the head's gradient into and out of the conditional).
     When the tokens are one chunk, a `switch` over the number of pieces runs one block and the
     head's gradient is that block's matmul, in the head's dtype: no float32 accumulator."""
-    tokens, (out_dtype, head_dtype) = hidden_MxD.shape[0], dtypes
+    tokens = hidden_MxD.shape[0]
     pieces = _BOUNDARY_PIECES if chunk % _BOUNDARY_PIECES == 0 else 1
     piece = chunk // pieces
     order_M = jnp.argsort(weights_M <= 0, stable=True)  # trained first, each in its place's order
@@ -148,7 +148,7 @@ def _trained_blocks(body, carry, hidden_MxD, targets_M, weights_M, chunk: int, g
     # at `tokens`, out of range: gathered as zeros (weight 0), their outputs dropped.
     order_M = jnp.pad(order_M, (0, -tokens % chunk), constant_values=tokens)
     trained_pieces = (jnp.sum(weights_M > 0) + piece - 1) // piece
-    outputs = (jnp.zeros(tokens, jnp.float32),) + ((jnp.zeros(hidden_MxD.shape, out_dtype),) if grads else ())
+    outputs = (jnp.zeros(tokens, jnp.float32),) + ((jnp.zeros_like(hidden_MxD),) if grads else ())
 
     def block(size):
         def run(start, state):

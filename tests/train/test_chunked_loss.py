@@ -107,7 +107,7 @@ def test_chunks_stay_on_their_devices_under_batch_sharding():
     [(16, 0, 20), (16, 0, 8), (16, 0, 16), (96, 16, 20)],
     ids=["whole-chunks", "one-piece", "three-pieces", "one-chunk"],
 )
-def test_untrained_tokens_fill_whole_chunks_that_are_never_computed(chunk, row_1, row_2):
+def test_untrained_tokens_are_never_computed(chunk, row_1, row_2):
     """On one device only the trained tokens run, in whole chunks and then in a block of
     pieces (a quarter chunk each), so no untrained token (prompt, padding) is computed when
     the trained ones fill whole pieces. Proof: NaN hidden states at every untrained position
@@ -173,7 +173,7 @@ def test_one_gpu_holds_no_more_than_the_strided_chunks(monkeypatch):
     """Compiled for one H100 (compile-only device), bf16 as a GPU job runs: the one-device
     path (trained tokens only, gathered per block) takes no more temporary memory than the
     strided chunks that run every token. A `switch` inside the scan took 307 MiB against
-    169 here: XLA copied the [D, V] float32 head gradient in and out of the conditional."""
+    169-177 here: XLA copied the [D, V] float32 head gradient in and out of the conditional."""
     from jaxsft.train import aot, loss
 
     device = aot.gpu_topology("h100x1")[0][0]
