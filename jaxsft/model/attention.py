@@ -48,74 +48,98 @@ def packed_causal_mask(segment_ids_BxT: jax.Array) -> jax.Array:
 
 
 def _grouped(q_BxTxNxH, kv_heads: int):
-    """[B, T, N, H] -> [B, K, G, T, H]: query heads under their kv head, heads before tokens."""
+    """[B, T, N, H] -> [B, K, X, H]: query heads under their kv head, heads before tokens, and the
+    T tokens' G query heads of a kv head one axis X = T*G, token-major (a block of tokens is a
+    block of rows)."""
     b, t, n, h = q_BxTxNxH.shape
-    return q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
+    return q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, -1, h)
 
 
-def _ungrouped(out_BxKxGxTxH):
-    b, k, g, t, h = out_BxKxGxTxH.shape
-    return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, h)
+def _ungrouped(out_BxKxXxH, length: int):
+    b, k, x, h = out_BxKxXxH.shape
+    return out_BxKxXxH.reshape(b, k, length, x // length, h).transpose(0, 2, 1, 3, 4).reshape(b, length, -1, h)
 
 
-def _attend_forward(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale: float, softcap: float):
-    """(out, residuals). The G query heads of a kv head and their T tokens are one axis X = G*T, so
-    every product is one batched matmul over (B, K) with its operands in the layout it reads."""
-    b, kv_heads, g, t, h = q_BxKxGxTxH.shape
-    s = k_BxKxSxH.shape[2]
-    q_BxKxXxH = q_BxKxGxTxH.reshape(b, kv_heads, g * t, h)
+def _window(x, rows):
+    return x if rows is None else x[:, :, rows[0] : rows[1]]
+
+
+def _attend_forward(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap, rows=None, keys=None):
+    """(out, residuals) of the queries in rows `rows` of X (all when None) against the keys and
+    values in rows `keys` of S (all when None); `mask_BxTxS` is those queries' and keys' mask.
+    Every product is one batched matmul over (B, K) with its operands in the layout it reads; on
+    the BLAS the windows are read in place (slices would be copies)."""
     on_blas = blas.in_use(q_BxKxXxH, k_BxKxSxH)  # float32 on the CPU: batched BLAS calls, transposes as flags
+    if not on_blas:
+        q_BxKxXxH, k_BxKxSxH, v_BxKxSxH = _window(q_BxKxXxH, rows), _window(k_BxKxSxH, keys), _window(v_BxKxSxH, keys)
+        rows = keys = None
+    b, t, s = mask_BxTxS.shape
     if on_blas:
-        logits_BxKxXxS = blas.matmul(q_BxKxXxH, k_BxKxSxH, trans_b=True)
+        logits_BxKxXxS = blas.matmul(q_BxKxXxH, k_BxKxSxH, trans_b=True, a_rows=rows, b_rows=keys)
     else:
         logits_BxKxXxS = jnp.einsum("bkxh,bksh->bkxs", q_BxKxXxH, k_BxKxSxH, preferred_element_type=jnp.float32)
+    g = logits_BxKxXxS.shape[2] // t
     logits_BxKxXxS = logits_BxKxXxS.astype(jnp.float32) * scale
     chain_BxKxXxS = None
     if softcap:
         tanh_BxKxXxS = jnp.tanh(logits_BxKxXxS / softcap)
         logits_BxKxXxS = softcap * tanh_BxKxXxS
         chain_BxKxXxS = 1.0 - jnp.square(tanh_BxKxXxS)  # d cap*tanh(x/cap) / dx
-    mask_Bx1xXxS = jnp.broadcast_to(mask_BxTxS[:, None], (b, g, t, s)).reshape(b, 1, g * t, s)
+    mask_Bx1xXxS = jnp.broadcast_to(mask_BxTxS[:, :, None], (b, t, g, s)).reshape(b, 1, t * g, s)
     logits_BxKxXxS = jnp.where(mask_Bx1xXxS, logits_BxKxXxS, _MASKED_LOGIT)
     probs_BxKxXxS = jax.nn.softmax(logits_BxKxXxS, axis=-1)
     if on_blas:
-        out_BxKxXxH = blas.matmul(probs_BxKxXxS, v_BxKxSxH)
+        out_BxKxXxH = blas.matmul(probs_BxKxXxS, v_BxKxSxH, b_rows=keys)
     else:
         out_BxKxXxH = jnp.einsum("bkxs,bksh->bkxh", probs_BxKxXxS.astype(v_BxKxSxH.dtype), v_BxKxSxH)
-    residuals = (q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, probs_BxKxXxS, out_BxKxXxH, chain_BxKxXxS)
-    return out_BxKxXxH.reshape(b, kv_heads, g, t, h), residuals
+    return out_BxKxXxH, (probs_BxKxXxS, out_BxKxXxH, chain_BxKxXxS)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attend(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale: float, softcap: float):
+def _attend(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale: float, softcap: float):
     """softmax(mask(softcap(q k^T * scale))) v, logits and softmax in float32; the gradient is
     written out (below) rather than left to autodiff."""
-    return _attend_forward(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap)[0]
+    return _attend_forward(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap)[0]
 
 
-def _attend_bwd(scale, softcap, residuals, d_out_BxKxGxTxH):
-    """The softmax gradient from the output (delta = rowsum(dO * O), as flash attention does),
+def _attend_fwd(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap):
+    out_BxKxXxH, residuals = _attend_forward(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap)
+    return out_BxKxXxH, (q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, *residuals)
+
+
+def _attend_bwd(scale, softcap, residuals, d_out_BxKxXxH):
+    q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, *rest = residuals
+    return (*_attend_grads(scale, softcap, q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, *rest, d_out_BxKxXxH), None)
+
+
+def _attend_grads(scale, softcap, q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, probs_BxKxXxS, out_BxKxXxH, chain_BxKxXxS,
+                  d_out_BxKxXxH, rows=None, keys=None):  # fmt: skip
+    """The gradients of the windows (`_attend_forward`'s rows of q and d_out, keys of k and v).
+
+    The softmax gradient from the output (delta = rowsum(dO * O), as flash attention does),
     and the key and value gradients as (q^T dS)^T and (dO^T P)^T: each matmul reads the
     [X, S] tensors in their own layout; only the narrow [X, H] operands are transposed.
     Autodiff left XLA's CPU backend to transpose the [X, S] tensors (bench/NOTES.md)."""
-    q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, probs_BxKxXxS, out_BxKxXxH, chain_BxKxXxS = residuals
-    d_out_BxKxXxH = d_out_BxKxGxTxH.reshape(out_BxKxXxH.shape)
     on_blas = blas.in_use(d_out_BxKxXxH, v_BxKxSxH)
+    if not on_blas:
+        q_BxKxXxH, d_out_BxKxXxH = _window(q_BxKxXxH, rows), _window(d_out_BxKxXxH, rows)
+        k_BxKxSxH, v_BxKxSxH = _window(k_BxKxSxH, keys), _window(v_BxKxSxH, keys)
+        rows = keys = None
     if on_blas:
-        d_probs_BxKxXxS = blas.matmul(d_out_BxKxXxH, v_BxKxSxH, trans_b=True)
+        d_probs_BxKxXxS = blas.matmul(d_out_BxKxXxH, v_BxKxSxH, trans_b=True, a_rows=rows, b_rows=keys)
     else:
         d_probs_BxKxXxS = jnp.einsum("bkxh,bksh->bkxs", d_out_BxKxXxH, v_BxKxSxH, preferred_element_type=jnp.float32)
-    delta_BxKxXx1 = jnp.sum(d_out_BxKxXxH.astype(jnp.float32) * out_BxKxXxH.astype(jnp.float32), axis=-1, keepdims=True)
+    d_out_window = _window(d_out_BxKxXxH, rows).astype(jnp.float32)
+    delta_BxKxXx1 = jnp.sum(d_out_window * out_BxKxXxH.astype(jnp.float32), axis=-1, keepdims=True)
     d_logits_BxKxXxS = probs_BxKxXxS * (d_probs_BxKxXxS.astype(jnp.float32) - delta_BxKxXx1)
     if chain_BxKxXxS is not None:
         d_logits_BxKxXxS = d_logits_BxKxXxS * chain_BxKxXxS
     d_logits_BxKxXxS = (d_logits_BxKxXxS * scale).astype(q_BxKxXxH.dtype)
     if on_blas:  # every operand in its own layout: the transposes are BLAS flags
         return (
-            blas.matmul(d_logits_BxKxXxS, k_BxKxSxH).reshape(d_out_BxKxGxTxH.shape),
-            blas.matmul(d_logits_BxKxXxS, q_BxKxXxH, trans_a=True),
-            blas.matmul(probs_BxKxXxS, d_out_BxKxXxH, trans_a=True),
-            None,
+            blas.matmul(d_logits_BxKxXxS, k_BxKxSxH, b_rows=keys),
+            blas.matmul(d_logits_BxKxXxS, q_BxKxXxH, trans_a=True, b_rows=rows),
+            blas.matmul(probs_BxKxXxS, d_out_BxKxXxH, trans_a=True, b_rows=rows),
         )
     d_q_BxKxXxH = jnp.einsum("bkxs,bksh->bkxh", d_logits_BxKxXxS, k_BxKxSxH)
     q_BxKxHxX = jax.lax.optimization_barrier(q_BxKxXxH.swapaxes(2, 3))
@@ -126,14 +150,13 @@ def _attend_bwd(scale, softcap, residuals, d_out_BxKxGxTxH):
     # XLA's slower generic emitter on CPU).
     d_k_BxKxHxS, d_v_BxKxHxS = jax.lax.optimization_barrier((d_k_BxKxHxS, d_v_BxKxHxS))
     return (
-        d_q_BxKxXxH.reshape(d_out_BxKxGxTxH.shape).astype(q_BxKxXxH.dtype),
+        d_q_BxKxXxH.astype(q_BxKxXxH.dtype),
         d_k_BxKxHxS.swapaxes(2, 3).astype(k_BxKxSxH.dtype),
         d_v_BxKxHxS.swapaxes(2, 3).astype(v_BxKxSxH.dtype),
-        None,
     )
 
 
-_attend.defvjp(_attend_forward, _attend_bwd)
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale: float, softcap: float = 0.0):
@@ -143,8 +166,8 @@ def masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS, scale: float, 
     """
     kv_heads = k_BxSxKxH.shape[2]
     k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.swapaxes(1, 2), v_BxSxKxH.swapaxes(1, 2)
-    out_BxKxGxTxH = _attend(_grouped(q_BxTxNxH, kv_heads), k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap)
-    return _ungrouped(out_BxKxGxTxH)
+    out_BxKxXxH = _attend(_grouped(q_BxTxNxH, kv_heads), k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap)
+    return _ungrouped(out_BxKxXxH, q_BxTxNxH.shape[1])
 
 
 def window_mask(length: int, window) -> jax.Array:
@@ -195,59 +218,56 @@ def _xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale, soft
         mask_BxTxS = mask_BxTxS & window_mask(length, window)[None]
     width = 0 if prefix is None else prefix[0].shape[0]
     k_BxSxKxH, v_BxSxKxH, mask_BxTxS = with_prefix(k_BxSxKxH, v_BxSxKxH, mask_BxTxS, prefix)
-    q_BxKxGxTxH = _grouped(q_BxTxNxH, k_BxSxKxH.shape[2])
+    q_BxKxXxH = _grouped(q_BxTxNxH, k_BxSxKxH.shape[2])
     k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.swapaxes(1, 2), v_BxSxKxH.swapaxes(1, 2)
     blocks = tuple(query_blocks(length))
     if len(blocks) == 1:
-        return _ungrouped(_attend(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap))
-    return _ungrouped(_attend_blocks(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap, blocks, width))
+        return _ungrouped(_attend(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap), length)
+    out_BxKxXxH = _attend_blocks(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap, blocks, width)
+    return _ungrouped(out_BxKxXxH, length)
 
 
-def _block_args(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, start: int, end: int, width: int):
-    """One query block's queries, the keys and values up to its last row, and its mask."""
-    keys = width + end
-    return (
-        q_BxKxGxTxH[:, :, :, start:end],
-        k_BxKxSxH[:, :, :keys],
-        v_BxKxSxH[:, :, :keys],
-        mask_BxTxS[:, start:end, :keys],
-    )
+def _block_windows(q_BxKxXxH, blocks, start: int, end: int, width: int):
+    """One query block's rows of X (its tokens' G heads each) and its keys (the prefix's W and
+    the row's up to its last token)."""
+    g = q_BxKxXxH.shape[2] // blocks[-1][1]  # the blocks end at the row's length
+    return (start * g, end * g), (0, width + end)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _attend_blocks(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap, blocks, width):
+def _attend_blocks(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap, blocks, width):
     """`_attend` of each query block against the keys up to its last row, outputs concatenated.
 
     One VJP for all blocks: each block's key and value gradients are added into one [B, K, S, H]
     buffer in place, where autodiff of the slices padded every block's gradient to full length
     and summed the padded copies (bench/NOTES.md, round 6)."""
-    return _attend_blocks_fwd(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap, blocks, width)[0]
+    return _attend_blocks_fwd(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap, blocks, width)[0]
 
 
-def _attend_blocks_fwd(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap, blocks, width):
-    """The keys and values are kept once, not as each block's prefix of them (which held
-    4.5x their size at 8 blocks between forward and backward)."""
+def _attend_blocks_fwd(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap, blocks, width):
+    """q, k and v are kept once, not as each block's slice of them (which held 4.5x the keys'
+    and values' size at 8 blocks between forward and backward)."""
     outs, residuals = [], []
     for start, end in blocks:
-        args = _block_args(q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, start, end, width)
-        out, (q, _, _, *rest) = _attend_forward(*args, scale, softcap)
+        rows, keys = _block_windows(q_BxKxXxH, blocks, start, end, width)
+        mask = mask_BxTxS[:, start:end, : keys[1]]
+        out, rest = _attend_forward(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, mask, scale, softcap, rows, keys)
         outs.append(out)
-        residuals.append((q, *rest))
-    return jnp.concatenate(outs, axis=3), (k_BxKxSxH, v_BxKxSxH, tuple(residuals))
+        residuals.append(rest)
+    return jnp.concatenate(outs, axis=2), (q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, tuple(residuals))
 
 
-def _attend_blocks_bwd(scale, softcap, blocks, width, residuals, d_out_BxKxGxTxH):
-    k_BxKxSxH, v_BxKxSxH, block_residuals = residuals
+def _attend_blocks_bwd(scale, softcap, blocks, width, residuals, d_out_BxKxXxH):
+    q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, block_residuals = residuals
     d_qs = []
     d_k_BxKxSxH, d_v_BxKxSxH = jnp.zeros_like(k_BxKxSxH), jnp.zeros_like(v_BxKxSxH)
-    for (start, end), (q, *rest) in zip(blocks, block_residuals):
-        keys = width + end
-        res = (q, k_BxKxSxH[:, :, :keys], v_BxKxSxH[:, :, :keys], *rest)
-        d_q, d_k, d_v, _ = _attend_bwd(scale, softcap, res, d_out_BxKxGxTxH[:, :, :, start:end])
+    for (start, end), rest in zip(blocks, block_residuals):
+        rows, keys = _block_windows(q_BxKxXxH, blocks, start, end, width)
+        d_q, d_k, d_v = _attend_grads(scale, softcap, q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, *rest, d_out_BxKxXxH, rows, keys)
         d_qs.append(d_q)
-        d_k_BxKxSxH = d_k_BxKxSxH.at[:, :, :keys].add(d_k)
-        d_v_BxKxSxH = d_v_BxKxSxH.at[:, :, :keys].add(d_v)
-    return jnp.concatenate(d_qs, axis=3), d_k_BxKxSxH, d_v_BxKxSxH, None
+        d_k_BxKxSxH = d_k_BxKxSxH.at[:, :, : keys[1]].add(d_k)
+        d_v_BxKxSxH = d_v_BxKxSxH.at[:, :, : keys[1]].add(d_v)
+    return jnp.concatenate(d_qs, axis=2), d_k_BxKxSxH, d_v_BxKxSxH, None
 
 
 _attend_blocks.defvjp(_attend_blocks_fwd, _attend_blocks_bwd)
