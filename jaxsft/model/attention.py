@@ -32,6 +32,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsft.model import blas, kernels
 
@@ -220,6 +221,11 @@ def _xla_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, scale, soft
     k_BxSxKxH, v_BxSxKxH, mask_BxTxS = with_prefix(k_BxSxKxH, v_BxSxKxH, mask_BxTxS, prefix)
     q_BxKxXxH = _grouped(q_BxTxNxH, k_BxSxKxH.shape[2])
     k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.swapaxes(1, 2), v_BxSxKxH.swapaxes(1, 2)
+    if _fused_on_cpu(q_BxKxXxH, k_BxKxSxH):
+        window_ = jnp.asarray(0 if window is None else window, jnp.int32)
+        out_BxKxXxH = _cpu_attention(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, segment_ids_BxT.astype(jnp.int32), window_,
+                                     float(scale), float(softcap))  # fmt: skip
+        return _ungrouped(out_BxKxXxH, length)
     blocks = tuple(query_blocks(length))
     if len(blocks) == 1:
         return _ungrouped(_attend(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap), length)
@@ -271,6 +277,43 @@ def _attend_blocks_bwd(scale, softcap, blocks, width, residuals, d_out_BxKxXxH):
 
 
 _attend_blocks.defvjp(_attend_blocks_fwd, _attend_blocks_bwd)
+
+
+def _fused_on_cpu(q_BxKxXxH, k_BxKxSxH) -> bool:
+    """Whether the xla attention runs fused on the CPU's BLAS (blas_sgemm.cc): float32 on the CPU
+    where `blas.matmul` is the BLAS's (a trace-time choice; a pre-flight for a TPU or GPU traces
+    for its target and keeps the blocks below)."""
+    return q_BxKxXxH.size > 0 and kernels.target_platform() == "cpu" and blas.in_use(q_BxKxXxH, k_BxKxSxH)
+
+
+def _cpu_attention_fwd(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, segment_ids_BxT, window, scale, softcap):
+    b, kv_heads, x, _ = q_BxKxXxH.shape
+    outs = (jax.ShapeDtypeStruct(q_BxKxXxH.shape, jnp.float32), jax.ShapeDtypeStruct((b, kv_heads, x), jnp.float32))
+    call = jax.ffi.ffi_call("jaxsft_attention_fwd", outs, vmap_method="sequential")
+    out_BxKxXxH, lse_BxKxX = call(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, segment_ids_BxT, window,
+                                  scale=np.float32(scale), softcap=np.float32(softcap))  # fmt: skip
+    return out_BxKxXxH, (q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, segment_ids_BxT, window, out_BxKxXxH, lse_BxKxX)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _cpu_attention(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, segment_ids_BxT, window, scale, softcap):
+    """The xla attention in one call per direction on the CPU: each (row, kv head) on one thread,
+    its query blocks (64 rows) one after another against the keys up to their last token, the
+    mask built from the segment ids, the window and the prefix's width (S - T) inside, each
+    block's logits in a buffer that stays in cache. The backward recomputes the probabilities
+    from the forward's log-sum-exp, as flash attention does, so no [X, S] tensor is kept."""
+    return _cpu_attention_fwd(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, segment_ids_BxT, window, scale, softcap)[0]
+
+
+def _cpu_attention_bwd(scale, softcap, residuals, d_out_BxKxXxH):
+    q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, *_ = residuals
+    outs = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q_BxKxXxH, k_BxKxSxH, v_BxKxSxH))
+    call = jax.ffi.ffi_call("jaxsft_attention_bwd", outs, vmap_method="sequential")
+    d_q, d_k, d_v = call(*residuals, d_out_BxKxXxH, scale=np.float32(scale), softcap=np.float32(softcap))
+    return d_q, d_k, d_v, None, None
+
+
+_cpu_attention.defvjp(_cpu_attention_fwd, _cpu_attention_bwd)
 
 
 IMPLEMENTATIONS = {

@@ -33,6 +33,7 @@ import glob
 import hashlib
 import logging
 import os
+import platform
 import subprocess
 import tempfile
 from pathlib import Path
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 
 MODE_ENV = "JAXSFT_CPU_MATMUL"
 TARGET = "jaxsft_sgemm"
+# The fused float32 attention in the same file (model/attention.py calls it): target -> symbol.
+ATTENTION_TARGETS = {"jaxsft_attention_fwd": "JaxsftAttentionFwd", "jaxsft_attention_bwd": "JaxsftAttentionBwd"}
 _SOURCE = Path(__file__).with_name("blas_sgemm.cc")
 
 
@@ -79,17 +82,32 @@ def _find_sgemm() -> tuple[ctypes._CFuncPtr, bool] | None:
     return None
 
 
+def _cpu_identity() -> str:
+    """The CPU the handler is compiled for (`-march=native`): a cache shared by machines of other
+    CPUs must not hand them its build."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return platform.machine() + "".join(
+                sorted({line for line in info if line.startswith(("flags", "Features"))})
+            )
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
 def _build() -> Path:
     """The compiled handler, built into the cache on first use (atomic: concurrent builds agree)."""
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + jaxlib_version.__version__.encode() + jax.ffi.include_dir().encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        source + jaxlib_version.__version__.encode() + jax.ffi.include_dir().encode() + _cpu_identity().encode()
+    ).hexdigest()[:16]
     out = cache_dir() / "blas" / f"jaxsft_sgemm_{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    command = [os.environ.get("CXX", "c++"), "-O2", "-shared", "-fPIC", "-std=c++17", "-w",
+    command = [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
+               "-shared", "-fPIC", "-std=c++17", "-w",
                "-I", jax.ffi.include_dir(), str(_SOURCE), "-o", tmp]  # fmt: skip
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -113,6 +131,8 @@ def available() -> bool:
         lib = ctypes.CDLL(str(_build()))
         lib.jaxsft_set_sgemm(ctypes.cast(sgemm[0], ctypes.c_void_p), ctypes.c_int(int(sgemm[1])))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxsftSgemm), platform="cpu")
+        for target, symbol in ATTENTION_TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, subprocess.SubprocessError, AttributeError) as err:
         log.warning("jaxsft: CPU matmuls stay on XLA's dot (%s: %s)", type(err).__name__, err)
         return False

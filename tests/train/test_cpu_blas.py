@@ -132,22 +132,24 @@ def test_a_window_outside_its_operand_is_refused():
         blas.matmul(jnp.ones((4, 3)), jnp.ones((3, 2)), a_rows=(2, 5))
 
 
-def test_blocked_attention_on_the_blas_equals_xla(monkeypatch):
-    """The query blocks read their rows of q and their keys in place on the BLAS: grouped heads
-    (8 query, 2 kv: X is token-major, so a block of tokens is a block of rows), a prefix of 3
-    slots, a sliding window, segments that straddle the blocks, padding; values and gradients."""
+@pytest.mark.parametrize("softcap", [0.0, 20.0])
+def test_fused_cpu_attention_equals_the_blocks(monkeypatch, softcap):
+    """On the BLAS the xla attention is one fused call per direction (blas_sgemm.cc), its mask
+    built inside: grouped heads (8 query, 2 kv), a prefix of 3 slots, a sliding window, segments
+    that straddle its query blocks, padding, a soft-cap; values and gradients against the blocked
+    xla form (held to float64 autodiff in tests/model/test_custom_gradients.py)."""
     b, t, n, kv, h = 2, 200, 8, 2, 16  # 4 blocks of 64, the last one short
     rng = np.random.default_rng(7)
     q, d_out = (jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) for _ in range(2))
     k, v = (jnp.asarray(rng.normal(size=(b, t, kv, h)), jnp.float32) for _ in range(2))
     prefix = tuple(jnp.asarray(rng.normal(size=(3, kv, h)), jnp.float32) for _ in range(2))
     segments = jnp.asarray(np.stack([np.repeat([1, 2, 3, 0], [70, 60, 50, 20]), np.repeat([1, 2], [130, 70])]))
-    fn = lambda q, k, v, prefix: attention(q, k, v, segments, window=90, prefix=prefix)
+    fn = lambda q, k, v, prefix: attention(q, k, v, segments, window=90, prefix=prefix, softcap=softcap)
     results = {}
     for mode in ("xla", "blas"):
         monkeypatch.setenv(blas.MODE_ENV, mode)
         text = jax.jit(lambda *a: jax.vjp(fn, *a)[1](d_out)).lower(q, k, v, prefix).as_text()
-        assert (blas.TARGET in text) == (mode == "blas")
+        assert ("jaxsft_attention_fwd" in text and "jaxsft_attention_bwd" in text) == (mode == "blas")
         y, vjp = jax.vjp(fn, q, k, v, prefix)
         results[mode] = (y, *vjp(d_out))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), results["xla"], results["blas"])
@@ -171,6 +173,28 @@ def test_attention_on_the_blas_equals_xla(monkeypatch):
         y, vjp = jax.vjp(lambda q, k, v: fn(q, k, v), q, k, v)
         results[mode] = (y, *vjp(d_out))
     jax.tree.map(lambda x, b: np.testing.assert_allclose(x, b, rtol=1e-5, atol=1e-5), results["xla"], results["blas"])
+
+
+def test_fused_cpu_attention_takes_a_traced_window_and_short_rows(monkeypatch):
+    """The window is an operand (a per-layer scalar under the layer scan), 0 meaning none; a row
+    shorter than one query block. Against the blocked xla form, values and gradients."""
+    rng = np.random.default_rng(8)
+    q, d_out = (jnp.asarray(rng.normal(size=(3, 37, 4, 8)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.normal(size=(3, 37, 4, 8)), jnp.float32) for _ in range(2))
+    segments = jnp.asarray(np.stack([np.repeat([1, 2], [20, 17]), np.repeat([1, 0], [30, 7]), np.ones(37, int)]))
+    windows = jnp.asarray([0, 5], jnp.int32)
+
+    def fn(q, k, v):
+        return jax.lax.map(lambda w: attention(q, k, v, segments, window=w), windows)
+
+    results = {}
+    for mode in ("xla", "blas"):
+        monkeypatch.setenv(blas.MODE_ENV, mode)
+        step = jax.jit(lambda q, k, v: jax.vjp(fn, q, k, v))
+        assert ("jaxsft_attention_fwd" in step.lower(q, k, v).as_text()) == (mode == "blas")
+        y, vjp = jax.vjp(fn, q, k, v)
+        results[mode] = (y, *vjp(jnp.stack([d_out, 2 * d_out])))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), results["xla"], results["blas"])
 
 
 def test_empty_contraction_and_empty_result(use_blas):
