@@ -68,15 +68,12 @@ def _window(x, rows):
 def _attend_forward(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap, rows=None, keys=None):
     """(out, residuals) of the queries in rows `rows` of X (all when None) against the keys and
     values in rows `keys` of S (all when None); `mask_BxTxS` is those queries' and keys' mask.
-    Every product is one batched matmul over (B, K) with its operands in the layout it reads; on
-    the BLAS the windows are read in place (slices would be copies)."""
+    Every product is one batched matmul over (B, K) with its operands in the layout it reads."""
+    q_BxKxXxH, k_BxKxSxH, v_BxKxSxH = _window(q_BxKxXxH, rows), _window(k_BxKxSxH, keys), _window(v_BxKxSxH, keys)
     on_blas = blas.in_use(q_BxKxXxH, k_BxKxSxH)  # float32 on the CPU: batched BLAS calls, transposes as flags
-    if not on_blas:
-        q_BxKxXxH, k_BxKxSxH, v_BxKxSxH = _window(q_BxKxXxH, rows), _window(k_BxKxSxH, keys), _window(v_BxKxSxH, keys)
-        rows = keys = None
     b, t, s = mask_BxTxS.shape
     if on_blas:
-        logits_BxKxXxS = blas.matmul(q_BxKxXxH, k_BxKxSxH, trans_b=True, a_rows=rows, b_rows=keys)
+        logits_BxKxXxS = blas.matmul(q_BxKxXxH, k_BxKxSxH, trans_b=True)
     else:
         logits_BxKxXxS = jnp.einsum("bkxh,bksh->bkxs", q_BxKxXxH, k_BxKxSxH, preferred_element_type=jnp.float32)
     g = logits_BxKxXxS.shape[2] // t
@@ -90,7 +87,7 @@ def _attend_forward(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale, softcap,
     logits_BxKxXxS = jnp.where(mask_Bx1xXxS, logits_BxKxXxS, _MASKED_LOGIT)
     probs_BxKxXxS = jax.nn.softmax(logits_BxKxXxS, axis=-1)
     if on_blas:
-        out_BxKxXxH = blas.matmul(probs_BxKxXxS, v_BxKxSxH, b_rows=keys)
+        out_BxKxXxH = blas.matmul(probs_BxKxXxS, v_BxKxSxH)
     else:
         out_BxKxXxH = jnp.einsum("bkxs,bksh->bkxh", probs_BxKxXxS.astype(v_BxKxSxH.dtype), v_BxKxSxH)
     return out_BxKxXxH, (probs_BxKxXxS, out_BxKxXxH, chain_BxKxXxS)
@@ -121,26 +118,23 @@ def _attend_grads(scale, softcap, q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, probs_BxKxXxS
     and the key and value gradients as (q^T dS)^T and (dO^T P)^T: each matmul reads the
     [X, S] tensors in their own layout; only the narrow [X, H] operands are transposed.
     Autodiff left XLA's CPU backend to transpose the [X, S] tensors (bench/NOTES.md)."""
+    q_BxKxXxH, d_out_BxKxXxH = _window(q_BxKxXxH, rows), _window(d_out_BxKxXxH, rows)
+    k_BxKxSxH, v_BxKxSxH = _window(k_BxKxSxH, keys), _window(v_BxKxSxH, keys)
     on_blas = blas.in_use(d_out_BxKxXxH, v_BxKxSxH)
-    if not on_blas:
-        q_BxKxXxH, d_out_BxKxXxH = _window(q_BxKxXxH, rows), _window(d_out_BxKxXxH, rows)
-        k_BxKxSxH, v_BxKxSxH = _window(k_BxKxSxH, keys), _window(v_BxKxSxH, keys)
-        rows = keys = None
     if on_blas:
-        d_probs_BxKxXxS = blas.matmul(d_out_BxKxXxH, v_BxKxSxH, trans_b=True, a_rows=rows, b_rows=keys)
+        d_probs_BxKxXxS = blas.matmul(d_out_BxKxXxH, v_BxKxSxH, trans_b=True)
     else:
         d_probs_BxKxXxS = jnp.einsum("bkxh,bksh->bkxs", d_out_BxKxXxH, v_BxKxSxH, preferred_element_type=jnp.float32)
-    d_out_window = _window(d_out_BxKxXxH, rows).astype(jnp.float32)
-    delta_BxKxXx1 = jnp.sum(d_out_window * out_BxKxXxH.astype(jnp.float32), axis=-1, keepdims=True)
+    delta_BxKxXx1 = jnp.sum(d_out_BxKxXxH.astype(jnp.float32) * out_BxKxXxH.astype(jnp.float32), axis=-1, keepdims=True)
     d_logits_BxKxXxS = probs_BxKxXxS * (d_probs_BxKxXxS.astype(jnp.float32) - delta_BxKxXx1)
     if chain_BxKxXxS is not None:
         d_logits_BxKxXxS = d_logits_BxKxXxS * chain_BxKxXxS
     d_logits_BxKxXxS = (d_logits_BxKxXxS * scale).astype(q_BxKxXxH.dtype)
     if on_blas:  # every operand in its own layout: the transposes are BLAS flags
         return (
-            blas.matmul(d_logits_BxKxXxS, k_BxKxSxH, b_rows=keys),
-            blas.matmul(d_logits_BxKxXxS, q_BxKxXxH, trans_a=True, b_rows=rows),
-            blas.matmul(probs_BxKxXxS, d_out_BxKxXxH, trans_a=True, b_rows=rows),
+            blas.matmul(d_logits_BxKxXxS, k_BxKxSxH),
+            blas.matmul(d_logits_BxKxXxS, q_BxKxXxH, trans_a=True),
+            blas.matmul(probs_BxKxXxS, d_out_BxKxXxH, trans_a=True),
         )
     d_q_BxKxXxH = jnp.einsum("bkxs,bksh->bkxh", d_logits_BxKxXxS, k_BxKxSxH)
     q_BxKxHxX = jax.lax.optimization_barrier(q_BxKxXxH.swapaxes(2, 3))

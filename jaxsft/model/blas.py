@@ -40,7 +40,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxlib import version as jaxlib_version
 
 from jaxsft.cache import cache_dir
@@ -160,88 +159,42 @@ def _op(x, trans: bool):
     return x.swapaxes(-1, -2) if trans else x
 
 
-def _window(x, rows):
-    """x[..., start:stop, :] for rows (start, stop); x for None."""
-    return x if rows is None else x[..., rows[0] : rows[1], :]
-
-
-def _unwindow(d_window, x, rows):
-    """The gradient of x from the gradient of its window: zeros outside the window."""
-    if rows is None:
-        return d_window
-    pad = [(0, 0)] * (x.ndim - 2) + [(rows[0], x.shape[-2] - rows[1]), (0, 0)]
-    return jnp.pad(d_window, pad)
-
-
-def _xla(a, b, trans_a: bool, trans_b: bool, preferred_element_type=None, a_rows=None, b_rows=None):
-    a, b = _window(a, a_rows), _window(b, b_rows)
+def _xla(a, b, trans_a: bool, trans_b: bool, preferred_element_type=None):
     return jnp.matmul(_op(a, trans_a), _op(b, trans_b), preferred_element_type=preferred_element_type)
 
 
-def _sgemm(a, b, trans_a: bool, trans_b: bool, a_rows, b_rows):
-    a_shape, b_shape = (
-        x.shape[:-2] + (x.shape[-2] if r is None else r[1] - r[0], x.shape[-1]) for x, r in ((a, a_rows), (b, b_rows))
-    )
-    m = a_shape[-1] if trans_a else a_shape[-2]
-    n = b_shape[-2] if trans_b else b_shape[-1]
+def _sgemm(a, b, trans_a: bool, trans_b: bool):
+    m = a.shape[-1] if trans_a else a.shape[-2]
+    n = b.shape[-2] if trans_b else b.shape[-1]
     out = jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32)
-    windows = {}  # the handler's int64 attributes; rows -1: all of them
-    for name, rows in (("a", a_rows), ("b", b_rows)):
-        row0, count = (0, -1) if rows is None else (rows[0], rows[1] - rows[0])
-        windows[f"{name}_row0"], windows[f"{name}_rows"] = np.int64(row0), np.int64(count)
-    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(a, b, trans_a=trans_a, trans_b=trans_b, **windows)
+    return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(a, b, trans_a=trans_a, trans_b=trans_b)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _blas_matmul(a, b, trans_a: bool, trans_b: bool, a_rows, b_rows):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _blas_matmul(a, b, trans_a: bool, trans_b: bool):
     return jax.lax.platform_dependent(
-        a,
-        b,
-        cpu=lambda a, b: _sgemm(a, b, trans_a, trans_b, a_rows, b_rows),
-        default=lambda a, b: _xla(a, b, trans_a, trans_b, a_rows=a_rows, b_rows=b_rows),
+        a, b, cpu=lambda a, b: _sgemm(a, b, trans_a, trans_b), default=lambda a, b: _xla(a, b, trans_a, trans_b)
     )
 
 
-def _blas_matmul_fwd(a, b, trans_a, trans_b, a_rows, b_rows):
-    return _blas_matmul(a, b, trans_a, trans_b, a_rows, b_rows), (a, b)
+def _blas_matmul_fwd(a, b, trans_a, trans_b):
+    return _blas_matmul(a, b, trans_a, trans_b), (a, b)
 
 
-def _blas_matmul_bwd(trans_a, trans_b, a_rows, b_rows, residuals, g):
-    """The windows' gradients, each reading the other operand through its window, then put in place."""
+def _blas_matmul_bwd(trans_a, trans_b, residuals, g):
     a, b = residuals
-    if trans_a:
-        d_a = _blas_matmul(b, g, trans_b, True, b_rows, None)
-    else:
-        d_a = _blas_matmul(g, b, False, not trans_b, None, b_rows)
-    if trans_b:
-        d_b = _blas_matmul(g, a, True, trans_a, None, a_rows)
-    else:
-        d_b = _blas_matmul(a, g, not trans_a, False, a_rows, None)
-    return _unwindow(d_a, a, a_rows), _unwindow(d_b, b, b_rows)
+    d_a = _blas_matmul(b, g, trans_b, True) if trans_a else _blas_matmul(g, b, False, not trans_b)
+    d_b = _blas_matmul(g, a, True, trans_a) if trans_b else _blas_matmul(a, g, not trans_a, False)
+    return d_a, d_b
 
 
 _blas_matmul.defvjp(_blas_matmul_fwd, _blas_matmul_bwd)
 
 
-def matmul(a, b, trans_a: bool = False, trans_b: bool = False, preferred_element_type=None, a_rows=None, b_rows=None):
+def matmul(a, b, trans_a: bool = False, trans_b: bool = False, preferred_element_type=None):
     """op(a) @ op(b), op a transpose of the last two axes where asked; a and b of rank >= 2 with the
-    same leading (batch) axes, as in `jnp.matmul`. The BLAS's where `in_use`.
-
-    `a_rows` / `b_rows`: (start, stop), to multiply only those rows (axis -2, before any transpose)
-    of every matrix of that operand: `a[..., start:stop, :]`. The BLAS reads them in place, where
-    a slice would be a copy; elsewhere it is the slice."""
-    a_rows, b_rows = _rows(a, a_rows), _rows(b, b_rows)
+    same leading (batch) axes, as in `jnp.matmul`. The BLAS's where `in_use`."""
     batched_alike = a.ndim >= 2 and a.ndim == b.ndim and a.shape[:-2] == b.shape[:-2]
     if batched_alike and preferred_element_type in (None, jnp.float32) and in_use(a, b):
-        return _blas_matmul(a, b, trans_a, trans_b, a_rows, b_rows)
-    return _xla(a, b, trans_a, trans_b, preferred_element_type, a_rows, b_rows)
-
-
-def _rows(x, rows):
-    """A window as static ints, checked; None for no window or one that is all of x."""
-    if rows is None:
-        return None
-    start, stop = (int(r) for r in rows)
-    if not 0 <= start <= stop <= x.shape[-2]:
-        raise ValueError(f"rows {rows} outside an operand of {x.shape[-2]} rows")
-    return None if (start, stop) == (0, x.shape[-2]) else (start, stop)
+        return _blas_matmul(a, b, trans_a, trans_b)
+    return _xla(a, b, trans_a, trans_b, preferred_element_type)

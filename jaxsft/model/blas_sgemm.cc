@@ -7,13 +7,13 @@
 // while XLA runs other work beside the call, and OpenBLAS's idle threads spin: 24% of a train
 // step's cycles went to its `blas_thread_server` (bench/NOTES.md, round 6).
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
-#include <functional>
-#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -46,7 +46,7 @@ enum { kRowMajor = 101, kNoTrans = 111, kTrans = 112 };
 struct Job {
   const float *a, *b;
   float* c;
-  int64_t batch, m, n, k, lda, ldb, a_stride, b_stride;  // strides: between batch entries
+  int64_t batch, m, n, k, lda, ldb;
   bool trans_a, trans_b;
   int64_t pieces;
   std::atomic<int64_t> next{0}, done{0};
@@ -69,7 +69,7 @@ struct Job {
       return;
     }
     for (int64_t z = batch * i / pieces; z < batch * (i + 1) / pieces; ++z) {
-      Gemm(a + z * a_stride, b + z * b_stride, c + z * m * n, m);
+      Gemm(a + z * m * k, b + z * k * n, c + z * m * n, m);
     }
   }
 
@@ -86,10 +86,8 @@ struct Job {
 
 // c [..., M, N] = op(a) @ op(b) for each leading index, all row-major: a is [..., M, K] ([..., K, M]
 // with trans_a), b [..., K, N] ([..., N, K] with trans_b); a, b and c share the leading axes.
-// Each operand may be a window of its rows (axis -2): rows [row0, row0 + rows) of every matrix,
-// read in place (a slice would be a copy); rows -1 means all of them.
 static ffi::Error Sgemm(ffi::ThreadPool pool, Matrices a, Matrices b, ffi::Result<Matrices> c, bool trans_a,
-                        bool trans_b, int64_t a_row0, int64_t a_rows, int64_t b_row0, int64_t b_rows) {
+                        bool trans_b) {
   if (g_sgemm == nullptr) return ffi::Error::Internal("jaxsft_sgemm: no BLAS was set");
   auto ad = a.dimensions(), bd = b.dimensions();
   size_t rank = ad.size();
@@ -99,10 +97,7 @@ static ffi::Error Sgemm(ffi::ThreadPool pool, Matrices a, Matrices b, ffi::Resul
     if (ad[i] != bd[i]) return ffi::Error::InvalidArgument("jaxsft_sgemm: batch axes differ");
     batch *= ad[i];
   }
-  int64_t a_all = ad[rank - 2], ac = ad[rank - 1], b_all = bd[rank - 2], bc = bd[rank - 1];
-  int64_t ar = a_rows < 0 ? a_all : a_rows, br = b_rows < 0 ? b_all : b_rows;
-  if (a_row0 < 0 || a_row0 + ar > a_all || b_row0 < 0 || b_row0 + br > b_all)
-    return ffi::Error::InvalidArgument("jaxsft_sgemm: a row window outside its operand");
+  int64_t ar = ad[rank - 2], ac = ad[rank - 1], br = bd[rank - 2], bc = bd[rank - 1];
   int64_t m = trans_a ? ac : ar, k = trans_a ? ar : ac, n = trans_b ? br : bc;
   if ((trans_b ? bc : br) != k) return ffi::Error::InvalidArgument("jaxsft_sgemm: contracting sizes differ");
   if (batch == 0 || m == 0 || n == 0) return ffi::Error::Success();
@@ -111,9 +106,8 @@ static ffi::Error Sgemm(ffi::ThreadPool pool, Matrices a, Matrices b, ffi::Resul
     return ffi::Error::Success();
   }
   auto job = std::make_shared<Job>();
-  job->a = a.typed_data() + a_row0 * ac, job->b = b.typed_data() + b_row0 * bc, job->c = c->typed_data();
+  job->a = a.typed_data(), job->b = b.typed_data(), job->c = c->typed_data();
   job->batch = batch, job->m = m, job->n = n, job->k = k, job->lda = ac, job->ldb = bc;
-  job->a_stride = a_all * ac, job->b_stride = b_all * bc;
   job->trans_a = trans_a, job->trans_b = trans_b;
   // Pieces of at least 2^21 multiply-adds (~20 us; smaller ones cost more to hand out) and, for
   // one matmul, 64 rows; a batch is cut finer than the threads, as its entries are small.
@@ -135,11 +129,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsftSgemm, Sgemm,
                                   .Arg<Matrices>()
                                   .Ret<Matrices>()
                                   .Attr<bool>("trans_a")
-                                  .Attr<bool>("trans_b")
-                                  .Attr<int64_t>("a_row0")
-                                  .Attr<int64_t>("a_rows")
-                                  .Attr<int64_t>("b_row0")
-                                  .Attr<int64_t>("b_rows"));
+                                  .Attr<bool>("trans_b"));
 
 // ---------------------------------------------------------------------------------------------
 // Fused attention (float32): softmax(mask(softcap(q k^T * scale))) v for one (batch row, kv head)

@@ -97,41 +97,6 @@ def test_batched_matmul_and_its_gradients_equal_float64(use_blas, trans_a, trans
     )
 
 
-@pytest.mark.parametrize(("trans_a", "trans_b"), [(False, False), (False, True), (True, False), (True, True)])
-@pytest.mark.parametrize("batch", [(), (2, 3)])
-def test_row_windows_are_read_in_place_and_equal_float64_slices(use_blas, trans_a, trans_b, batch):
-    """`a_rows` / `b_rows`: the BLAS multiplies rows of its operands where they lie (no slice in
-    the program); values and gradients (zero outside the windows) against float64 slices. One
-    matrix (cut into row pieces over XLA's threads, of op(a)'s columns when transposed) and a
-    batch of them."""
-    rng = np.random.default_rng(6)
-    m, k, n = 130, 40, 70
-    a_rows = (5, 45) if trans_a else (7, 137)  # k rows of a [50, m], or m rows of a [150, k]
-    b_rows = (3, 73) if trans_b else (11, 51)  # n rows of b [90, k], or k rows of b [60, n]
-    a = rng.normal(size=(*batch, 50, m) if trans_a else (*batch, 150, k)).astype(np.float32)
-    b = rng.normal(size=(*batch, 90, k) if trans_b else (*batch, 60, n)).astype(np.float32)
-    g = rng.normal(size=(*batch, m, n)).astype(np.float32)
-    fn = lambda a, b: blas.matmul(a, b, trans_a, trans_b, a_rows=a_rows, b_rows=b_rows)
-    text = jax.jit(jax.vjp, static_argnums=0).lower(fn, a, b).as_text()
-    assert blas.TARGET in text and "slice" not in text
-    y, vjp = jax.vjp(fn, jnp.asarray(a), jnp.asarray(b))
-    got_a, got_b = vjp(jnp.asarray(g))
-    op = lambda x, t: np.swapaxes(x, -1, -2) if t else x
-    a64, b64, g64 = a.astype(np.float64), b.astype(np.float64), g.astype(np.float64)
-    aw, bw = a64[..., slice(*a_rows), :], b64[..., slice(*b_rows), :]
-    np.testing.assert_allclose(np.asarray(y), op(aw, trans_a) @ op(bw, trans_b), rtol=1e-5, atol=1e-4)
-    want_a, want_b = np.zeros_like(a64), np.zeros_like(b64)
-    want_a[..., slice(*a_rows), :] = op(g64 @ np.swapaxes(op(bw, trans_b), -1, -2), trans_a)
-    want_b[..., slice(*b_rows), :] = op(np.swapaxes(op(aw, trans_a), -1, -2) @ g64, trans_b)
-    np.testing.assert_allclose(np.asarray(got_a), want_a, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(got_b), want_b, rtol=1e-5, atol=1e-4)
-
-
-def test_a_window_outside_its_operand_is_refused():
-    with pytest.raises(ValueError, match="outside an operand of 4 rows"):
-        blas.matmul(jnp.ones((4, 3)), jnp.ones((3, 2)), a_rows=(2, 5))
-
-
 @pytest.mark.parametrize("softcap", [0.0, 20.0])
 def test_fused_cpu_attention_equals_the_blocks(monkeypatch, softcap):
     """On the BLAS the xla attention is one fused call per direction (blas_sgemm.cc), its mask
