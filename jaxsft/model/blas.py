@@ -14,8 +14,10 @@ nothing), so there is no flag that does this.
 
 Where from: the handler (blas_sgemm.cc, XLA's header-only FFI API that jaxlib ships) is
 compiled with the machine's C++ compiler on first use and cached in
-`$JAXSFT_CACHE/blas/` (3 s, once per machine and jaxlib version); the BLAS is the OpenBLAS
-inside numpy's wheel (`numpy.libs/libscipy_openblas64_*.so`), else a system libopenblas.
+`$JAXSFT_CACHE/blas/` (3 s, once per machine, CPU and jaxlib version: it is built for this CPU,
+`-march=native`); the BLAS is the OpenBLAS inside numpy's wheel
+(`numpy.libs/libscipy_openblas64_*.so`), else a system libopenblas. The same file holds the
+xla attention fused for the CPU (`ATTENTION_TARGETS`, called by model/attention.py).
 Without a compiler or a BLAS, `matmul` is XLA's dot and one warning says why.
 
 `JAXSFT_CPU_MATMUL` chooses: `auto` (default) uses the BLAS for float32 on a single CPU
