@@ -227,6 +227,24 @@ def test_without_a_compiler_it_warns_once_and_stays_on_xla(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_compiler_without_march_native_still_builds_the_handler(tmp_path):
+    """-march=native is tried first; a compiler that refuses it builds for the generic CPU."""
+    cxx = tmp_path / "cxx"
+    cxx.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && exit 1; done\nexec c++ "$@"\n')
+    cxx.chmod(0o755)
+    script = (
+        "import jax.numpy as jnp, numpy as np\n"
+        "from jaxsft.model import blas\n"
+        "print(blas.available(), np.asarray(blas.matmul(jnp.ones((2, 3)), jnp.ones((3, 2)))).tolist())\n"
+    )
+    env = {**os.environ, "CXX": str(cxx), "JAXSFT_CACHE": str(tmp_path / "cache"), blas.MODE_ENV: "blas"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["True [[3.0, 3.0], [3.0, 3.0]]"]
+    assert len(list((tmp_path / "cache" / "blas").glob("*.so"))) == 1
+
+
+@pytest.mark.slow
 def test_train_step_on_the_blas_equals_xla(monkeypatch):
     """The real step (scan over layers, chunked loss, AdamW) on one device, both ways."""
     cfg = Config(
