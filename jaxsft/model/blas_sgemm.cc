@@ -40,108 +40,7 @@ using Matrices = ffi::Buffer<ffi::F32>;  // rank >= 2: [..., rows, columns], the
 
 enum { kRowMajor = 101, kNoTrans = 111, kTrans = 112 };
 
-// One batch of matmuls cut into pieces: row blocks of C for a single matmul, runs of batch
-// entries otherwise. Any thread may take the next unclaimed piece, so the caller never waits
-// on a task that has not started (no deadlock however busy XLA's pool is).
-struct Job {
-  const float *a, *b;
-  float* c;
-  int64_t batch, m, n, k, lda, ldb;
-  bool trans_a, trans_b;
-  int64_t pieces;
-  std::atomic<int64_t> next{0}, done{0};
-  std::mutex mutex;
-  std::condition_variable all_done;
-
-  void Gemm(const float* a0, const float* b0, float* c0, int64_t rows) const {
-    int ta = trans_a ? kTrans : kNoTrans, tb = trans_b ? kTrans : kNoTrans;
-    if (g_ilp64) {
-      reinterpret_cast<Sgemm64>(g_sgemm)(kRowMajor, ta, tb, rows, n, k, 1.0f, a0, lda, b0, ldb, 0.0f, c0, n);
-    } else {
-      reinterpret_cast<Sgemm32>(g_sgemm)(kRowMajor, ta, tb, rows, n, k, 1.0f, a0, lda, b0, ldb, 0.0f, c0, n);
-    }
-  }
-
-  void Piece(int64_t i) const {
-    if (batch == 1) {  // rows [row0, row0 + rows) of C; of op(a): columns of a when transposed
-      int64_t row0 = m * i / pieces, rows = m * (i + 1) / pieces - row0;
-      Gemm(trans_a ? a + row0 : a + row0 * lda, b, c + row0 * n, rows);
-      return;
-    }
-    for (int64_t z = batch * i / pieces; z < batch * (i + 1) / pieces; ++z) {
-      Gemm(a + z * m * k, b + z * k * n, c + z * m * n, m);
-    }
-  }
-
-  void Work() {
-    for (int64_t i; (i = next.fetch_add(1)) < pieces;) {
-      Piece(i);
-      if (done.fetch_add(1) + 1 == pieces) {
-        std::lock_guard<std::mutex> lock(mutex);
-        all_done.notify_all();
-      }
-    }
-  }
-};
-
-// c [..., M, N] = op(a) @ op(b) for each leading index, all row-major: a is [..., M, K] ([..., K, M]
-// with trans_a), b [..., K, N] ([..., N, K] with trans_b); a, b and c share the leading axes.
-static ffi::Error Sgemm(ffi::ThreadPool pool, Matrices a, Matrices b, ffi::Result<Matrices> c, bool trans_a,
-                        bool trans_b) {
-  if (g_sgemm == nullptr) return ffi::Error::Internal("jaxsft_sgemm: no BLAS was set");
-  auto ad = a.dimensions(), bd = b.dimensions();
-  size_t rank = ad.size();
-  if (rank < 2 || bd.size() != rank) return ffi::Error::InvalidArgument("jaxsft_sgemm: operands of rank < 2 or unequal");
-  int64_t batch = 1;
-  for (size_t i = 0; i + 2 < rank; ++i) {
-    if (ad[i] != bd[i]) return ffi::Error::InvalidArgument("jaxsft_sgemm: batch axes differ");
-    batch *= ad[i];
-  }
-  int64_t ar = ad[rank - 2], ac = ad[rank - 1], br = bd[rank - 2], bc = bd[rank - 1];
-  int64_t m = trans_a ? ac : ar, k = trans_a ? ar : ac, n = trans_b ? br : bc;
-  if ((trans_b ? bc : br) != k) return ffi::Error::InvalidArgument("jaxsft_sgemm: contracting sizes differ");
-  if (batch == 0 || m == 0 || n == 0) return ffi::Error::Success();
-  if (k == 0) {  // an empty sum; a BLAS may leave c untouched when k is 0
-    std::memset(c->typed_data(), 0, sizeof(float) * batch * m * n);
-    return ffi::Error::Success();
-  }
-  auto job = std::make_shared<Job>();
-  job->a = a.typed_data(), job->b = b.typed_data(), job->c = c->typed_data();
-  job->batch = batch, job->m = m, job->n = n, job->k = k, job->lda = ac, job->ldb = bc;
-  job->trans_a = trans_a, job->trans_b = trans_b;
-  // Pieces of at least 2^21 multiply-adds (~20 us; smaller ones cost more to hand out) and, for
-  // one matmul, 64 rows; a batch is cut finer than the threads, as its entries are small.
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t by_size = batch * m * n * k >> 21;
-  job->pieces = std::max<int64_t>(1, batch == 1 ? std::min({threads, m / 64, by_size})
-                                                : std::min({4 * threads, batch, by_size}));
-  for (int64_t t = 1; t < std::min(job->pieces, threads); ++t) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  std::unique_lock<std::mutex> lock(job->mutex);
-  job->all_done.wait(lock, [&] { return job->done.load() == job->pieces; });
-  return ffi::Error::Success();
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsftSgemm, Sgemm,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Matrices>()
-                                  .Arg<Matrices>()
-                                  .Ret<Matrices>()
-                                  .Attr<bool>("trans_a")
-                                  .Attr<bool>("trans_b"));
-
-// ---------------------------------------------------------------------------------------------
-// Fused attention (float32): softmax(mask(softcap(q k^T * scale))) v for one (batch row, kv head)
-// per task, its query blocks one after another, each block's logits in a buffer that stays in
-// the core's cache. The mask is built here: key j < W (a prefix slot) is always seen; else key
-// s = j - W is seen by query token t when s <= t, both are in the same segment, and t - s is
-// under the window (window <= 0: no window). q is [B, K, X, H] with X = T*G token-major (row x
-// is token x / G), k and v [B, K, S, H] with S = W + T, segment ids [B, T]. The forward keeps
-// the log-sum-exp of each row; the backward recomputes the probabilities from it (no [X, S]
-// tensor is kept between them).
-
-// c = alpha * op(a) @ op(b) + beta * c, row-major, one thread.
+// c = op(a) @ op(b) + beta * c, row-major, on this thread.
 static void Gemm1(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                   int64_t ldb, float beta, float* c, int64_t ldc) {
   int ta_ = ta ? kTrans : kNoTrans, tb_ = tb ? kTrans : kNoTrans;
@@ -152,7 +51,9 @@ static void Gemm1(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float
   }
 }
 
-// fn(i) for i in [0, n) on XLA's threads and this one; returns when all are done.
+// fn(i) for i in [0, n) on XLA's threads and this one; returns when all are done. Any thread may
+// take the next unclaimed i, so the caller never waits on a task that has not started (no deadlock
+// however busy XLA's pool is).
 struct Tasks {
   std::function<void(int64_t)> fn;
   int64_t n;
@@ -181,6 +82,78 @@ static void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int
   std::unique_lock<std::mutex> lock(tasks->mutex);
   tasks->all_done.wait(lock, [&] { return tasks->done.load() == tasks->n; });
 }
+
+// One batch of matmuls cut into pieces: row blocks of C for a single matmul, runs of batch
+// entries otherwise.
+struct Job {
+  const float *a, *b;
+  float* c;
+  int64_t batch, m, n, k, lda, ldb;
+  bool trans_a, trans_b;
+  int64_t pieces;
+
+  void Piece(int64_t i) const {
+    if (batch == 1) {  // rows [row0, row0 + rows) of C; of op(a): columns of a when transposed
+      int64_t row0 = m * i / pieces, rows = m * (i + 1) / pieces - row0;
+      Gemm1(trans_a, trans_b, rows, n, k, trans_a ? a + row0 : a + row0 * lda, lda, b, ldb, 0.0f, c + row0 * n, n);
+      return;
+    }
+    for (int64_t z = batch * i / pieces; z < batch * (i + 1) / pieces; ++z) {
+      Gemm1(trans_a, trans_b, m, n, k, a + z * m * k, lda, b + z * k * n, ldb, 0.0f, c + z * m * n, n);
+    }
+  }
+};
+
+// c [..., M, N] = op(a) @ op(b) for each leading index, all row-major: a is [..., M, K] ([..., K, M]
+// with trans_a), b [..., K, N] ([..., N, K] with trans_b); a, b and c share the leading axes.
+static ffi::Error Sgemm(ffi::ThreadPool pool, Matrices a, Matrices b, ffi::Result<Matrices> c, bool trans_a,
+                        bool trans_b) {
+  if (g_sgemm == nullptr) return ffi::Error::Internal("jaxsft_sgemm: no BLAS was set");
+  auto ad = a.dimensions(), bd = b.dimensions();
+  size_t rank = ad.size();
+  if (rank < 2 || bd.size() != rank) return ffi::Error::InvalidArgument("jaxsft_sgemm: operands of rank < 2 or unequal");
+  int64_t batch = 1;
+  for (size_t i = 0; i + 2 < rank; ++i) {
+    if (ad[i] != bd[i]) return ffi::Error::InvalidArgument("jaxsft_sgemm: batch axes differ");
+    batch *= ad[i];
+  }
+  int64_t ar = ad[rank - 2], ac = ad[rank - 1], br = bd[rank - 2], bc = bd[rank - 1];
+  int64_t m = trans_a ? ac : ar, k = trans_a ? ar : ac, n = trans_b ? br : bc;
+  if ((trans_b ? bc : br) != k) return ffi::Error::InvalidArgument("jaxsft_sgemm: contracting sizes differ");
+  if (batch == 0 || m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) {  // an empty sum; a BLAS may leave c untouched when k is 0
+    std::memset(c->typed_data(), 0, sizeof(float) * batch * m * n);
+    return ffi::Error::Success();
+  }
+  Job job{a.typed_data(), b.typed_data(), c->typed_data(), batch, m, n, k, ac, bc, trans_a, trans_b, 1};
+  // Pieces of at least 2^21 multiply-adds (~20 us; smaller ones cost more to hand out) and, for
+  // one matmul, 64 rows; a batch is cut finer than the threads, as its entries are small.
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t by_size = batch * m * n * k >> 21;
+  job.pieces = std::max<int64_t>(1, batch == 1 ? std::min({threads, m / 64, by_size})
+                                               : std::min({4 * threads, batch, by_size}));
+  ParallelFor(pool, job.pieces, [&job](int64_t i) { job.Piece(i); });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsftSgemm, Sgemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrices>()
+                                  .Arg<Matrices>()
+                                  .Ret<Matrices>()
+                                  .Attr<bool>("trans_a")
+                                  .Attr<bool>("trans_b"));
+
+// ---------------------------------------------------------------------------------------------
+// Fused attention (float32): softmax(mask(softcap(q k^T * scale))) v for one (batch row, kv head)
+// per task, its query blocks one after another, each block's logits in a buffer that stays in
+// the core's cache. The mask is built here: key j < W (a prefix slot) is always seen; else key
+// s = j - W is seen by query token t when s <= t, both are in the same segment, and t - s is
+// under the window (window <= 0: no window). q is [B, K, X, H] with X = T*G token-major (row x
+// is token x / G), k and v [B, K, S, H] with S = W + T, segment ids [B, T]. The forward keeps
+// the log-sum-exp of each row; the backward recomputes the probabilities from it (no [X, S]
+// tensor is kept between them).
 
 static const float kMaskedLogit = -0.7f * FLT_MAX;  // as attention.py: exp() of it is exactly 0
 
@@ -351,30 +324,29 @@ static ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   return ffi::Error::Success();
 }
 
+// Both directions take q, k, v, the segment ids and the window first.
+static auto AttentionBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsftAttentionFwd, AttentionFwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                              AttentionBinding()
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // log-sum-exp
                                   .Attr<float>("scale")
                                   .Attr<float>("softcap"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxsftAttentionBwd, AttentionBwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              AttentionBinding()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // log-sum-exp
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_out
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
