@@ -283,7 +283,7 @@ def _fused_on_cpu(q_BxKxXxH, k_BxKxSxH) -> bool:
 def _cpu_attention_fwd(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, segment_ids_BxT, window, scale, softcap):
     b, kv_heads, x, _ = q_BxKxXxH.shape
     outs = (jax.ShapeDtypeStruct(q_BxKxXxH.shape, jnp.float32), jax.ShapeDtypeStruct((b, kv_heads, x), jnp.float32))
-    call = jax.ffi.ffi_call("jaxsft_attention_fwd", outs, vmap_method="sequential")
+    call = jax.ffi.ffi_call(blas.ATTENTION_FWD, outs, vmap_method="sequential")
     out_BxKxXxH, lse_BxKxX = call(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, segment_ids_BxT, window,
                                   scale=np.float32(scale), softcap=np.float32(softcap))  # fmt: skip
     return out_BxKxXxH, (q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, segment_ids_BxT, window, out_BxKxXxH, lse_BxKxX)
@@ -302,7 +302,7 @@ def _cpu_attention(q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, segment_ids_BxT, window, sca
 def _cpu_attention_bwd(scale, softcap, residuals, d_out_BxKxXxH):
     q_BxKxXxH, k_BxKxSxH, v_BxKxSxH, *_ = residuals
     outs = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q_BxKxXxH, k_BxKxSxH, v_BxKxSxH))
-    call = jax.ffi.ffi_call("jaxsft_attention_bwd", outs, vmap_method="sequential")
+    call = jax.ffi.ffi_call(blas.ATTENTION_BWD, outs, vmap_method="sequential")
     d_q, d_k, d_v = call(*residuals, d_out_BxKxXxH, scale=np.float32(scale), softcap=np.float32(softcap))
     return d_q, d_k, d_v, None, None
 

@@ -17,7 +17,7 @@ compiled with the machine's C++ compiler on first use and cached in
 `$JAXSFT_CACHE/blas/` (3 s, once per machine, CPU and jaxlib version: it is built for this CPU,
 `-march=native`); the BLAS is the OpenBLAS inside numpy's wheel
 (`numpy.libs/libscipy_openblas64_*.so`), else a system libopenblas. The same file holds the
-xla attention fused for the CPU (`ATTENTION_TARGETS`, called by model/attention.py).
+xla attention fused for the CPU (`ATTENTION_FWD` / `ATTENTION_BWD`, called by model/attention.py).
 Without a compiler or a BLAS, `matmul` is XLA's dot and one warning says why.
 
 `JAXSFT_CPU_MATMUL` chooses: `auto` (default) uses the BLAS for float32 on a single CPU
@@ -50,8 +50,10 @@ log = logging.getLogger(__name__)
 
 MODE_ENV = "JAXSFT_CPU_MATMUL"
 TARGET = "jaxsft_sgemm"
-# The fused float32 attention in the same file (model/attention.py calls it): target -> symbol.
-ATTENTION_TARGETS = {"jaxsft_attention_fwd": "JaxsftAttentionFwd", "jaxsft_attention_bwd": "JaxsftAttentionBwd"}
+# The fused float32 attention in the same file (model/attention.py calls them).
+ATTENTION_FWD, ATTENTION_BWD = "jaxsft_attention_fwd", "jaxsft_attention_bwd"
+# Each FFI target and the handler symbol blas_sgemm.cc defines for it.
+_HANDLERS = {TARGET: "JaxsftSgemm", ATTENTION_FWD: "JaxsftAttentionFwd", ATTENTION_BWD: "JaxsftAttentionBwd"}
 _SOURCE = Path(__file__).with_name("blas_sgemm.cc")
 
 
@@ -133,8 +135,7 @@ def available() -> bool:
             raise OSError("no BLAS found (numpy's bundled OpenBLAS, libopenblas, libcblas)")
         lib = ctypes.CDLL(str(_build()))
         lib.jaxsft_set_sgemm(ctypes.cast(sgemm[0], ctypes.c_void_p), ctypes.c_int(int(sgemm[1])))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxsftSgemm), platform="cpu")
-        for target, symbol in ATTENTION_TARGETS.items():
+        for target, symbol in _HANDLERS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, subprocess.SubprocessError, AttributeError) as err:
         log.warning("jaxsft: CPU matmuls stay on XLA's dot (%s: %s)", type(err).__name__, err)
