@@ -294,14 +294,14 @@ static ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
     std::memset(dkt, 0, sizeof(float) * d.s * d.h);
     std::memset(dvt, 0, sizeof(float) * d.s * d.h);
     size_t scratch = d.block * d.g * d.s;
-    std::vector<float> p(scratch), dp(scratch), chain(d.softcap > 0 ? scratch : 0);
+    std::vector<float> p(scratch), dp(scratch), chain(d.softcap > 0 ? d.s : 0);  // chain: one row's
     for (int64_t t0 = 0; t0 < d.t; t0 += d.block) {
       int64_t t1 = std::min(d.t, t0 + d.block), x0 = t0 * d.g, nx = (t1 - t0) * d.g, nk = d.w + t1;
       Gemm1(false, true, nx, nk, d.h, qt + x0 * d.h, d.h, kt, d.h, 0.0f, p.data(), nk);
       Gemm1(false, true, nx, nk, d.h, dot + x0 * d.h, d.h, vt, d.h, 0.0f, dp.data(), nk);
       for (int64_t r = 0; r < nx; ++r) {
         float *row = p.data() + r * nk, *drow = dp.data() + r * nk;
-        float* crow = d.softcap > 0 ? chain.data() + r * nk : nullptr;
+        float* crow = d.softcap > 0 ? chain.data() : nullptr;
         Logits(d, sg, t0 + r / d.g, row, nk, crow);
         float l = lt[x0 + r], delta = 0.0f;
         const float *dor = dot + (x0 + r) * d.h, *orow = ot + (x0 + r) * d.h;
