@@ -114,7 +114,7 @@ def test_fused_cpu_attention_equals_the_blocks(monkeypatch, softcap):
     for mode in ("xla", "blas"):
         monkeypatch.setenv(blas.MODE_ENV, mode)
         text = jax.jit(lambda *a: jax.vjp(fn, *a)[1](d_out)).lower(q, k, v, prefix).as_text()
-        assert ("jaxsft_attention_fwd" in text and "jaxsft_attention_bwd" in text) == (mode == "blas")
+        assert (blas.ATTENTION_FWD in text and blas.ATTENTION_BWD in text) == (mode == "blas")
         y, vjp = jax.vjp(fn, q, k, v, prefix)
         results[mode] = (y, *vjp(d_out))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), results["xla"], results["blas"])
@@ -156,10 +156,25 @@ def test_fused_cpu_attention_takes_a_traced_window_and_short_rows(monkeypatch):
     for mode in ("xla", "blas"):
         monkeypatch.setenv(blas.MODE_ENV, mode)
         step = jax.jit(lambda q, k, v: jax.vjp(fn, q, k, v))
-        assert ("jaxsft_attention_fwd" in step.lower(q, k, v).as_text()) == (mode == "blas")
+        assert (blas.ATTENTION_FWD in step.lower(q, k, v).as_text()) == (mode == "blas")
         y, vjp = jax.vjp(fn, q, k, v)
         results[mode] = (y, *vjp(jnp.stack([d_out, 2 * d_out])))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), results["xla"], results["blas"])
+
+
+def test_a_pre_flight_for_another_platform_keeps_the_blocked_attention(use_blas):
+    """The fused call is the CPU's: a program traced for a TPU or GPU target (`jaxsft compile`
+    from a CPU host) keeps the blocked xla attention, even with the BLAS forced on."""
+    from jaxsft.model import kernels
+
+    q = jnp.ones((1, 128, 2, 8), jnp.float32)
+    segments = jnp.ones((1, 128), jnp.int32)
+    fn = jax.jit(jax.grad(lambda q: jnp.sum(attention(q, q, q, segments))))
+    assert blas.ATTENTION_FWD in fn.lower(q).as_text()
+    for platform in ("tpu", "gpu"):
+        with kernels.compiling_for(platform):
+            text = jax.jit(jax.grad(lambda q: jnp.sum(attention(q, q, q, segments)))).lower(q).as_text()
+        assert blas.ATTENTION_FWD not in text and blas.ATTENTION_BWD not in text
 
 
 def test_empty_contraction_and_empty_result(use_blas):
