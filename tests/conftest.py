@@ -18,8 +18,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
-
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
@@ -31,16 +29,29 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
-# pytest-xdist (`-n auto` in pyproject.toml's addopts, `--dist loadgroup`): every module runs
-# whole on one worker, so its module fixtures are built once; the directories whose conftest
-# builds session fixtures (trained runs, tokenizers) run whole on one worker, so those are too.
+# pytest-xdist (`-n auto --dist loadscope` in pyproject.toml's addopts) hands tests to the workers
+# a scope at a time; the scheduler below makes a scope each module, or each directory whose
+# conftest builds session fixtures (trained runs, tokenizers), so every module and session fixture
+# is built once. (Not `--dist loadgroup` with `xdist_group` marks: xdist 3.8 tags a node id with
+# its group by assigning `item._nodeid`, which pytest 9.2 no longer reads, so every test ran
+# wherever it was sent and the module fixtures were built once per worker.)
 _SESSION_FIXTURE_DIRS = ("data", "eval", "synth")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
-def pytest_collection_modifyitems(config, items):
-    root = Path(__file__).parent
-    for item in items:
-        rel = Path(item.path).relative_to(root)
-        group = rel.parts[0] if rel.parts[0] in _SESSION_FIXTURE_DIRS else rel.as_posix()
-        item.add_marker(pytest.mark.xdist_group(group))
+def _scope(nodeid: str) -> str:
+    """`tests/data/test_x.py::test_y[a]` -> `data`; `tests/train/test_z.py::t` -> `train/test_z.py`."""
+    parts = Path(nodeid.split("::", 1)[0]).parts
+    parts = parts[parts.index("tests") + 1 :] if "tests" in parts else parts
+    return parts[0] if parts[0] in _SESSION_FIXTURE_DIRS else "/".join(parts)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None  # another --dist the user asked for
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleOrFixtureDirectory(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    return ModuleOrFixtureDirectory(config, log)
