@@ -7,7 +7,9 @@ random tokens, float32, full fine-tuning with AdamW and global-norm clipping at 
 `transformers.LlamaForCausalLM` (sdpa attention, untied head) + `torch.optim.AdamW`
 against the step `jaxsft train` runs (program.build, state.initial_state). After a warm-up,
 rounds alternate between the two (which goes first alternates too), so machine noise hits
-both alike; prints median tokens/s of each, the ratio, and achieved model FLOP/s
+both alike; prints median tokens/s of each, the ratio of the medians, the median of the
+rounds' paired ratios (each round's two runs are adjacent in time, so a slow minute of the
+machine slows both halves of a pair: the steadier estimate on a noisy host), and achieved model FLOP/s
 (aot.model_flops) as a share of each library's own measured float32 matmul peak (the
 faster of the step's MLP and head matmul shapes; jaxsft's as its step does them, through
 jaxsft/model/blas.py on one CPU device). Torch and XLA both use the machine's
@@ -123,6 +125,8 @@ def compare(name: str, rounds: int, steps: int) -> dict:
     peak = {"hf": max(torch_matmul_flops(*s) for s in shapes), "jaxsft": max(jax_matmul_flops(*s) for s in shapes)}
     flops = aot.model_flops(cfg, vocab)[0]
     out = {"params": param_count(cfg.model, vocab), "tokens": rows * length, "peak": peak}
+    # per round: HF's step time over jaxsft's = jaxsft's tokens/s over HF's, for the two runs side by side
+    out["paired"] = statistics.median(h / j for h, j in zip(seconds["hf"], seconds["jaxsft"]))
     for k, times in seconds.items():
         step = statistics.median(times)
         out[k] = {
@@ -146,7 +150,7 @@ def main() -> None:
         f"{os.getloadavg()[0]:.1f}; {args.rounds} alternating rounds of {args.steps} steps; medians"
     )
     print(
-        f"{'size':<4} {'params':>8} {'tokens':>6} {'HF tok/s':>9} {'jaxsft tok/s':>12} {'ratio':>6} "
+        f"{'size':<4} {'params':>8} {'tokens':>6} {'HF tok/s':>9} {'jaxsft tok/s':>12} {'ratio':>6} {'paired':>6} "
         f"{'HF %peak':>9} {'jaxsft %peak':>12} {'torch peak':>11} {'jx peak':>9} {'spread hf/jx':>13}"
     )
     for name in args.sizes.split(","):
@@ -154,7 +158,7 @@ def main() -> None:
         hf, jx = r["hf"], r["jaxsft"]
         print(
             f"{name:<4} {r['params'] / 1e6:7.1f}M {r['tokens']:>6} {hf['tokens_s']:9,.0f} {jx['tokens_s']:12,.0f} "
-            f"{jx['tokens_s'] / hf['tokens_s']:6.2f} {hf['flops_s'] / r['peak']['hf']:9.1%} "
+            f"{jx['tokens_s'] / hf['tokens_s']:6.2f} {r['paired']:6.2f} {hf['flops_s'] / r['peak']['hf']:9.1%} "
             f"{jx['flops_s'] / r['peak']['jaxsft']:12.1%} {r['peak']['hf'] / 1e9:8.0f} GF "
             f"{r['peak']['jaxsft'] / 1e9:6.0f} GF {hf['spread']:6.0%}/{jx['spread']:.0%}",
             flush=True,
