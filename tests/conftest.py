@@ -16,7 +16,8 @@ import atexit
 import os
 import shutil
 import tempfile
-from pathlib import Path
+
+import suite_scheduling
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
@@ -29,29 +30,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
-# pytest-xdist (`-n auto --dist loadscope` in pyproject.toml's addopts) hands tests to the workers
-# a scope at a time; the scheduler below makes a scope each module, or each directory whose
-# conftest builds session fixtures (trained runs, tokenizers), so every module and session fixture
-# is built once. (Not `--dist loadgroup` with `xdist_group` marks: xdist 3.8 tags a node id with
-# its group by assigning `item._nodeid`, which pytest 9.2 no longer reads, so every test ran
-# wherever it was sent and the module fixtures were built once per worker.)
-_SESSION_FIXTURE_DIRS = ("data", "eval", "synth")
 
-
-def _scope(nodeid: str) -> str:
-    """`tests/data/test_x.py::test_y[a]` -> `data`; `tests/train/test_z.py::t` -> `train/test_z.py`."""
-    parts = Path(nodeid.split("::", 1)[0]).parts
-    parts = parts[parts.index("tests") + 1 :] if "tests" in parts else parts
-    return parts[0] if parts[0] in _SESSION_FIXTURE_DIRS else "/".join(parts)
-
-
+# pytest-xdist (`-n auto --dist loadscope` in pyproject.toml's addopts): one scope per module, or
+# per directory whose conftest builds session fixtures, so each fixture is built once
+# (tests/suite_scheduling.py says how and why).
 def pytest_xdist_make_scheduler(config, log):
-    if config.getvalue("dist") != "loadscope":
-        return None  # another --dist the user asked for
-    from xdist.scheduler import LoadScopeScheduling
-
-    class ModuleOrFixtureDirectory(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return _scope(nodeid)
-
-    return ModuleOrFixtureDirectory(config, log)
+    return suite_scheduling.make_scheduler(config, log)

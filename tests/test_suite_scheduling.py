@@ -1,11 +1,11 @@
-"""The suite's xdist scheduling (tests/conftest.py): one scope per module, one per directory
+"""The suite's xdist scheduling (tests/suite_scheduling.py): one scope per module, one per directory
 whose conftest builds session fixtures, so no module or session fixture is built twice."""
 
-import conftest
+import suite_scheduling
 
 
 def test_each_module_and_each_session_fixture_directory_is_one_scope():
-    scope = conftest._scope
+    scope = suite_scheduling.scope
     assert scope("tests/data/test_pipeline.py::test_a[x-1]") == "data"
     assert scope("tests/data/test_fuzz.py::test_b") == "data"
     assert scope("tests/synth/test_synth.py::test_c") == "synth"
@@ -20,4 +20,4 @@ def test_another_dist_mode_keeps_xdists_scheduler():
         def getvalue(self, name):
             return {"dist": "load"}[name]
 
-    assert conftest.pytest_xdist_make_scheduler(Config(), log=None) is None
+    assert suite_scheduling.make_scheduler(Config(), log=None) is None
