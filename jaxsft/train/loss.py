@@ -178,7 +178,10 @@ def _trained_blocks(body, carry, hidden_MxD, targets_M, weights_M, chunk: int, g
     rest = trained_pieces % pieces
     for k in range(1, pieces):  # the pieces left, if any, as one block: one loop runs, once
         runs = (rest == k).astype(jnp.int32)
-        state = jax.lax.fori_loop(0, runs, lambda _, state, k=k: block(k * piece)(whole * chunk, state), state)
+        # The start is `whole * chunk + i` with i = 0 whenever the loop runs: written with i, the
+        # body depends on the loop's index, so XLA's loop-invariant code motion cannot hoist it out
+        # of the loop, where it ran on every step, all three block sizes (bench/NOTES.md change 38).
+        state = jax.lax.fori_loop(0, runs, lambda i, state, k=k: block(k * piece)(whole * chunk + i, state), state)
     (total, d_head_DxV), outputs = state
     return (total, *outputs, d_head_DxV) if grads else (total, outputs[0])
 

@@ -189,3 +189,20 @@ def test_one_gpu_holds_no_more_than_the_strided_chunks(monkeypatch):
         f"temp bytes on one H100: trained tokens only {trained_only / 2**20:.1f} MiB, strided {strided / 2**20:.1f} MiB"
     )
     assert trained_only <= strided
+
+
+def test_boundary_blocks_run_only_inside_their_loops():
+    """The block of 1-3 pieces after the whole chunks runs in a loop of 0 or 1 trips, one loop
+    per size. If its body does not depend on the loop's index, XLA's loop-invariant code motion
+    hoists it into the entry computation, where all three sizes then run on every step (round 11
+    to 13: ~7% of the L step in `bench/vs_hf.py`). Proof from the compiled program: no value of
+    a block's logits shape ([k pieces, V]) is computed outside a loop body, and each is inside one."""
+    hidden, head, targets, weights = _inputs(batch=2, length=48, depth=16, vocab=53, seed=5)
+    chunked = functools.partial(chunked_cross_entropy_sum, chunk=16)  # pieces of 4 rows
+    text = _loss_and_grads(chunked).lower(hidden, head, targets, weights).compile().as_text()
+    computations = text.split("\n\n")
+    entry = next(c for c in computations if c.lstrip().startswith("ENTRY"))
+    for rows in (4, 8, 12):
+        shape = f"f32[{rows},53]"
+        assert shape not in entry, f"a {rows}-row block's logits are computed outside its loop"
+        assert shape in text, f"no {rows}-row block in the program"
