@@ -9,8 +9,8 @@
 #   bash bench/gpu.sh              # on the GPU machine, from anywhere
 #   bash bench/gpu.sh --smoke      # tiny shapes on the CPU: proves the script works (CI)
 #   bash bench/gpu.sh --preflight  # the real shapes compiled for one H100 on this host: both fit
-#                                  # in its 79.1 GiB (CI); 1B 52.95 GiB, 8B LoRA 30.24 GiB when
-#                                  # written (1B with remat dots_saveable needed 204 GiB)
+#                                  # in its 79.1 GiB (CI); 1B 52.09 GiB, 8B LoRA 30.25 GiB (round 14;
+#                                  # 1B with remat dots_saveable needed 204 GiB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
