@@ -112,3 +112,22 @@ def test_vs_trl_smoke_mode_prints_both_frameworks_and_the_ratios():
     ratio = next(line for line in lines if line.startswith("ratio")).split()[1:]
     assert len(ratio) == 5 and all(r.endswith("x") and float(r[:-1]) > 0 for r in ratio), ratio
     assert any(line.startswith("targets: trained/s >= 2.50x, prep speed") for line in lines), result.stdout
+
+
+def test_step_trace_places_each_op_in_its_computation():
+    """bench/step_trace.py's HLO reading: a loop's body ops are found in its body computation,
+    the loop itself in ENTRY, with their shapes (tuples too) and kinds."""
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import step_trace
+
+    def loop(x, n):
+        return jax.lax.fori_loop(0, n, lambda i, y: jnp.tanh(y @ y) + i, x)
+
+    ops = step_trace.hlo_ops(jax.jit(loop).lower(jnp.ones((8, 8)), 3).compile().as_text()).values()
+    assert any(kind == "while" and where == "ENTRY" and shape.startswith("(") for shape, kind, where in ops)
+    assert any(
+        shape == "f32[8,8]" and kind != "parameter" and where not in ("ENTRY", "?") for shape, kind, where in ops
+    )
