@@ -73,7 +73,8 @@ def main() -> None:
             jax.block_until_ready(metrics)
             seconds = time.perf_counter() - start
         trace = glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)[0]
-        events = json.loads(gzip.open(trace).read())["traceEvents"]
+        with gzip.open(trace) as f:
+            events = json.load(f)["traceEvents"]
     total, count = collections.Counter(), collections.Counter()
     for e in events:  # loops and conditionals hold other ops: their time is their ops' time
         if e.get("ph") == "X" and e.get("name") in ops and ops[e["name"]][1] not in ("while", "conditional", "call"):
